@@ -1,0 +1,7 @@
+"""modelopt-streaming: any-size safetensors checkpoint in, ModelOpt-exact NVFP4 checkpoint out."""
+
+__version__ = "0.1.0"
+
+from .runner import Summary, UsageError, quantize  # noqa: E402
+
+__all__ = ["Summary", "UsageError", "__version__", "quantize"]

@@ -1,0 +1,131 @@
+"""Command line: parses arguments and calls the Python API; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+
+from .index import CheckpointError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 (decimal units, as Hugging Face uses them), '512MiB' -> binary, plain bytes too."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").upper() if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Every option answers to both spellings: --input_dir and --input-dir."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelopt-streaming", description=__doc__)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"modelopt-streaming {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a safetensors checkpoint to NVFP4, streaming")
+    _add(q, "input_dir", required=True, help="source Hugging Face checkpoint directory (bf16/fp16/fp32)")
+    _add(q, "output_dir", help="where to write the NVFP4 checkpoint (required unless --dry_run)")
+    scope = q.add_mutually_exclusive_group()
+    _add(scope, "mlp_only", action="store_true", help="quantize dense MLPs, shared and routed experts only")
+    _add(scope, "experts_only", action="store_true", help="quantize routed experts only")
+    _add(
+        q,
+        "exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave modules matching this fnmatch pattern unquantized (repeatable)",
+    )
+    _add(
+        q,
+        "exclude_config",
+        metavar="PATH",
+        help="reuse the exclude_modules/ignore list of a reference hf_quant_config.json or config.json",
+    )
+    _add(q, "weight_only", action="store_true", help="W4A16_NVFP4: no input_scale tensors")
+    _add(
+        q,
+        "scale_math",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="weight_scale_2 as ModelOpt computes it on CUDA (amax * fp32(1/2688), default) or on CPU (amax / 2688)",
+    )
+    _add(q, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); bytes are identical")
+    _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
+    _add(q, "dry_run", action="store_true", help="print the plan, write nothing")
+    _add(q, "overwrite", action="store_true", help="replace a non-empty output directory")
+    _add(q, "allow_nonfinite", action="store_true", help="quantize weights that hold NaN/Inf instead of refusing")
+    _add(q, "quiet", action="store_true", help="no progress output")
+    _add(q, "debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runner import UsageError, quantize
+
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        summary = quantize(
+            args.input_dir,
+            args.output_dir,
+            mlp_only=args.mlp_only,
+            experts_only=args.experts_only,
+            exclude=args.exclude,
+            exclude_config=args.exclude_config,
+            weight_only=args.weight_only,
+            scale_math=args.scale_math,
+            device=args.device,
+            max_shard_size=args.max_shard_size,
+            dry_run=args.dry_run,
+            overwrite=args.overwrite,
+            allow_nonfinite=args.allow_nonfinite,
+            progress="none" if args.quiet else "auto",
+            log=log,
+        )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    title = "plan (dry run, nothing written)" if args.dry_run else f"wrote {summary.output_dir}"
+    print(f"{title}\n" + "\n".join(f"  {line}" for line in summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

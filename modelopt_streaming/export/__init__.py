@@ -1,0 +1,6 @@
+"""Export: the files that describe the written tensors (configs, index, provenance), from what was written."""
+
+from .modelopt_format import compact_exclusions, hf_quant_config, model_config, safetensors_index
+from .side_files import copy_side_files
+
+__all__ = ["compact_exclusions", "copy_side_files", "hf_quant_config", "model_config", "safetensors_index"]

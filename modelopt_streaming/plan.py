@@ -1,0 +1,345 @@
+"""Plan: a pure function of the index and the recipe.
+
+It decides, for every tensor, whether it is copied or quantized, groups the weights that must share
+one ``weight_scale_2`` (fused groups, wherever their shards are), lays the output tensors out in
+shards, and so already knows the output size and every count that validation will later find.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .codec.nvfp4 import BLOCK_SIZE
+from .index import FLOAT_DTYPES, CheckpointError, CheckpointIndex, TensorInfo
+
+Scope = Literal["all", "mlp", "experts"]
+
+# Members of one fused group: vLLM runs them as one matrix with one global scale (spec section 3).
+FUSION_KINDS: dict[str, str] = {
+    "q_proj": "q/k/v",
+    "k_proj": "q/k/v",
+    "v_proj": "q/k/v",
+    "gate_proj": "gate/up",
+    "up_proj": "gate/up",
+    "w1": "w1/w3",
+    "w3": "w1/w3",
+    "q_a_proj": "q_a/kv_a",
+    "kv_a_proj_with_mqa": "q_a/kv_a",
+}
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")
+_SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
+_ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|attention|attn|cross_attn)\.")
+_MLP = re.compile(r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe)\.")
+_TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision|audio_tower|audio_model|audio_encoder|"
+    r"multi_modal_projector|mm_projector|vision_projector|audio_projector)(?:\.|$)"
+)
+_EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
+_ROUTER_PARENTS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
+_ROUTER_LEAVES = {"router", "shared_expert_gate"}
+
+KIND_ORDER = ("attention", "dense_mlp", "shared_expert", "routed_expert", "other")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how; every option that changes output bytes lives here."""
+
+    scope: Scope = "all"
+    exclude: tuple[str, ...] = ()
+    reference_exclude: tuple[str, ...] = ()
+    weight_only: bool = False
+    scale_math: Literal["cuda", "cpu"] = "cuda"
+    max_shard_size: int = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        from .index import DTYPES
+
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class CopyUnit:
+    source: TensorInfo
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        s = self.source
+        return (OutputTensor(s.name, s.dtype, s.shape),)
+
+    @property
+    def position(self) -> tuple[str, int]:
+        return (self.source.file, self.source.begin)
+
+
+@dataclass(frozen=True)
+class QuantizeUnit:
+    """One weight, or a fused group whose members share one ``weight_scale_2``."""
+
+    fusion: str | None  # "gate/up", "q/k/v", ... or None for a lone weight
+    modules: tuple[str, ...]
+    sources: tuple[TensorInfo, ...]
+    with_input_scale: bool
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        out = []
+        for module, src in zip(self.modules, self.sources):
+            n_out, n_in = src.shape
+            out.append(OutputTensor(f"{module}.weight", "U8", (n_out, n_in // 2)))
+            out.append(OutputTensor(f"{module}.weight_scale", "F8_E4M3", (n_out, n_in // BLOCK_SIZE)))
+            out.append(OutputTensor(f"{module}.weight_scale_2", "F32", ()))
+            if self.with_input_scale:
+                out.append(OutputTensor(f"{module}.input_scale", "F32", ()))
+        return tuple(out)
+
+    @property
+    def position(self) -> tuple[str, int]:
+        return min((s.file, s.begin) for s in self.sources)
+
+
+Unit = CopyUnit | QuantizeUnit
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    units: tuple[Unit, ...]
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        return tuple(t for u in self.units for t in u.outputs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    shards: list[Shard]
+    quantized: dict[str, str]  # module -> kind
+    unquantized: dict[str, str]  # Linear-like module left in source precision -> reason
+    linear_modules: list[str]  # every module with a >=2-D weight, quantized or not
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def units(self) -> list[Unit]:
+        return [u for s in self.shards for u in s.units]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(src.nbytes for u in self.units for src in _unit_sources(u))
+
+    def fused_group_counts(self) -> dict[str, int]:
+        counts = Counter(u.fusion for u in self.units if isinstance(u, QuantizeUnit) and u.fusion)
+        return dict(sorted(counts.items()))
+
+    def quantized_kind_counts(self) -> dict[str, int]:
+        counts = Counter(self.quantized.values())
+        return {k: counts[k] for k in KIND_ORDER if counts[k]}
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: s.file for s in self.shards for t in s.outputs}
+
+
+def _unit_sources(unit: Unit) -> tuple[TensorInfo, ...]:
+    return (unit.source,) if isinstance(unit, CopyUnit) else unit.sources
+
+
+def module_kind(module: str) -> str:
+    if _ROUTED_EXPERT.search(module):
+        return "routed_expert"
+    if _SHARED_EXPERT.search(module):
+        return "shared_expert"
+    if _ATTENTION.search(module):
+        return "attention"
+    if _MLP.search(module):
+        return "dense_mlp"
+    return "other"
+
+
+def _num_hidden_layers(config: dict) -> int | None:
+    for cfg in (config, config.get("text_config") or {}, config.get("language_config") or {}):
+        n = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def default_exclusion(module: str, num_layers: int | None) -> str | None:
+    """Why a Linear is never quantized by default, or None."""
+    parts = module.split(".")
+    leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if _TOWER.search(module):
+        return "vision/audio tower or projector"
+    layer = _LAYER_INDEX.search(module)
+    if (layer and num_layers is not None and int(layer.group(1)) >= num_layers) or parts[0] == "mtp":
+        return "MTP layer"
+    if leaf in _EMBEDDING_LEAVES:
+        return "embedding"
+    if leaf == "lm_head" or module == "output":
+        return "lm_head"
+    if leaf in _ROUTER_LEAVES or (leaf == "gate" and parent in _ROUTER_PARENTS):
+        return "MoE router"
+    return None
+
+
+class ExclusionMatcher:
+    """vLLM's reading of an exclude list: exact name, then substring, then fnmatch wildcard.
+
+    Compiled once into two regular expressions, since a 1T-parameter checkpoint has ~70k modules.
+    """
+
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = tuple(patterns)
+        plain = [re.escape(p) for p in self.patterns if p]
+        self._substring = re.compile("|".join(plain)) if plain else None
+        wild = [fnmatch.translate(p) for p in self.patterns]
+        self._wildcard = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
+
+    def __call__(self, module: str) -> bool:
+        return bool(
+            (self._substring and self._substring.search(module)) or (self._wildcard and self._wildcard.match(module))
+        )
+
+
+def matches_vllm_exclusion(module: str, patterns: Iterable[str]) -> bool:
+    return ExclusionMatcher(patterns)(module)
+
+
+def _fusion_key(module: str) -> tuple[str, str] | None:
+    parent, _, leaf = module.rpartition(".")
+    kind = FUSION_KINDS.get(leaf)
+    return (kind, parent) if kind else None
+
+
+def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
+    num_layers = _num_hidden_layers(index.config)
+    weights = {
+        name[: -len(".weight")]: info
+        for name, info in index.tensors.items()
+        if name.endswith(".weight") and len(info.shape) >= 2
+    }
+    reference_excluded = ExclusionMatcher(recipe.reference_exclude)
+    reasons: dict[str, str] = {}
+    for module, info in weights.items():
+        reason = default_exclusion(module, num_layers)
+        kind = module_kind(module)
+        if reason is None and len(info.shape) != 2:
+            reason = f"weight is {len(info.shape)}-D; only 2-D Linear weights are quantized"
+        if reason is None and info.shape[1] % BLOCK_SIZE:
+            reason = f"input dim {info.shape[1]} is not a multiple of {BLOCK_SIZE}"
+        if reason is None and recipe.scope == "mlp" and kind not in ("dense_mlp", "shared_expert", "routed_expert"):
+            reason = "outside --mlp_only scope"
+        if reason is None and recipe.scope == "experts" and kind != "routed_expert":
+            reason = "outside --experts_only scope"
+        if reason is None:
+            for pattern in recipe.exclude:
+                if fnmatch.fnmatchcase(module, pattern):
+                    reason = f"--exclude {pattern}"
+                    break
+        if reason is None and reference_excluded(module):
+            reason = "excluded by the reference config"
+        if reason is None and info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{index.root / info.file}, tensor {info.name!r}: source dtype {info.dtype} is not "
+                "supported for quantization (bf16, fp16 or fp32 expected)"
+            )
+        if reason is not None:
+            reasons[module] = reason
+
+    warnings: list[str] = []
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module in weights:
+        key = _fusion_key(module)
+        if key:
+            groups[key].append(module)
+    # Exclusion is all or nothing per fused group: vLLM refuses a partly quantized fused layer.
+    for (kind, parent), members in groups.items():
+        excluded = [m for m in members if m in reasons]
+        if excluded and len(excluded) < len(members):
+            why = f"fused {kind} partner {excluded[0]} is unquantized ({reasons[excluded[0]]})"
+            for m in members:
+                reasons.setdefault(m, why)
+            warnings.append(f"{parent}: {kind} group left wholly unquantized: {why}")
+    # One unquantized routed expert makes vLLM treat the whole MoE layer as unquantized.
+    moe_layers: dict[str, list[str]] = defaultdict(list)
+    for module in weights:
+        m = _ROUTED_EXPERT.match(module)
+        if m:
+            moe_layers[m.group(1)].append(module)
+    for layer, members in moe_layers.items():
+        excluded = [m for m in members if m in reasons]
+        if excluded and len(excluded) < len(members):
+            why = f"MoE layer has an unquantized expert weight {excluded[0]} ({reasons[excluded[0]]})"
+            for m in members:
+                reasons.setdefault(m, why)
+            warnings.append(f"{layer}: routed experts left wholly unquantized: {why}")
+
+    units: list[Unit] = []
+    grouped: set[str] = set()
+    for (kind, _parent), members in groups.items():
+        if len(members) < 2 or members[0] in reasons:
+            continue
+        members.sort(key=lambda m: (weights[m].file, weights[m].begin))
+        units.append(QuantizeUnit(kind, tuple(members), tuple(weights[m] for m in members), not recipe.weight_only))
+        grouped.update(members)
+    for module, info in weights.items():
+        if module not in reasons and module not in grouped:
+            units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only))
+    quantized_weights = {f"{m}.weight" for m in weights if m not in reasons}
+    for name, info in index.tensors.items():
+        if name not in quantized_weights:
+            units.append(CopyUnit(info))
+    units.sort(key=lambda u: (u.position, _first_output(u)))
+
+    quantized = {m: module_kind(m) for m in weights if m not in reasons}
+    return Plan(
+        recipe=recipe,
+        shards=_lay_out_shards(units, recipe.max_shard_size),
+        quantized=quantized,
+        unquantized=dict(sorted(reasons.items())),
+        linear_modules=sorted(weights),
+        warnings=warnings,
+    )
+
+
+def _first_output(unit: Unit) -> str:
+    return unit.outputs[0].name
+
+
+def _lay_out_shards(units: list[Unit], max_shard_size: int) -> list[Shard]:
+    """Greedy, in unit order; a unit never straddles two shards, so shards can be split between workers."""
+    bins: list[list[Unit]] = []
+    size = 0
+    for unit in units:
+        unit_bytes = sum(t.nbytes for t in unit.outputs)
+        if not bins or (size + unit_bytes > max_shard_size and bins[-1]):
+            bins.append([])
+            size = 0
+        bins[-1].append(unit)
+        size += unit_bytes
+    n = len(bins)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(b)) for i, b in enumerate(bins)]

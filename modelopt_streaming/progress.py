@@ -1,0 +1,42 @@
+"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise, nothing when quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total_bytes: int, mode: str = "auto", log=print, every_s: float = 10.0):
+        self.total = total_bytes
+        self.done = 0
+        self.log = log
+        self.every = every_s
+        self.started = self._last = time.monotonic()
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize")
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self._bar is not None:
+            self._bar.update(nbytes)
+        elif self.mode == "log":
+            now = time.monotonic()
+            if now - self._last >= self.every or self.done >= self.total:
+                self._last = now
+                elapsed = now - self.started
+                rate = self.done / max(elapsed, 1e-9)
+                eta = (self.total - self.done) / rate if rate else float("inf")
+                self.log(
+                    f"progress: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s"
+                )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

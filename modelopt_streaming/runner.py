@@ -1,0 +1,278 @@
+"""Runner: composes index -> plan -> reader -> codec -> writer -> export for one quantize job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .codec import nvfp4
+from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
+from .index import INDEX_FILE, CheckpointError, build_index, load_json
+from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, build_plan
+from .progress import Progress
+from .reader import TensorReader
+from .writer import MANIFEST_FILE, ShardWriter, TensorSpec, write_json_atomic
+
+PROVENANCE_FILE = "modelopt_streaming.json"
+
+
+class UsageError(Exception):
+    """The command cannot run as asked (paths, options); nothing was written."""
+
+
+@dataclass
+class Summary:
+    input_dir: str
+    output_dir: str | None
+    quantized_weights: int
+    quantized_by_kind: dict[str, int]
+    fused_groups: dict[str, int]
+    copied_tensors: int
+    unquantized_modules: int
+    unquantized_by_reason: dict[str, int]
+    input_bytes: int
+    output_bytes: int
+    shards: int
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        gb = 1e9
+        kinds = ", ".join(f"{k} {v}" for k, v in self.quantized_by_kind.items())
+        out = [
+            f"quantize: {self.quantized_weights} weights" + (f" ({kinds})" if kinds else ""),
+            "fused groups: " + (", ".join(f"{k}: {v}" for k, v in self.fused_groups.items()) or "none"),
+            f"copy: {self.copied_tensors} tensors unchanged",
+            f"unquantized Linear modules: {self.unquantized_modules}",
+        ]
+        out += [f"  {reason}: {n}" for reason, n in self.unquantized_by_reason.items()]
+        out.append(
+            f"output: {self.shards} shard(s), {self.output_bytes / gb:.3f} GB (input {self.input_bytes / gb:.3f} GB)"
+        )
+        if self.seconds:
+            rate = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
+            out.append(f"time: {self.seconds:.1f} s, {rate:.0f} MB/s of input")
+        return out
+
+
+def load_reference_exclusions(path: str | os.PathLike) -> tuple[str, ...]:
+    """``exclude_modules`` of an hf_quant_config.json, or ``ignore`` of a config.json's quantization_config."""
+    data = load_json(Path(path))
+    quant = data.get("quantization")
+    if isinstance(quant, dict) and "exclude_modules" in quant:
+        return tuple(quant["exclude_modules"] or ())
+    qc = data.get("quantization_config")
+    if isinstance(qc, dict) and "ignore" in qc:
+        return tuple(qc["ignore"] or ())
+    if "exclude_modules" in data or "ignore" in data:
+        return tuple(data.get("exclude_modules") or data.get("ignore") or ())
+    raise CheckpointError(f"{path}: no exclude_modules or quantization_config.ignore list")
+
+
+def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
+    reasons: dict[str, int] = {}
+    for reason in plan.unquantized.values():
+        reasons[reason if not reason.startswith("fused") else "fused partner unquantized"] = reasons.get(reason, 0) + 1
+    return Summary(
+        input_dir=str(input_dir),
+        output_dir=str(output_dir) if output_dir else None,
+        quantized_weights=len(plan.quantized),
+        quantized_by_kind=plan.quantized_kind_counts(),
+        fused_groups=plan.fused_group_counts(),
+        copied_tensors=sum(isinstance(u, CopyUnit) for u in plan.units),
+        unquantized_modules=len(plan.unquantized),
+        unquantized_by_reason=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        input_bytes=plan.input_bytes,
+        output_bytes=plan.output_bytes,
+        shards=len(plan.shards),
+        warnings=list(plan.warnings),
+    )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def _check_paths(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    src, dst = input_dir.resolve(), output_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise UsageError(f"output directory {output_dir} is the input directory or inside it")
+    if dst in src.parents:
+        raise UsageError(f"output directory {output_dir} contains the input directory")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"output path {output_dir} exists and is not a directory")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise UsageError(f"output directory {output_dir} is not empty (use --overwrite to replace it)")
+
+
+def _quantize_unit(
+    unit: QuantizeUnit,
+    reader: TensorReader,
+    writer: ShardWriter,
+    device: torch.device,
+    recipe: Recipe,
+    allow_nonfinite: bool,
+) -> None:
+    members = []
+    for src in unit.sources:
+        w = reader.read(src)
+        members.append(w.to(device, non_blocking=True) if device.type != "cpu" else w)
+    amaxes = [nvfp4.tensor_amax(w) for w in members]
+    for src, w, amax in zip(unit.sources, members, amaxes):
+        if not torch.isfinite(amax) and not allow_nonfinite:
+            bad = int((~torch.isfinite(w)).sum())
+            raise CheckpointError(
+                f"{reader.root / src.file}, tensor {src.name!r}: {bad} NaN/Inf values in a weight to be "
+                "quantized (use --allow_nonfinite to quantize it anyway)"
+            )
+    weight_scale_2 = nvfp4.weight_scale_2_from_amax(torch.stack(amaxes).max(), recipe.scale_math)
+    input_scale = torch.ones((), dtype=torch.float32)
+    for module in unit.modules:
+        w = members.pop(0)
+        packed, block_scales = nvfp4.quantize(w, weight_scale_2)
+        del w
+        writer.write(f"{module}.weight", packed)
+        writer.write(f"{module}.weight_scale", block_scales)
+        writer.write(f"{module}.weight_scale_2", weight_scale_2.cpu())
+        if unit.with_input_scale:
+            writer.write(f"{module}.input_scale", input_scale)
+
+
+def quantize(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    mlp_only: bool = False,
+    experts_only: bool = False,
+    exclude: tuple[str, ...] | list[str] = (),
+    exclude_config: str | os.PathLike | None = None,
+    weight_only: bool = False,
+    scale_math: str = "cuda",
+    device: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: str = "auto",
+    log=print,
+) -> Summary:
+    """Quantize a safetensors checkpoint to NVFP4 (ModelOpt format), streaming tensor by tensor.
+
+    Returns the summary of the plan (and of the run, unless ``dry_run``).
+    """
+    if mlp_only and experts_only:
+        raise UsageError("--mlp_only and --experts_only exclude each other")
+    if scale_math not in ("cuda", "cpu"):
+        raise UsageError(f"--scale_math must be cuda or cpu, not {scale_math!r}")
+    if max_shard_size <= 0:
+        raise UsageError("--max_shard_size must be positive")
+    input_dir = Path(input_dir)
+    recipe = Recipe(
+        scope="experts" if experts_only else "mlp" if mlp_only else "all",
+        exclude=tuple(exclude),
+        reference_exclude=load_reference_exclusions(exclude_config) if exclude_config else (),
+        weight_only=weight_only,
+        scale_math=scale_math,  # type: ignore[arg-type]
+        max_shard_size=max_shard_size,
+    )
+    if not dry_run:
+        if output_dir is None:
+            raise UsageError("--output_dir is required (or use --dry_run)")
+        _check_paths(input_dir, Path(output_dir), overwrite)
+    index = build_index(input_dir)
+    plan = build_plan(index, recipe)
+    exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules)
+    summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
+    for w in plan.warnings:
+        log(f"warning: {w}")
+    if dry_run:
+        return summary
+    dev = resolve_device(device)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and overwrite:
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not weight_only:
+        log(
+            "note: activation scales are not calibrated: every input_scale is 1.0 (NVIDIA's calibration-free "
+            "W4A4 recipe); use --weight_only for W4A16"
+        )
+
+    started = time.monotonic()
+    records = []
+    meter = Progress(plan.input_bytes, mode=progress, log=log)
+    writer = None
+    try:
+        with TensorReader(input_dir) as reader:
+            for shard in plan.shards:
+                writer = ShardWriter(
+                    output_dir, shard.file, [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
+                )
+                for unit in shard.units:
+                    if isinstance(unit, CopyUnit):
+                        writer.begin(unit.source.name)
+                        for chunk in reader.iter_chunks(unit.source):
+                            writer.write_bytes(chunk)
+                        meter.advance(unit.source.nbytes)
+                    else:
+                        _quantize_unit(unit, reader, writer, dev, recipe, allow_nonfinite)
+                        meter.advance(sum(s.nbytes for s in unit.sources))
+                records.append(writer.close())
+                writer = None
+                write_json_atomic(output_dir / MANIFEST_FILE, {"shards": records})
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        meter.close()
+
+    weight_map = plan.weight_map()
+    total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
+    (output_dir / INDEX_FILE).write_text(json.dumps(safetensors_index(weight_map, total_size), indent=2) + "\n")
+    copied = copy_side_files(input_dir, output_dir)
+    write_json_atomic(output_dir / "config.json", model_config(index.config, exclude_modules, weight_only))
+    summary.seconds = time.monotonic() - started
+    write_json_atomic(
+        output_dir / PROVENANCE_FILE,
+        {
+            "tool": "modelopt-streaming",
+            "version": __version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "device": str(dev),
+            "options": {
+                **asdict(recipe),
+                "reference_exclude": list(recipe.reference_exclude),
+                "exclude": list(recipe.exclude),
+            },
+            "source": {"files": index.file_sizes},
+            "counts": {
+                "quantized_weights": summary.quantized_weights,
+                "quantized_by_kind": summary.quantized_by_kind,
+                "fused_groups": summary.fused_groups,
+                "copied_tensors": summary.copied_tensors,
+                "unquantized_by_reason": summary.unquantized_by_reason,
+            },
+            "unquantized": plan.unquantized,
+            "side_files": copied,
+            "shards": records,
+            "warnings": plan.warnings,
+        },
+    )
+    # Written last: its presence marks a finished checkpoint for vLLM and for our own tools.
+    write_json_atomic(output_dir / "hf_quant_config.json", hf_quant_config(exclude_modules, weight_only))
+    return summary

@@ -1,0 +1,137 @@
+"""Writer: safetensors shards written tensor by tensor, each under a temporary name until whole.
+
+The header is known before any data (names, dtypes and shapes come from the plan), so a shard is
+streamed to disk in one pass and the writer never holds more than the tensor it is given. Knows
+nothing of quantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .index import DTYPE_NAMES, DTYPES
+
+MANIFEST_FILE = "modelopt_streaming.manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``tensors`` in this order."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the safetensors library does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def partial_name(file_name: str) -> str:
+    return f".{file_name}.partial"
+
+
+class ShardWriter:
+    """Writes one shard: ``write`` each tensor in the declared order, then ``close`` (or ``abort``)."""
+
+    def __init__(self, directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]):
+        self.directory = Path(directory)
+        self.file_name = file_name
+        self.tensors = list(tensors)
+        self._next = 0
+        self._remaining = 0
+        self._sha = hashlib.sha256()
+        self._tmp = self.directory / partial_name(file_name)
+        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close/abort
+        self._emit(encode_header(self.tensors))
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+
+    def begin(self, name: str) -> None:
+        if self._remaining:
+            raise RuntimeError(f"{self.tensors[self._next - 1].name} is not complete")
+        if self._next >= len(self.tensors) or self.tensors[self._next].name != name:
+            expected = self.tensors[self._next].name if self._next < len(self.tensors) else "nothing"
+            raise RuntimeError(f"{self.file_name}: got {name}, expected {expected}")
+        self._remaining = self.tensors[self._next].nbytes
+        self._next += 1
+
+    def write_bytes(self, data) -> None:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if n > self._remaining:
+            raise RuntimeError(f"{self.file_name}: more bytes than declared for {self.tensors[self._next - 1].name}")
+        self._emit(data)
+        self._remaining -= n
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.tensors[self._next] if self._next < len(self.tensors) else None
+        if (
+            spec is not None
+            and spec.name == name
+            and (DTYPE_NAMES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape)
+        ):
+            raise RuntimeError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, declared {spec.dtype} {spec.shape}")
+        self.begin(name)
+        if tensor.numel():
+            self.write_bytes(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> dict:
+        """Flush, fsync and rename to the final name; returns the manifest record of the shard."""
+        if self._remaining or self._next != len(self.tensors):
+            raise RuntimeError(f"{self.file_name}: closed before all tensors were written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        size = self._f.tell()
+        self._f.close()
+        os.replace(self._tmp, self.directory / self.file_name)
+        _fsync_dir(self.directory)
+        return {
+            "file": self.file_name,
+            "size": size,
+            "sha256": self._sha.hexdigest(),
+            "tensors": [t.name for t in self.tensors],
+        }
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
