@@ -1,0 +1,155 @@
+"""Synthetic checkpoints for the tests: real tensor names from transformers config classes, random
+heavy-tailed weights, and shard layouts chosen by the test (fused partners split across shards)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            max_position_embeddings=128)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(intermediate_size=128, num_hidden_layers=2, **TINY)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
+                                 num_experts=4, num_experts_per_tok=2, **TINY)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                 num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, **TINY)
+    if arch == "mixtral":
+        return tf.MixtralConfig(intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
+                                num_experts_per_tok=2, **TINY)
+    if arch in ("deepseek_v3", "kimi_k2"):
+        return tf.DeepseekV3Config(
+            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+            q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+            max_position_embeddings=128,
+        )
+    raise ValueError(arch)
+
+
+@functools.cache
+def checkpoint_layout(arch: str) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
+    """Tensor names, shapes and dtypes exactly as ``save_pretrained`` writes them, plus config.json."""
+    import transformers as tf
+
+    config = tiny_config(arch)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    with tempfile.TemporaryDirectory() as d:
+        model.to_empty(device="cpu").to(torch.bfloat16).save_pretrained(d)
+        layout = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(f, "pt") as sf:
+                for k in sf.keys():
+                    t = sf.get_slice(k)
+                    # DeepSeek-V3 ships its router bias in float32, as the model keeps it.
+                    dt = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+                    layout[k] = (tuple(t.get_shape()), dt)
+        cfg = json.loads((Path(d) / "config.json").read_text())
+    if arch in ("deepseek_v3", "kimi_k2"):
+        # A multi-token-prediction layer past num_hidden_layers, as DeepSeek-V3 ships it.
+        n = cfg["num_hidden_layers"]
+        for k, v in list(layout.items()):
+            if k.startswith(f"model.layers.{n - 1}."):
+                layout[k.replace(f"layers.{n - 1}.", f"layers.{n}.")] = v
+        h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+        layout[f"model.layers.{n}.eh_proj.weight"] = ((h, 2 * h), torch.bfloat16)
+        layout[f"model.layers.{n}.enorm.weight"] = ((h,), torch.bfloat16)
+        layout[f"model.layers.{n}.hnorm.weight"] = ((h,), torch.bfloat16)
+        layout[f"model.layers.{n}.shared_head.head.weight"] = ((vocab, h), torch.bfloat16)
+    if arch == "kimi_k2":
+        # Kimi-K2.5 nests the language model and prefixes every name.
+        layout = {f"language_model.{k}": v for k, v in layout.items()}
+        cfg = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "text_config": cfg}
+    return layout, cfg
+
+
+def heavy_tailed(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Student-t-like weights with outlier rows/columns, a few all-zero blocks and exact zeros."""
+    if len(shape) < 2:
+        return (1 + 0.1 * torch.randn(shape, generator=generator)).to(dtype)
+    scale = torch.exp(torch.randn(shape, generator=generator) * 0.8)
+    w = torch.randn(shape, generator=generator) * scale * 0.02
+    rows, cols = shape[-2], shape[-1]
+    w[..., torch.randint(0, rows, (max(1, rows // 16),), generator=generator), :] *= 8
+    w[..., :, torch.randint(0, cols, (max(1, cols // 32),), generator=generator)] *= 20
+    if cols >= 32:
+        w[..., 0, :16] = 0.0  # an all-zero block
+    return w.to(dtype)
+
+
+def make_weights(layout: dict, seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: heavy_tailed(shape, dtype or dt, g) for k, (shape, dt) in sorted(layout.items())}
+
+
+def round_robin(n_shards: int) -> Callable[[list[str]], list[int]]:
+    """Tensor i of the sorted names goes to shard i % n: neighbours (gate/up, q/k/v) land apart."""
+    return lambda names: [i % n_shards for i in range(len(names))]
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
+                     assign: Callable[[list[str]], list[int]] | None = None, extra_files: dict | None = None) -> Path:
+    """Save with the safetensors library (independent of our writer), sharded by ``assign``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    shard_ids = assign(names) if assign else [0] * len(names)
+    n = max(shard_ids) + 1
+    if n == 1:
+        save_file({k: tensors[k].contiguous() for k in names}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for s in range(n):
+            fname = f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+            part = {k: tensors[k].contiguous() for k, i in zip(names, shard_ids) if i == s}
+            save_file(part, str(directory / fname), metadata={"format": "pt"})
+            for k, t in part.items():
+                weight_map[k] = fname
+                total += t.numel() * t.element_size()
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for name, text in (extra_files or {}).items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    return directory
+
+
+def make_model_checkpoint(directory: Path, arch: str, n_shards: int = 3, seed: int = 0,
+                          dtype: torch.dtype | None = None) -> Path:
+    layout, cfg = checkpoint_layout(arch)
+    return write_checkpoint(directory, make_weights(layout, seed, dtype), cfg, round_robin(n_shards))
+
+
+def load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def numel(shape) -> int:
+    return math.prod(shape)

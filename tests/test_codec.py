@@ -1,0 +1,126 @@
+"""The codec against NVIDIA ModelOpt's own NVFP4QTensor, and against hand-computed FP4 grid cases."""
+
+import pytest
+import torch
+from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+from modelopt_streaming.codec import nvfp4
+
+
+def _cases():
+    g = torch.Generator().manual_seed(1234)
+
+    def heavy(shape, df_scale=1.0):
+        return torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * df_scale)
+
+    cases = []
+    shapes = [(16, 16), (32, 48), (64, 64), (128, 256), (256, 512), (512, 1024), (2048, 7168), (7, 32), (1, 16)]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    for i, shape in enumerate(shapes):
+        for dtype in dtypes:
+            if shape == (2048, 7168) and dtype != torch.bfloat16:
+                continue
+            cases.append((f"heavy{shape}-{dtype}", heavy(shape, 1.5).to(dtype)))
+    w = heavy((64, 128)).to(torch.bfloat16)
+    w[3] = 0
+    w[5, 16:32] = 0
+    cases.append(("zero-blocks", w))
+    cases.append(("tiny-magnitudes", (heavy((64, 64)) * 1e-6).to(torch.bfloat16)))
+    cases.append(("huge-magnitudes", (heavy((64, 64)) * 1e4).to(torch.float32)))
+    cases.append(("fp16-subnormal", (heavy((32, 64)) * 1e-5).to(torch.float16)))
+    w = heavy((64, 64)).to(torch.bfloat16)
+    w[0, :16] = -0.0
+    w[1, 1] = -0.0
+    cases.append(("negative-zero", w))
+    # Exact E2M1 ties: with amax 6*448 the global scale is ~1, and a block max of 6 gives block scale 1,
+    # so the scaled values are the literal tie points.
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 6.0])
+    w = ties.repeat(8, 1)
+    w[0, 7] = 6 * 448
+    cases.append(("e2m1-ties", w.to(torch.float32)))
+    cases.append(("one-outlier", torch.cat([heavy((16, 64)) * 1e-3, torch.full((1, 64), 300.0)]).to(torch.bfloat16)))
+    cases.append(("constant", torch.full((32, 32), 0.125, dtype=torch.bfloat16)))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("name,weight", CASES, ids=[c[0] for c in CASES])
+def test_bytes_match_modelopt(name, weight):
+    ref_q, ref_scale, ref_scale_2 = NVFP4QTensor.quantize(weight.clone(), 16)
+    packed, scale, scale_2 = nvfp4.quantize_tensor(weight, scale_math="cpu")
+    assert scale_2.dtype == torch.float32 and scale_2.shape == ()
+    assert torch.equal(scale_2, ref_scale_2)
+    assert scale.dtype == torch.float8_e4m3fn
+    assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+    assert packed.dtype == torch.uint8 and packed.shape == (weight.shape[0], weight.shape[1] // 2)
+    assert torch.equal(packed, ref_q._quantized_data)
+
+
+@pytest.mark.parametrize("name,weight", CASES[::4], ids=[c[0] for c in CASES[::4]])
+def test_shared_global_scale_matches_modelopt(name, weight):
+    """A fused member quantized against a larger group amax, as ModelOpt does after fusing."""
+    group_scale_2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(weight) * 3, "cpu")
+    ref_q, ref_scale, _ = NVFP4QTensor.quantize(weight.clone(), 16, weights_scaling_factor_2=group_scale_2)
+    packed, scale = nvfp4.quantize(weight, group_scale_2)
+    assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+    assert torch.equal(packed, ref_q._quantized_data)
+
+
+def test_cuda_scale_math_is_reciprocal_multiply():
+    amax = torch.rand(10000, dtype=torch.float32) * 100
+    inv = torch.tensor(1 / 2688, dtype=torch.float32)
+    cuda_form = torch.stack([nvfp4.weight_scale_2_from_amax(a, "cuda") for a in amax])
+    cpu_form = torch.stack([nvfp4.weight_scale_2_from_amax(a, "cpu") for a in amax])
+    assert torch.equal(cuda_form, amax * inv)
+    assert torch.equal(cpu_form, amax / 2688.0)
+    differ = (cuda_form != cpu_form).float().mean().item()
+    assert 0.05 < differ < 0.5  # the spec's "about a fifth" differ in the last bit
+
+
+def test_e2m1_codes_hand_computed():
+    q = torch.tensor([0.0, -0.0, 0.1, -0.1, 0.25, 0.26, 0.75, 0.74, 1.25, 1.26, 1.75, 2.5, 2.6, 3.5, 3.4, 5.0, 5.01,
+                      6.0, 100.0, float("inf"), float("-inf"), float("nan"), -6.0, -2.5])
+    expected = [0, 0, 0, 8, 0, 1, 2, 1, 2, 3, 4, 4, 5, 6, 5, 6, 7, 7, 7, 7, 15, 7, 15, 12]
+    assert nvfp4.e2m1_codes(q).tolist() == expected
+
+
+def test_packing_low_nibble_first():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert nvfp4.pack_nibbles(codes).tolist() == [[0x21, 0x0F]]
+
+
+def test_dequantize_round_trip_error_is_small():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g)
+    packed, scale, scale_2 = nvfp4.quantize_tensor(w)
+    back = nvfp4.dequantize(packed, scale, scale_2)
+    rel = ((back - w).norm() / w.norm()).item()
+    assert 0.0 < rel < 0.15
+    # Dequantized values lie exactly on the grid times the block scale.
+    grid = torch.tensor(nvfp4.E2M1_VALUES)
+    ratio = (back.abs().reshape(256, -1, 16) / (scale.float() * scale_2).unsqueeze(-1)).reshape(-1)
+    nearest = (ratio.unsqueeze(-1) - grid).abs().min(-1).values
+    assert (nearest <= 1e-5 * grid.max()).all()
+
+
+def test_chunked_rows_equal_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    s2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w))
+    whole = nvfp4.quantize(w, s2)
+    monkeypatch.setattr(nvfp4, "_ROWS_PER_CHUNK_ELEMS", 7 * 64)
+    chunked = nvfp4.quantize(w, s2)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1].view(torch.uint8), chunked[1].view(torch.uint8))
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        nvfp4.quantize(torch.ones(4, 24), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="2-D"):
+        nvfp4.quantize(torch.ones(2, 4, 16), torch.tensor(1.0))
