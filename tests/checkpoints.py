@@ -14,8 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-            max_position_embeddings=128)
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
 
 
 def tiny_config(arch: str):
@@ -24,20 +23,49 @@ def tiny_config(arch: str):
     if arch == "llama":
         return tf.LlamaConfig(intermediate_size=128, num_hidden_layers=2, **TINY)
     if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
-                                 num_experts=4, num_experts_per_tok=2, **TINY)
+        return tf.Qwen3MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **TINY,
+        )
     if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                                 num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, **TINY)
+        return tf.Qwen2MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_hidden_layers=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **TINY,
+        )
     if arch == "mixtral":
-        return tf.MixtralConfig(intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
-                                num_experts_per_tok=2, **TINY)
+        return tf.MixtralConfig(
+            intermediate_size=64, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, **TINY
+        )
     if arch in ("deepseek_v3", "kimi_k2"):
         return tf.DeepseekV3Config(
-            intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1,
-            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-            q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-            hidden_size=64, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=256,
             max_position_embeddings=128,
         )
     raise ValueError(arch)
@@ -104,16 +132,22 @@ def round_robin(n_shards: int) -> Callable[[list[str]], list[int]]:
     return lambda names: [i % n_shards for i in range(len(names))]
 
 
-def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
-                     assign: Callable[[list[str]], list[int]] | None = None, extra_files: dict | None = None) -> Path:
+def write_checkpoint(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    assign: Callable[[list[str]], list[int]] | None = None,
+    extra_files: dict | None = None,
+) -> Path:
     """Save with the safetensors library (independent of our writer), sharded by ``assign``."""
     directory.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
     shard_ids = assign(names) if assign else [0] * len(names)
     n = max(shard_ids) + 1
     if n == 1:
-        save_file({k: tensors[k].contiguous() for k in names}, str(directory / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k].contiguous() for k in names}, str(directory / "model.safetensors"), metadata={"format": "pt"}
+        )
     else:
         weight_map, total = {}, 0
         for s in range(n):
@@ -124,7 +158,8 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: 
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()
         (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     for name, text in (extra_files or {}).items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +167,9 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: 
     return directory
 
 
-def make_model_checkpoint(directory: Path, arch: str, n_shards: int = 3, seed: int = 0,
-                          dtype: torch.dtype | None = None) -> Path:
+def make_model_checkpoint(
+    directory: Path, arch: str, n_shards: int = 3, seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
     layout, cfg = checkpoint_layout(arch)
     return write_checkpoint(directory, make_weights(layout, seed, dtype), cfg, round_robin(n_shards))
 

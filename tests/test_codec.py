@@ -84,8 +84,34 @@ def test_cuda_scale_math_is_reciprocal_multiply():
 
 
 def test_e2m1_codes_hand_computed():
-    q = torch.tensor([0.0, -0.0, 0.1, -0.1, 0.25, 0.26, 0.75, 0.74, 1.25, 1.26, 1.75, 2.5, 2.6, 3.5, 3.4, 5.0, 5.01,
-                      6.0, 100.0, float("inf"), float("-inf"), float("nan"), -6.0, -2.5])
+    q = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            0.1,
+            -0.1,
+            0.25,
+            0.26,
+            0.75,
+            0.74,
+            1.25,
+            1.26,
+            1.75,
+            2.5,
+            2.6,
+            3.5,
+            3.4,
+            5.0,
+            5.01,
+            6.0,
+            100.0,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            -6.0,
+            -2.5,
+        ]
+    )
     expected = [0, 0, 0, 8, 0, 1, 2, 1, 2, 3, 4, 4, 5, 6, 5, 6, 7, 7, 7, 7, 15, 7, 15, 12]
     assert nvfp4.e2m1_codes(q).tolist() == expected
 

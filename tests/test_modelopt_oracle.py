@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from checkpoints import load_dir, make_model_checkpoint
+
 from modelopt_streaming import quantize
 
 ARCHS = ["llama", "qwen3_moe", "mixtral", "deepseek_v3"]
@@ -56,8 +56,9 @@ def test_same_tensor_names_and_dtypes(pair):
     _, ref_dir, ours_dir = pair
     ref, ours = load_dir(ref_dir), _without_mtp(ours_dir, load_dir(ours_dir))
     assert sorted(ref) == sorted(ours)
-    assert {k: (ref[k].dtype, tuple(ref[k].shape)) for k in ref} == {k: (ours[k].dtype, tuple(ours[k].shape))
-                                                                       for k in ours}
+    assert {k: (ref[k].dtype, tuple(ref[k].shape)) for k in ref} == {
+        k: (ours[k].dtype, tuple(ours[k].shape)) for k in ours
+    }
 
 
 def test_weights_and_scales_byte_identical(pair):

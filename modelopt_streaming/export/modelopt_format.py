@@ -47,8 +47,12 @@ def compact_exclusions(unquantized: Iterable[str], linear_modules: Iterable[str]
         # Shortest ancestor whose whole subtree is unquantized and holds at least two modules.
         for depth in range(1, len(parts)):
             prefix = ".".join(parts[:depth])
-            if count_under(prefix) >= 2 and safe(prefix + "*"):
-                chosen = prefix + "*"
+            # After a numeric component (a layer or expert index) the dot stays in the pattern, so
+            # "layers.3" cannot also swallow layers 30-39; elsewhere "self_attn*" also matches the
+            # parent itself, which is the prefix vLLM asks about for fused and MoE layers.
+            pattern = prefix + (".*" if parts[depth - 1].isdigit() else "*")
+            if count_under(prefix) >= 2 and safe(pattern):
+                chosen = pattern
                 break
         entries.add(chosen)
         covered.update(m for m in unquantized if m == chosen or fnmatch.fnmatchcase(m, chosen))
