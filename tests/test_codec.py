@@ -16,7 +16,7 @@ def _cases():
     cases = []
     shapes = [(16, 16), (32, 48), (64, 64), (128, 256), (256, 512), (512, 1024), (2048, 7168), (7, 32), (1, 16)]
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    for i, shape in enumerate(shapes):
+    for _i, shape in enumerate(shapes):
         for dtype in dtypes:
             if shape == (2048, 7168) and dtype != torch.bfloat16:
                 continue

@@ -60,7 +60,7 @@ def test_partners_sit_in_different_source_shards(run):
     arch, src, _, _ = run
     index = build_index(src)
     split = 0
-    for (_kind, parent), members in groups_in_output(
+    for (_kind, _parent), members in groups_in_output(
         {f"{k[:-7]}.weight_scale_2": 0 for k in index.tensors if k.endswith(".weight")}
     ).items():
         split += len({index[f"{m}.weight"].file for m in members.values()}) > 1
