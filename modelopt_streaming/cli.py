@@ -37,6 +37,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Every option answers to both spellings: --input_dir and --input-dir."""
     spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -44,11 +51,11 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelopt-streaming", description=__doc__)
+    parser = _Parser(prog="modelopt-streaming", description="Stream safetensors checkpoints into NVFP4.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"modelopt-streaming {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a safetensors checkpoint to NVFP4, streaming")
     _add(q, "input_dir", required=True, help="source Hugging Face checkpoint directory (bf16/fp16/fp32)")

@@ -84,7 +84,7 @@ def checkpoint_layout(arch: str) -> tuple[dict[str, tuple[tuple[int, ...], torch
         layout = {}
         for f in sorted(Path(d).glob("*.safetensors")):
             with safe_open(f, "pt") as sf:
-                for k in sf:
+                for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
                     t = sf.get_slice(k)
                     # DeepSeek-V3 ships its router bias in float32, as the model keeps it.
                     dt = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
@@ -178,7 +178,7 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(f, "pt") as sf:
-            for k in sf:
+            for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
                 out[k] = sf.get_tensor(k)
     return out
 
