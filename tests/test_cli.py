@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from checkpoints import make_model_checkpoint
 
 
