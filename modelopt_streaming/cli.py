@@ -92,11 +92,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "allow_nonfinite", action="store_true", help="quantize weights that hold NaN/Inf instead of refusing")
     _add(q, "quiet", action="store_true", help="no progress output")
     _add(q, "debug", action="store_true", help="show tracebacks on errors")
+    v = sub.add_parser("validate", help="check an NVFP4 checkpoint (ModelOpt or compressed-tensors format)")
+    v.add_argument("checkpoint")
+    _add(v, "tp", type=int, help="also check that row-parallel input dims split into multiples of 16 at this TP")
+    _add(v, "skip_block_scales", action="store_true", help="do not read the fp8 block scales (faster)")
+    _add(v, "json", action="store_true", help="machine-readable report")
+
+    s = sub.add_parser("compare-scales", help="distributions of global, block and input scales, by module kind")
+    s.add_argument("a")
+    s.add_argument("b", nargs="?")
+    _add(s, "plot", metavar="FILE.png", help="write histograms")
+    _add(s, "skip_block_scales", action="store_true", help="do not read the fp8 block scales (faster)")
+    _add(s, "json", action="store_true")
+
+    w = sub.add_parser("compare-weights", help="byte-level comparison of two NVFP4 checkpoints")
+    w.add_argument("a")
+    w.add_argument("b")
+    _add(w, "tensor", metavar="PATTERN", help="only modules matching this fnmatch pattern")
+    _add(w, "source", metavar="BF16_DIR", help="source checkpoint: report each one's quantization error")
+    _add(w, "json", action="store_true")
+
+    d = sub.add_parser("doctor", help="check the serving stack (vLLM version, GPU, CUDA headers)")
+    d.add_argument("checkpoint", nargs="?")
+    _add(d, "json", action="store_true")
     return parser
+
+
+def _run_validation(args) -> int:
+    import json
+
+    from .validate import checks, doctor, scales, weights
+
+    if args.command == "validate":
+        report = checks.validate(args.checkpoint, tp=args.tp, block_scales=not args.skip_block_scales)
+        print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+        return 0 if report.ok else 1
+    if args.command == "compare-scales":
+        a = scales.collect(args.a, block_scales=not args.skip_block_scales)
+        b = scales.collect(args.b, block_scales=not args.skip_block_scales) if args.b else None
+        result = scales.compare(a, b)
+        if args.plot:
+            scales.plot(a, b, args.plot)
+            result["plot"] = args.plot
+        print(json.dumps(result, indent=2) if args.json else scales.text(result))
+        return 0
+    if args.command == "compare-weights":
+        r = weights.compare_weights(args.a, args.b, tensor=args.tensor, source=args.source)
+        print(json.dumps(r.as_dict(), indent=2) if args.json else weights.text(r))
+        d = r.as_dict()
+        return 0 if d["identical"] == d["compared"] and d["compared"] else 1
+    report = doctor.doctor(args.checkpoint)
+    print(json.dumps(report, indent=2) if args.json else doctor.text(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "quantize":
+        try:
+            return _run_validation(args)
+        except (CheckpointError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from .runner import UsageError, quantize
 
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -1,0 +1,401 @@
+"""``modelopt-streaming validate``: every rule of the NVFP4 formats, checked on the files alone."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..plan import FUSION_KINDS, ExclusionMatcher, module_kind
+from .checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
+
+_EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
+# Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
+_ROW_PARALLEL = {"down_proj", "o_proj", "w2", "dense_4h_to_h", "out_proj"}
+_REQUIRED_HF_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
+MAX_LISTED = 10
+
+
+@dataclass
+class GroupStats:
+    kind: str
+    total: int = 0
+    matched: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # second member's weight_scale_2 / first's, mismatches
+    input_mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.total == 0 or self.matched == self.total:
+            return "perfect"
+        return "acceptable" if self.matched / self.total > 0.99 else "broken"
+
+    def as_dict(self) -> dict:
+        d = {
+            "kind": self.kind,
+            "total": self.total,
+            "matched": self.matched,
+            "mismatched": self.total - self.matched,
+            "verdict": self.verdict,
+            "first_mismatched": self.mismatched[:MAX_LISTED],
+            "input_scale_mismatched": len(self.input_mismatched),
+        }
+        if self.ratios:
+            d["ratio"] = {"min": min(self.ratios), "median": statistics.median(self.ratios), "max": max(self.ratios)}
+        return d
+
+
+@dataclass
+class Report:
+    path: str
+    format: str | None
+    quant_algo: str | None
+    shards: int
+    tensors: int
+    quantized_modules: int
+    unquantized_linear: int
+    groups: dict[str, GroupStats]
+    block_scales: dict[str, int]
+    findings: list[Finding]
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    def as_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "format": self.format,
+            "quant_algo": self.quant_algo,
+            "shards": self.shards,
+            "tensors": self.tensors,
+            "quantized_modules": self.quantized_modules,
+            "unquantized_linear_modules": self.unquantized_linear,
+            "fused_groups": {k: g.as_dict() for k, g in self.groups.items()},
+            "block_scales": self.block_scales,
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+    def text(self) -> str:
+        lines = [
+            f"Checkpoint: {self.path}",
+            f"  format {self.format or 'unknown'}, quant_algo {self.quant_algo}, {self.shards} shard(s), "
+            f"{self.tensors} tensors, {self.quantized_modules} quantized modules, "
+            f"{self.unquantized_linear} unquantized Linear modules",
+            "",
+        ]
+        for kind, g in self.groups.items():
+            lines.append(f"Fused groups {kind}:")
+            lines.append(f"  ✅ Matched pairs: {g.matched}/{g.total}")
+            lines.append(f"  {'❌' if g.matched < g.total else '✅'} Mismatched pairs: {g.total - g.matched}/{g.total}")
+            if g.ratios:
+                lines.append(
+                    f"  weight_scale_2 ratio of mismatched pairs: min {min(g.ratios):.4g}, "
+                    f"median {statistics.median(g.ratios):.4g}, max {max(g.ratios):.4g}"
+                )
+                lines += [f"    {name}" for name in g.mismatched[:MAX_LISTED]]
+            if g.input_mismatched:
+                lines.append(
+                    f"  ❌ input_scale differs within {len(g.input_mismatched)} group(s), e.g. {g.input_mismatched[0]}"
+                )
+            verdict = {
+                "perfect": f"✅ ALL {kind.upper()} GROUPS PERFECTLY MATCHED!",
+                "acceptable": f"⚠️ {kind} >99% matched: acceptable, vLLM will warn for the rest",
+                "broken": f"❌ {kind} <99% matched: expect accuracy loss or kernel failures",
+            }[g.verdict]
+            lines += [f"  {verdict}", ""]
+        if self.block_scales:
+            bs = self.block_scales
+            lines.append(f"Block scales: {bs.get('total', 0)} read, {bs.get('zero', 0)} zero, {bs.get('nan', 0)} NaN")
+        errors = [f for f in self.findings if f.level == "error"]
+        warnings = [f for f in self.findings if f.level == "warning"]
+        for f in errors:
+            lines.append(f"❌ [{f.check}] {f.message}")
+        for f in warnings:
+            lines.append(f"⚠️ [{f.check}] {f.message}")
+        lines.append("")
+        lines.append("✅ VALID" if self.ok else f"❌ INVALID: {len(errors)} error(s)")
+        return "\n".join(lines)
+
+
+def _fusion_groups(names: list[str]) -> dict[tuple[str, str], list[str]]:
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in FUSION_KINDS:
+            groups[(FUSION_KINDS[leaf], parent)].append(name)
+    order = list(FUSION_KINDS)
+    return {k: sorted(v, key=lambda m: order.index(m.rpartition(".")[2])) for k, v in groups.items() if len(v) >= 2}
+
+
+def _check_configs(ck: NVFP4Checkpoint) -> tuple[str | None, list[str] | None, bool | None]:
+    """Returns (quant_algo, exclude list, input scales expected) and records config findings."""
+    if ck.format == MODELOPT:
+        hf = ck.hf_quant_config
+        qc = ck.quant_config
+        quant = (hf or {}).get("quantization") if hf else None
+        if hf is None:
+            source = qc
+            algo, exclude = qc.get("quant_algo"), qc.get("ignore")
+        else:
+            if not isinstance(quant, dict):
+                ck.error("config", "hf_quant_config.json has no 'quantization' section")
+                return None, None, None
+            for key in _REQUIRED_HF_KEYS:
+                if key not in quant:
+                    ck.error("config", f"hf_quant_config.json lacks required key quantization.{key} (vLLM refuses it)")
+            source = quant
+            algo, exclude = quant.get("quant_algo"), quant.get("exclude_modules")
+            if qc:
+                if qc.get("quant_method") != "modelopt":
+                    ck.error(
+                        "config",
+                        f"config.json carries a stale quantization_config (quant_method "
+                        f"{qc.get('quant_method')!r}); vLLM reads it before hf_quant_config.json",
+                    )
+                else:
+                    if qc.get("quant_algo") != algo:
+                        ck.error(
+                            "config",
+                            f"config.json quant_algo {qc.get('quant_algo')!r} disagrees with "
+                            f"hf_quant_config.json {algo!r}",
+                        )
+                    if sorted(qc.get("ignore") or []) != sorted(exclude or []):
+                        ck.error(
+                            "config",
+                            "config.json quantization_config.ignore differs from hf_quant_config.json exclude_modules",
+                        )
+        if algo not in ("NVFP4", "W4A16_NVFP4"):
+            ck.error("config", f"quant_algo is {algo!r}, not NVFP4 or W4A16_NVFP4")
+        if source.get("group_size", 16) != 16:
+            ck.error("config", f"group_size is {source.get('group_size')!r}, NVFP4 needs 16")
+        return algo, list(exclude or []), algo == "NVFP4"
+    if ck.format == COMPRESSED_TENSORS:
+        qc = ck.quant_config
+        if qc.get("format") != "nvfp4-pack-quantized":
+            ck.error("config", f"compressed-tensors format is {qc.get('format')!r}, not nvfp4-pack-quantized")
+        if qc.get("quantization_status") not in (None, "compressed"):
+            ck.error("config", f"quantization_status is {qc.get('quantization_status')!r}, not compressed")
+        groups = qc.get("config_groups") or {}
+        inputs = None
+        for name, group in groups.items():
+            w = (group or {}).get("weights") or {}
+            if w.get("num_bits") != 4 or w.get("type") != "float" or w.get("group_size") != 16:
+                ck.error("config", f"config_groups.{name}.weights is not NVFP4 (num_bits 4, type float, group 16)")
+            inputs = bool((group or {}).get("input_activations")) if inputs is None else inputs
+        algo = "NVFP4" if inputs else "NVFP4A16"
+        return algo, list(qc.get("ignore") or []), bool(inputs)
+    return None, None, None
+
+
+def _check_module(ck: NVFP4Checkpoint, v: ModuleView, inputs_expected: bool | None) -> None:
+    ct = ck.format == COMPRESSED_TENSORS
+    gname = "weight_global_scale" if ct else "weight_scale_2"
+    iname = "input_global_scale" if ct else "input_scale"
+    for extra in v.extra:
+        ck.error("tensors", f"{extra.name}: unexpected tensor for module {v.name}")
+    if not v.quantized:
+        for attr, label in (("weight_scale", "weight_scale"), ("global_scale", gname), ("input_scale", iname)):
+            if getattr(v, attr) is not None:
+                what = "has no weight" if v.weight is None else f"keeps its {v.weight.dtype} weight"
+                ck.error("tensors", f"{v.name}.{label}: scale tensor for a module that {what}")
+        return
+    out, packed_cols = v.weight.shape if len(v.weight.shape) == 2 else (None, None)
+    if out is None:
+        ck.error("tensors", f"{v.weight.name}: packed weight must be 2-D, is {list(v.weight.shape)}")
+        return
+    if v.weight_scale is None:
+        ck.error("tensors", f"{v.name}.weight_scale is missing")
+    elif v.weight_scale.dtype != "F8_E4M3" or v.weight_scale.shape != (out, packed_cols * 2 // 16):
+        ck.error(
+            "tensors",
+            f"{v.weight_scale.name}: {v.weight_scale.dtype} {list(v.weight_scale.shape)}, expected "
+            f"F8_E4M3 {[out, packed_cols * 2 // 16]}",
+        )
+    if v.global_scale is None:
+        ck.error("tensors", f"{v.name}.{gname} is missing")
+    elif v.global_scale.dtype != "F32" or v.global_scale.numel != 1:
+        ck.error(
+            "tensors",
+            f"{v.global_scale.name}: {v.global_scale.dtype} {list(v.global_scale.shape)}, expected a float32 scalar",
+        )
+    else:
+        value = float(ck.read(v.global_scale).float().reshape(()))
+        if not (math.isfinite(value) and value > 0):
+            ck.error("values", f"{v.global_scale.name} = {value}: must be finite and > 0")
+    if inputs_expected and v.input_scale is None:
+        ck.error("tensors", f"{v.name}.{iname} is missing: vLLM loads it as zero and returns NaN for some prompts")
+    elif inputs_expected is False and v.input_scale is not None:
+        ck.error("tensors", f"{v.input_scale.name}: input scale in a weight-only checkpoint")
+    if v.input_scale is not None and v.input_scale.dtype == "F32" and v.input_scale.numel == 1:
+        value = float(ck.read(v.input_scale).float().reshape(()))
+        if not (math.isfinite(value) and value > 0):
+            ck.error("values", f"{v.input_scale.name} = {value}: must be finite and > 0")
+
+
+def _scan_block_scales(ck: NVFP4Checkpoint, modules: list[ModuleView]) -> dict[str, int]:
+    total = zero = nan = 0
+    first_nan = None
+    for v in modules:
+        if v.weight_scale is None or v.weight_scale.dtype != "F8_E4M3":
+            continue
+        raw = ck.read(v.weight_scale).view(torch.uint8).reshape(-1)
+        mag = raw & 0x7F
+        total += raw.numel()
+        zero += int((mag == 0).sum())
+        n = int((mag == 0x7F).sum())
+        nan += n
+        if n and first_nan is None:
+            first_nan = v.weight_scale.name
+    if nan:
+        ck.error("values", f"{nan} NaN fp8 block scales (first in {first_nan})")
+    if zero:
+        ck.warning("values", f"{zero} zero fp8 block scales: those blocks dequantize to zero")
+    return {"total": total, "zero": zero, "nan": nan}
+
+
+def validate(path: str | Path, tp: int | None = None, block_scales: bool = True) -> Report:
+    ck = NVFP4Checkpoint(path)
+    try:
+        return _validate(ck, tp, block_scales)
+    finally:
+        ck.close()
+
+
+def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report:
+    algo, exclude, inputs_expected = _check_configs(ck)
+    modules = sorted(ck.modules.values(), key=lambda v: v.name)
+    quantized = [v for v in modules if v.quantized]
+    for v in modules:
+        _check_module(ck, v, inputs_expected)
+    linear_unquantized = [
+        v.name
+        for v in modules
+        if not v.quantized
+        and v.weight is not None
+        and len(v.weight.shape) >= 2
+        and v.name.rpartition(".")[2] not in _EMBEDDING_LEAVES
+    ]
+    if ck.format and not quantized:
+        ck.error("tensors", "no quantized module found")
+
+    # The config tells the truth: read the list the way vLLM does.
+    if exclude is not None:
+        matcher = ExclusionMatcher(exclude)
+        missing = [m for m in linear_unquantized if not matcher(m)]
+        wrong = [v.name for v in quantized if matcher(v.name)]
+        if missing:
+            ck.error(
+                "exclusions",
+                f"{len(missing)} unquantized Linear module(s) not in the exclude list, vLLM will "
+                f"expect NVFP4 tensors for them: {', '.join(missing[:5])}",
+            )
+        if wrong:
+            ck.error(
+                "exclusions",
+                f"{len(wrong)} quantized module(s) matched by the exclude list, vLLM will load "
+                f"them as unquantized: {', '.join(wrong[:5])}",
+            )
+
+    # Fused groups: bit-identical global and input scales.
+    stats: dict[str, GroupStats] = {}
+    by_name = ck.modules
+    for (kind, parent), members in sorted(_fusion_groups([v.name for v in modules if v.weight is not None]).items()):
+        q = [m for m in members if by_name[m].quantized]
+        if q and len(q) < len(members):
+            ck.error(
+                "fused",
+                f"{parent}: {kind} group partly quantized ({', '.join(q)} only); vLLM raises "
+                "'Detected some but not all shards ... are quantized'",
+            )
+            continue
+        if not q:
+            continue
+        g = stats.setdefault(kind, GroupStats(kind))
+        g.total += 1
+        bits = [ck.scalar_bits(by_name[m].global_scale) for m in members]
+        if all(b == bits[0] and b is not None for b in bits):
+            g.matched += 1
+        else:
+            g.mismatched.append(f"{parent}: " + ", ".join(m.rpartition(".")[2] for m in members))
+            values = [ck.weight_scale_2(by_name[m]) for m in members]
+            if all(values) and values[0]:
+                g.ratios.append(values[1] / values[0])
+        in_bits = [ck.scalar_bits(by_name[m].input_scale) for m in members]
+        if len(set(in_bits)) > 1:
+            g.input_mismatched.append(parent)
+    for kind, g in stats.items():
+        if g.matched < g.total:
+            ck.error(
+                "fused",
+                f"{kind}: {g.total - g.matched}/{g.total} groups with different weight_scale_2, "
+                f"first {g.mismatched[0]}",
+            )
+        if g.input_mismatched:
+            ck.error(
+                "fused",
+                f"{kind}: input_scale differs within {len(g.input_mismatched)} group(s), first {g.input_mismatched[0]}",
+            )
+
+    # One MoE layer is quantized all or nothing in vLLM.
+    layers: dict[str, set[bool]] = defaultdict(set)
+    for v in modules:
+        if module_kind(v.name) == "routed_expert" and v.weight is not None:
+            layers[v.name.split(".experts.")[0]].add(v.quantized)
+    for layer, states in sorted(layers.items()):
+        if len(states) > 1:
+            ck.error("fused", f"{layer}: some routed experts quantized and some not; vLLM treats the MoE layer as one")
+
+    _check_index(ck)
+    if tp:
+        bad = [
+            v
+            for v in quantized
+            if v.name.rpartition(".")[2] in _ROW_PARALLEL
+            and v.in_features
+            and (v.in_features % tp or (v.in_features // tp) % 16)
+        ]
+        if bad:
+            ck.error(
+                "tp",
+                f"{len(bad)} row-parallel module(s) whose input dim does not split into per-rank "
+                f"multiples of 16 at tp {tp}, e.g. {bad[0].name} (input dim {bad[0].in_features})",
+            )
+    scan = _scan_block_scales(ck, quantized) if block_scales else {}
+    return Report(
+        path=str(ck.root),
+        format=ck.format,
+        quant_algo=algo,
+        shards=len({t.file for t in ck.tensors.values()}),
+        tensors=len(ck.tensors),
+        quantized_modules=len(quantized),
+        unquantized_linear=len(linear_unquantized),
+        groups=stats,
+        block_scales=scan,
+        findings=ck.findings,
+    )
+
+
+def _check_index(ck: NVFP4Checkpoint) -> None:
+    if ck.weight_map is None:
+        return
+    index = "model.safetensors.index.json"
+    missing = [n for n, f in ck.weight_map.items() if n not in ck.tensors or ck.tensors[n].file != f]
+    unlisted = [n for n in ck.tensors if n not in ck.weight_map]
+    if missing:
+        ck.error("index", f"{index} lists {len(missing)} tensor(s) not in the named shard, e.g. {missing[0]}")
+    if unlisted:
+        ck.error("index", f"{index} omits {len(unlisted)} tensor(s) present in the shards, e.g. {unlisted[0]}")
+    actual = sum(t.nbytes for t in ck.tensors.values())
+    if ck.index_total_size is not None and ck.index_total_size != actual:
+        ck.error("index", f"{index} total_size {ck.index_total_size} != {actual} bytes of tensors")
+
+
+def count_kinds(names: list[str]) -> dict[str, int]:
+    return dict(Counter(module_kind(n) for n in names))
