@@ -85,8 +85,9 @@ def modelopt_sample(src: Path, budget_bytes: int) -> tuple[float, int]:
 
 def run_tool(src: Path, out: Path, device: str, scope: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), device, scope], capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(out), device, scope], capture_output=True, text=True, check=True
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -114,24 +115,33 @@ def main() -> None:
         read_s, read_bytes = raw_read(files)
         drop_cache(files)
         tool = run_tool(src, work / "out", args.device, args.scope)
-        rows.append({
-            "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)", "input_gb": size / 1e9,
-            "raw_read_mbs": read_bytes / 1e6 / read_s, "tool_s": tool["wall"],
-            "tool_mbs": tool["input_bytes"] / 1e6 / tool["wall"], "peak_rss_mb": tool["peak_mb"],
-            "groups": tool["groups"],
-        })
+        rows.append(
+            {
+                "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)",
+                "input_gb": size / 1e9,
+                "raw_read_mbs": read_bytes / 1e6 / read_s,
+                "tool_s": tool["wall"],
+                "tool_mbs": tool["input_bytes"] / 1e6 / tool["wall"],
+                "peak_rss_mb": tool["peak_mb"],
+                "groups": tool["groups"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     mo_s, mo_bytes = modelopt_sample(src, int(args.modelopt_gb * 1e9))
     mo_mbs = mo_bytes / 1e6 / mo_s
 
-    print(f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | device {args.device} | "
-          f"experts {args.experts} | scope {args.scope}")
+    print(
+        f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | device {args.device} | "
+        f"experts {args.experts} | scope {args.scope}"
+    )
     print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights: {mo_mbs:.0f} MB/s\n")
     print("| input | size GB | raw read MB/s (cold) | modelopt-streaming s | MB/s | x ModelOpt | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layout']} | {r['input_gb']:.2f} | {r['raw_read_mbs']:.0f} | {r['tool_s']:.1f} | "
-              f"{r['tool_mbs']:.0f} | {r['tool_mbs'] / mo_mbs:.1f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['layout']} | {r['input_gb']:.2f} | {r['raw_read_mbs']:.0f} | {r['tool_s']:.1f} | "
+            f"{r['tool_mbs']:.0f} | {r['tool_mbs'] / mo_mbs:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

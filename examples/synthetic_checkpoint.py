@@ -41,18 +41,38 @@ class DeepseekShape:
     def config(self) -> dict:
         cfg = {k: v for k, v in asdict(self).items() if k != "mtp_layers"}
         return {
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
-            "num_key_value_heads": self.num_attention_heads, "num_experts_per_tok": min(8, self.n_routed_experts),
-            "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": self.mtp_layers, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False, **cfg,
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "torch_dtype": "bfloat16",
+            "num_key_value_heads": self.num_attention_heads,
+            "num_experts_per_tok": min(8, self.n_routed_experts),
+            "n_group": 1,
+            "topk_group": 1,
+            "num_nextn_predict_layers": self.mtp_layers,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            **cfg,
         }
 
 
 PRESETS = {
-    "tiny": DeepseekShape(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=3,
-                          first_k_dense_replace=1, n_routed_experts=8, num_attention_heads=4, q_lora_rank=64,
-                          kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, vocab_size=1024,
-                          mtp_layers=1),
+    "tiny": DeepseekShape(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=64,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        vocab_size=1024,
+        mtp_layers=1,
+    ),
     "bench": DeepseekShape(),
 }
 
@@ -84,7 +104,9 @@ def tensor_layout(s: DeepseekShape) -> dict[str, tuple[tuple[int, ...], torch.dt
         out[f"{a}.kv_a_proj_with_mqa.weight"] = ((s.kv_lora_rank + s.qk_rope_head_dim, h), bf16)
         out[f"{a}.kv_a_layernorm.weight"] = ((s.kv_lora_rank,), bf16)
         out[f"{a}.kv_b_proj.weight"] = (
-            (s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank), bf16)
+            (s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank),
+            bf16,
+        )
         out[f"{a}.o_proj.weight"] = ((h, s.num_attention_heads * s.v_head_dim), bf16)
         if i < s.first_k_dense_replace:
             mlp(f"{p}.mlp", s.intermediate_size)
@@ -140,7 +162,8 @@ def write(directory: str | Path, shape: DeepseekShape, shard_size: int = 10**9, 
         del tensors
     if n > 1:
         (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     (directory / "config.json").write_text(json.dumps(shape.config(), indent=2))
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))

@@ -189,3 +189,93 @@ def as_bytes(t: torch.Tensor) -> bytes:
 
 def numel(shape) -> int:
     return math.prod(shape)
+
+
+def modelopt_export(src: Path, out: Path) -> Path:
+    """NVIDIA ModelOpt's own flow on the CPU: load, mtq.quantize (NVFP4_DEFAULT_CFG), export_hf_checkpoint."""
+    import modelopt.torch.quantization as mtq
+    import transformers as tf
+    from modelopt.torch.export import export_hf_checkpoint
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+
+    def calibrate(m):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            m(torch.randint(0, vocab, (2, 16), generator=g))
+
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate)
+    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
+    return out
+
+
+def compressed_tensors_nvfp4a16(src: Path, out: Path, skip=("lm_head", "embed_tokens", "mlp.gate.")) -> Path:
+    """A compressed-tensors NVFP4A16 checkpoint made with that library's own compressor, every Linear
+    quantized on its own global scale: what llm-compressor's model-free path writes for fused partners."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    args = QuantizationArgs(
+        num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True, dynamic=False
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    tensors = load_dir(src)
+    config = json.loads((src / "config.json").read_text())
+    n_layers = config["num_hidden_layers"]
+    out_tensors, ignore = {}, []
+    for name, w in tensors.items():
+        module = name[: -len(".weight")]
+        mtp = f"layers.{n_layers}." in name
+        if not name.endswith(".weight") or w.dim() != 2 or mtp or any(s in name for s in skip):
+            out_tensors[name] = w
+            if name.endswith(".weight") and w.dim() == 2 and "embed_tokens" not in name:
+                ignore.append(module)
+            continue
+        g = generate_gparam(w.float().min(), w.float().max())
+        blocks = w.float().reshape(w.shape[0], -1, 16)
+        scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=g)
+        sd = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": g}, scheme)
+        for k, v in sd.items():
+            out_tensors[f"{module}.{k}"] = v
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "ignore": sorted(ignore),
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "weights": {
+                    "num_bits": 4,
+                    "type": "float",
+                    "strategy": "tensor_group",
+                    "symmetric": True,
+                    "dynamic": False,
+                    "group_size": 16,
+                },
+            }
+        },
+    }
+    return write_checkpoint(out, out_tensors, config, round_robin(2))
+
+
+def rewrite_tensor(directory: Path, name: str, value: torch.Tensor | None, beside: str | None = None) -> None:
+    """Replace (or with None, delete) one tensor in whichever shard holds it (or holds ``beside``, to add
+    it there), keeping the index as it is."""
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            keys = list(sf.keys())
+            if (beside or name) not in keys:
+                continue
+            data = {k: sf.get_tensor(k) for k in keys}
+        if value is None:
+            del data[name]
+        else:
+            data[name] = value
+        save_file(data, str(f), metadata={"format": "pt"})
+        return
+    raise KeyError(name)

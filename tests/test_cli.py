@@ -9,8 +9,9 @@ from checkpoints import make_model_checkpoint
 
 
 def cli(*args, check=False):
-    return subprocess.run([sys.executable, "-m", "modelopt_streaming", *map(str, args)], capture_output=True,
-                          text=True, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", *map(str, args)], capture_output=True, text=True, check=check
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,22 @@ def test_dry_run_prints_plan_and_writes_nothing(src, tmp_path):
 
 def test_both_spellings_and_summary(src, tmp_path):
     out = tmp_path / "out"
-    r = cli("quantize", "--input_dir", src, "--output-dir", out, "--max-shard-size", "20KB", "--scale-math", "cpu",
-            "--device", "cpu", "--exclude", "model.layers.2.mlp.shared_experts*", "--weight-only")
+    r = cli(
+        "quantize",
+        "--input_dir",
+        src,
+        "--output-dir",
+        out,
+        "--max-shard-size",
+        "20KB",
+        "--scale-math",
+        "cpu",
+        "--device",
+        "cpu",
+        "--exclude",
+        "model.layers.2.mlp.shared_experts*",
+        "--weight-only",
+    )
     assert r.returncode == 0, r.stderr
     assert "fused groups: gate/up: 10" in r.stdout
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1

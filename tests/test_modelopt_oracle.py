@@ -8,36 +8,18 @@ import json
 
 import pytest
 import torch
-from checkpoints import load_dir, make_model_checkpoint
+from checkpoints import load_dir, make_model_checkpoint, modelopt_export
 
 from modelopt_streaming import quantize
 
 ARCHS = ["llama", "qwen3_moe", "mixtral", "deepseek_v3"]
 
 
-def _modelopt_export(src, out):
-    import modelopt.torch.quantization as mtq
-    import transformers as tf
-    from modelopt.torch.export import export_hf_checkpoint
-
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
-    vocab = model.config.vocab_size
-
-    def calibrate(m):
-        g = torch.Generator().manual_seed(0)
-        for _ in range(2):
-            m(torch.randint(0, vocab, (2, 16), generator=g))
-
-    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate)
-    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
     src = make_model_checkpoint(base / "src", request.param, n_shards=3)
-    _modelopt_export(src, base / "modelopt")
+    modelopt_export(src, base / "modelopt")
     quantize(src, base / "ours", scale_math="cpu", progress="none", log=lambda *_: None)
     if request.param == "deepseek_v3":
         assert any(".layers.3." in k for k in load_dir(base / "ours")), "the MTP layer must be carried over"

@@ -14,8 +14,9 @@ def test_layout_matches_transformers_deepseek_v3(tmp_path):
     import transformers as tf
 
     shape = replace(synth.PRESETS["tiny"], mtp_layers=0)
-    cfg = tf.DeepseekV3Config(**{k: v for k, v in shape.config().items()
-                                 if k not in ("architectures", "model_type", "torch_dtype")})
+    cfg = tf.DeepseekV3Config(
+        **{k: v for k, v in shape.config().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    )
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(cfg)
     model.to_empty(device="cpu").to(torch.bfloat16).save_pretrained(tmp_path)
