@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shlex
+import signal
 import sys
 import traceback
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
     _add(q, "dry_run", action="store_true", help="print the plan, write nothing")
     _add(q, "overwrite", action="store_true", help="replace a non-empty output directory")
+    _add(q, "resume", action="store_true", help="continue an interrupted run in the same output directory")
+    _add(q, "verify", action="store_true", help="with --resume, check finished shards by sha256 (not only size)")
     _add(q, "allow_nonfinite", action="store_true", help="quantize weights that hold NaN/Inf instead of refusing")
     _add(q, "quiet", action="store_true", help="no progress output")
     _add(q, "debug", action="store_true", help="show tracebacks on errors")
@@ -154,9 +159,42 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from .runner import UsageError, quantize
+    return _run_quantize(args, argv)
 
-    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+def _resume_command(argv: list[str] | None) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    words = [w for w in words if w not in ("--overwrite", "--resume")] + ["--resume"]
+    return "modelopt-streaming " + " ".join(shlex.quote(w) for w in words)
+
+
+def _init_distributed(device: str | None) -> tuple[str | None, bool]:
+    """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
+    and, with CUDA, one GPU per rank by LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    return device, dist.get_rank() == 0
+
+
+def _run_quantize(args, argv: list[str] | None) -> int:
+    from .output_dir import OutputStateError
+    from .runner import OutputError, UsageError, quantize
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    device, distributed = _init_distributed(args.device)
+    quiet = args.quiet or (distributed and int(os.environ.get("RANK", "0")) != 0)
+    log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         summary = quantize(
             args.input_dir,
@@ -167,25 +205,39 @@ def main(argv: list[str] | None = None) -> int:
             exclude_config=args.exclude_config,
             weight_only=args.weight_only,
             scale_math=args.scale_math,
-            device=args.device,
+            device=device,
             max_shard_size=args.max_shard_size,
             dry_run=args.dry_run,
             overwrite=args.overwrite,
+            resume=args.resume,
+            verify=args.verify,
             allow_nonfinite=args.allow_nonfinite,
-            progress="none" if args.quiet else "auto",
+            progress="none" if quiet else "auto",
             log=log,
         )
-    except UsageError as e:
+    except (UsageError, OutputStateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
+    except (CheckpointError, OutputError) as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted; finished shards are kept. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if quiet and args.quiet is False:
+        return 0
     title = "plan (dry run, nothing written)" if args.dry_run else f"wrote {summary.output_dir}"
     print(f"{title}\n" + "\n".join(f"  {line}" for line in summary.lines()))
     return 0

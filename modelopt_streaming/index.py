@@ -215,3 +215,13 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
             raise _fail(root / info.file, "tensor is in the shard but not in the index", extra[0])
     config = load_json(root / "config.json") if (root / "config.json").exists() else {}
     return CheckpointIndex(root=root, tensors=tensors, files=files, file_sizes=file_sizes, config=config)
+
+
+def header_digest(path: Path) -> str:
+    """sha256 of a shard's length prefix and header: identifies its layout without reading tensor data."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        return hashlib.sha256(head + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()

@@ -130,6 +130,10 @@ class Shard:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.outputs)
 
+    @property
+    def input_bytes(self) -> int:
+        return sum(src.nbytes for u in self.units for src in _unit_sources(u))
+
 
 @dataclass
 class Plan:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,11 +14,12 @@ import torch
 from . import __version__
 from .codec import nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
-from .index import INDEX_FILE, CheckpointError, build_index, load_json
-from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, build_plan
+from .index import INDEX_FILE, CheckpointError, CheckpointIndex, build_index, header_digest, load_json
+from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
+from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, build_plan
 from .progress import Progress
 from .reader import TensorReader
-from .writer import MANIFEST_FILE, ShardWriter, TensorSpec, write_json_atomic
+from .writer import ShardWriter, TensorSpec, write_json_atomic
 
 PROVENANCE_FILE = "modelopt_streaming.json"
 
@@ -106,7 +106,11 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _check_paths(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
+class OutputError(Exception):
+    """Writing the output failed (disk full, I/O error); finished shards are kept for --resume."""
+
+
+def _check_paths(input_dir: Path, output_dir: Path) -> None:
     src, dst = input_dir.resolve(), output_dir.resolve()
     if dst == src or src in dst.parents:
         raise UsageError(f"output directory {output_dir} is the input directory or inside it")
@@ -114,8 +118,28 @@ def _check_paths(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"output directory {output_dir} contains the input directory")
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"output path {output_dir} exists and is not a directory")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {output_dir} is not empty (use --overwrite to replace it)")
+    why = is_writable_location(dst)
+    if why:
+        raise UsageError(why)
+
+
+def fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> dict:
+    """What the output depends on: tool version, source layout, options and the planned shards."""
+    layout = hashlib.sha256(json.dumps([[s.file, [t.name for t in s.outputs]] for s in plan.shards]).encode())
+    return {
+        "tool_version": __version__,
+        "source": {
+            f: {"size": index.file_sizes[f], "header_sha256": header_digest(index.root / f)} for f in index.files
+        },
+        "options": _recipe_dict(recipe),
+        "plan_sha256": layout.hexdigest(),
+    }
+
+
+def _recipe_dict(recipe: Recipe) -> dict:
+    d = asdict(recipe)
+    d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
+    return d
 
 
 def _quantize_unit(
@@ -151,6 +175,65 @@ def _quantize_unit(
             writer.write(f"{module}.input_scale", input_scale)
 
 
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_rank0(rank: int, world: int, fn):
+    """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever)."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except (OutputStateError, OSError) as e:
+            error = str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UsageError(error)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _write_shard(
+    shard: Shard,
+    reader: TensorReader,
+    output_dir: Path,
+    device: torch.device,
+    recipe: Recipe,
+    allow_nonfinite: bool,
+    meter: Progress,
+) -> dict:
+    writer = ShardWriter(output_dir, shard.file, [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs])
+    try:
+        for unit in shard.units:
+            if isinstance(unit, CopyUnit):
+                writer.begin(unit.source.name)
+                for chunk in reader.iter_chunks(unit.source):
+                    writer.write_bytes(chunk)
+                meter.advance(unit.source.nbytes)
+            else:
+                _quantize_unit(unit, reader, writer, device, recipe, allow_nonfinite)
+                meter.advance(sum(s.nbytes for s in unit.sources))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def quantize(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -165,13 +248,17 @@ def quantize(
     max_shard_size: int = 5 * 10**9,
     dry_run: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
+    verify: bool = False,
     allow_nonfinite: bool = False,
     progress: str = "auto",
     log=print,
 ) -> Summary:
     """Quantize a safetensors checkpoint to NVFP4 (ModelOpt format), streaming tensor by tensor.
 
-    Returns the summary of the plan (and of the run, unless ``dry_run``).
+    Returns the summary of the plan (and of the run, unless ``dry_run``). Under ``torchrun`` each rank
+    writes a deterministic share of the shards and rank 0 writes the index and configs; the files are the
+    same as a single process writes.
     """
     if mlp_only and experts_only:
         raise UsageError("--mlp_only and --experts_only exclude each other")
@@ -179,6 +266,8 @@ def quantize(
         raise UsageError(f"--scale_math must be cuda or cpu, not {scale_math!r}")
     if max_shard_size <= 0:
         raise UsageError("--max_shard_size must be positive")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     input_dir = Path(input_dir)
     recipe = Recipe(
         scope="experts" if experts_only else "mlp" if mlp_only else "all",
@@ -191,20 +280,32 @@ def quantize(
     if not dry_run:
         if output_dir is None:
             raise UsageError("--output_dir is required (or use --dry_run)")
-        _check_paths(input_dir, Path(output_dir), overwrite)
+        _check_paths(input_dir, Path(output_dir))
     index = build_index(input_dir)
     plan = build_plan(index, recipe)
     exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
+    rank, world = _distributed()
+    if rank != 0:
+        log = _silent
     for w in plan.warnings:
         log(f"warning: {w}")
     if dry_run:
         return summary
     dev = resolve_device(device)
     output_dir = Path(output_dir)
-    if output_dir.exists() and overwrite:
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    state = OutputState(output_dir)
+    fp = fingerprint(index, recipe, plan)
+    planned = {s.file: [t.name for t in s.outputs] for s in plan.shards}
+    _on_rank0(rank, world, lambda: state.prepare(fp, planned, resume, verify, overwrite))
+    _barrier(world)
+    done = state.records()
+    todo = [s for i, s in enumerate(plan.shards) if i % world == rank and s.file not in done]
+    if done:
+        log(
+            f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
+            + (" and verified by sha256" if verify else " (sizes checked; --verify also checks sha256)")
+        )
     if not weight_only:
         log(
             "note: activation scales are not calibrated: every input_scale is 1.0 (NVIDIA's calibration-free "
@@ -212,53 +313,62 @@ def quantize(
         )
 
     started = time.monotonic()
-    records = []
-    meter = Progress(plan.input_bytes, mode=progress, log=log)
-    writer = None
+    meter = Progress(sum(s.input_bytes for s in todo), mode=progress if rank == 0 else "none", log=log)
     try:
         with TensorReader(input_dir) as reader:
-            for shard in plan.shards:
-                writer = ShardWriter(
-                    output_dir, shard.file, [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
-                )
-                for unit in shard.units:
-                    if isinstance(unit, CopyUnit):
-                        writer.begin(unit.source.name)
-                        for chunk in reader.iter_chunks(unit.source):
-                            writer.write_bytes(chunk)
-                        meter.advance(unit.source.nbytes)
-                    else:
-                        _quantize_unit(unit, reader, writer, dev, recipe, allow_nonfinite)
-                        meter.advance(sum(s.nbytes for s in unit.sources))
-                records.append(writer.close())
-                writer = None
-                write_json_atomic(output_dir / MANIFEST_FILE, {"shards": records})
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+            for shard in todo:
+                state.record(_write_shard(shard, reader, output_dir, dev, recipe, allow_nonfinite, meter))
+    except OSError as e:
+        where = e.filename or output_dir
+        raise OutputError(
+            f"writing {where} failed: {e.strerror or e}; finished shards are kept, free the space "
+            "or fix the cause and rerun with --resume"
+        ) from None
     finally:
         meter.close()
+    _barrier(world)
+    if rank == 0:
+        try:
+            _export(plan, index, input_dir, output_dir, state, fp, exclude_modules, summary, recipe)
+        except OSError as e:
+            raise OutputError(
+                f"writing {e.filename or output_dir} failed: {e.strerror or e}; rerun with --resume"
+            ) from None
+    _barrier(world)
+    summary.seconds = time.monotonic() - started
+    return summary
 
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _export(
+    plan: Plan,
+    index: CheckpointIndex,
+    input_dir: Path,
+    output_dir: Path,
+    state: OutputState,
+    fp: dict,
+    exclude_modules: list[str],
+    summary: Summary,
+    recipe: Recipe,
+) -> None:
+    """Index, side files, configs and provenance, from what was written; the finished marker last."""
     weight_map = plan.weight_map()
     total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
-    (output_dir / INDEX_FILE).write_text(json.dumps(safetensors_index(weight_map, total_size), indent=2) + "\n")
+    write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total_size))
     copied = copy_side_files(input_dir, output_dir)
-    write_json_atomic(output_dir / "config.json", model_config(index.config, exclude_modules, weight_only))
-    summary.seconds = time.monotonic() - started
+    write_json_atomic(output_dir / "config.json", model_config(index.config, exclude_modules, recipe.weight_only))
+    shards = state.finish(fp, [s.file for s in plan.shards])
+    # Nothing here depends on the device, the number of workers or the time: the same input and options
+    # give the same bytes in this file too.
     write_json_atomic(
         output_dir / PROVENANCE_FILE,
         {
             "tool": "modelopt-streaming",
             "version": __version__,
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "device": str(dev),
-            "options": {
-                **asdict(recipe),
-                "reference_exclude": list(recipe.reference_exclude),
-                "exclude": list(recipe.exclude),
-            },
+            "options": _recipe_dict(recipe),
             "source": {"files": index.file_sizes},
             "counts": {
                 "quantized_weights": summary.quantized_weights,
@@ -269,10 +379,8 @@ def quantize(
             },
             "unquantized": plan.unquantized,
             "side_files": copied,
-            "shards": records,
+            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
             "warnings": plan.warnings,
         },
     )
-    # Written last: its presence marks a finished checkpoint for vLLM and for our own tools.
-    write_json_atomic(output_dir / "hf_quant_config.json", hf_quant_config(exclude_modules, weight_only))
-    return summary
+    write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))
