@@ -120,7 +120,12 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             raise _fail(path, f"invalid data_offsets {offsets!r}", name)
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise _fail(path, f"data offsets [{begin}, {end}] out of range (data section is {data_len} bytes)", name)
+            raise _fail(
+                path,
+                f"data offsets [{begin}, {end}] out of range: the data section is {data_len} bytes "
+                "(truncated or corrupt shard?)",
+                name,
+            )
         expected = math.prod(shape) * DTYPES[dtype][1]
         if end - begin != expected:
             raise _fail(path, f"shape {shape} of {dtype} needs {expected} bytes but offsets span {end - begin}", name)

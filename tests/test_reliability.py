@@ -27,8 +27,9 @@ def run(*args, **kw):
 
 
 def tree_hashes(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +88,13 @@ def test_sigkill_at_ten_random_moments_then_resume_is_byte_identical(src, refere
     args = ["quantize", "--input_dir", src, "--output_dir", out, "--max_shard_size", "3MB", "--quiet"]
     kills = 0
     for attempt in range(10):
-        p = subprocess.Popen(cmd(*args, *(["--resume"] if attempt else [])), env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            cmd(*args, *(["--resume"] if attempt else [])),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # Each attempt dies somewhere in its first eighth of the work (or while starting or resuming).
         startup, work = timings
         time.sleep(rng.uniform(0.5 * startup, startup + work / 8))
