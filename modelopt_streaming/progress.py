@@ -22,10 +22,14 @@ class Progress:
 
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize")
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int, stages=None) -> None:
+        """``stages`` (a pipeline.Throughput) adds the read, compute and write rates to the line."""
         self.done += nbytes
         if self._bar is not None:
             self._bar.update(nbytes)
+            if stages is not None and time.monotonic() - self._last >= 1.0:
+                self._last = time.monotonic()
+                self._bar.set_postfix_str(stages.line(), refresh=False)
         elif self.mode == "log":
             now = time.monotonic()
             if now - self._last >= self.every or self.done >= self.total:

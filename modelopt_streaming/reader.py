@@ -50,12 +50,19 @@ class TensorReader:
             done += n
         self.bytes_read += done
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """The whole tensor, in its stored dtype and shape (a fresh CPU tensor)."""
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    def read(self, info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
+        """The whole tensor, in its stored dtype and shape (a fresh CPU tensor; page-locked on request,
+        so that a copy to the GPU can run asynchronously)."""
+        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
             self._read_into(info, 0, memoryview(buf.numpy()))
         return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+    def read_chunk(self, info: TensorInfo, offset: int, nbytes: int) -> bytearray:
+        """``nbytes`` raw bytes of the tensor from ``offset``, in a fresh buffer."""
+        buf = bytearray(nbytes)
+        self._read_into(info, offset, memoryview(buf))
+        return buf
 
     def iter_chunks(self, info: TensorInfo, chunk_bytes: int = COPY_CHUNK_BYTES) -> Iterator[memoryview]:
         """The tensor's raw bytes in bounded chunks, for tensors that are copied unchanged.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,11 +13,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .codec import nvfp4
+from .codec import cpu_kernel, nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
 from .index import INDEX_FILE, CheckpointError, CheckpointIndex, build_index, header_digest, load_json
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
-from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, build_plan
+from .pipeline import BackgroundWriter, Throughput, read_ahead
+from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan
 from .progress import Progress
 from .reader import TensorReader
 from .writer import ShardWriter, TensorSpec, write_json_atomic
@@ -142,37 +144,50 @@ def _recipe_dict(recipe: Recipe) -> dict:
     return d
 
 
-def _quantize_unit(
-    unit: QuantizeUnit,
-    reader: TensorReader,
-    writer: ShardWriter,
-    device: torch.device,
-    recipe: Recipe,
-    allow_nonfinite: bool,
-) -> None:
-    members = []
-    for src in unit.sources:
-        w = reader.read(src)
-        members.append(w.to(device, non_blocking=True) if device.type != "cpu" else w)
-    amaxes = [nvfp4.tensor_amax(w) for w in members]
+# Source bytes read ahead of the codec: one dense DeepSeek-V3 gate/up group (528 MB) plus the next weight
+# fit, and peak memory stays well under 1.5 GB; a group larger than this still runs, one at a time.
+READ_AHEAD_BYTES = 768 * 1024 * 1024
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Codec:
+    tensor_amax: object
+    quantize: object
+    name: str
+
+
+def select_codec(device: torch.device) -> _Codec:
+    """The fused C kernel on the CPU when it was built, else the reference torch codec (CPU or CUDA)."""
+    if device.type == "cpu" and cpu_kernel.available():
+        return _Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
+    return _Codec(nvfp4.tensor_amax, nvfp4.quantize, f"torch reference codec on {device.type}")
+
+
+def _encode_unit(
+    unit: QuantizeUnit, members: list[torch.Tensor], codec: _Codec, recipe: Recipe, allow_nonfinite: bool, root: Path
+) -> list[tuple[str, torch.Tensor]]:
+    """The output tensors of one unit, in the plan's order; the group shares one weight_scale_2."""
+    amaxes = [codec.tensor_amax(w) for w in members]
     for src, w, amax in zip(unit.sources, members, amaxes):
         if not torch.isfinite(amax) and not allow_nonfinite:
             bad = int((~torch.isfinite(w)).sum())
             raise CheckpointError(
-                f"{reader.root / src.file}, tensor {src.name!r}: {bad} NaN/Inf values in a weight to be "
+                f"{root / src.file}, tensor {src.name!r}: {bad} NaN/Inf values in a weight to be "
                 "quantized (use --allow_nonfinite to quantize it anyway)"
             )
-    weight_scale_2 = nvfp4.weight_scale_2_from_amax(torch.stack(amaxes).max(), recipe.scale_math)
-    input_scale = torch.ones((), dtype=torch.float32)
-    for module in unit.modules:
-        w = members.pop(0)
-        packed, block_scales = nvfp4.quantize(w, weight_scale_2)
-        del w
-        writer.write(f"{module}.weight", packed)
-        writer.write(f"{module}.weight_scale", block_scales)
-        writer.write(f"{module}.weight_scale_2", weight_scale_2.cpu())
+    weight_scale_2 = nvfp4.weight_scale_2_from_amax(
+        torch.stack([a.float().cpu() for a in amaxes]).max(), recipe.scale_math
+    )
+    out = []
+    for module, w in zip(unit.modules, members):
+        packed, block_scales = codec.quantize(w, weight_scale_2)
+        out.append((f"{module}.weight", packed.cpu()))
+        out.append((f"{module}.weight_scale", block_scales.cpu()))
+        out.append((f"{module}.weight_scale_2", weight_scale_2))
         if unit.with_input_scale:
-            writer.write(f"{module}.input_scale", input_scale)
+            out.append((f"{module}.input_scale", torch.ones((), dtype=torch.float32)))
+    return out
 
 
 def _distributed() -> tuple[int, int]:
@@ -208,30 +223,82 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _shard_reads(shard: Shard) -> list[tuple[Unit, int, int]]:
+    """What to read for a shard, in order: each quantize unit whole, copies in bounded chunks."""
+    items = []
+    for unit in shard.units:
+        if isinstance(unit, CopyUnit):
+            n = unit.source.nbytes
+            items += [(unit, off, min(COPY_CHUNK_BYTES, n - off)) for off in range(0, n, COPY_CHUNK_BYTES)]
+            if n == 0:
+                items.append((unit, 0, 0))
+        else:
+            items.append((unit, 0, sum(s.nbytes for s in unit.sources)))
+    return items
+
+
 def _write_shard(
     shard: Shard,
     reader: TensorReader,
     output_dir: Path,
     device: torch.device,
+    codec: _Codec,
     recipe: Recipe,
     allow_nonfinite: bool,
     meter: Progress,
+    stats: Throughput,
 ) -> dict:
     writer = ShardWriter(output_dir, shard.file, [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs])
+    background = BackgroundWriter(stats)
+    pin = device.type == "cuda"
+
+    def load(item: tuple[Unit, int, int]):
+        unit, offset, nbytes = item
+        if isinstance(unit, CopyUnit):
+            return reader.read_chunk(unit.source, offset, nbytes)
+        members = [reader.read(src, pin_memory=pin) for src in unit.sources]
+        if device.type == "cuda":
+            # Copy on a side stream from page-locked memory while the codec works on the previous unit.
+            stream = _copy_stream(device)
+            with torch.cuda.stream(stream):
+                members = [m.to(device, non_blocking=True) for m in members]
+            stream.synchronize()
+        return members
+
     try:
-        for unit in shard.units:
+        for (unit, offset, nbytes), data in read_ahead(
+            _shard_reads(shard), load, lambda i: i[2], READ_AHEAD_BYTES, stats
+        ):
             if isinstance(unit, CopyUnit):
-                writer.begin(unit.source.name)
-                for chunk in reader.iter_chunks(unit.source):
-                    writer.write_bytes(chunk)
-                meter.advance(unit.source.nbytes)
-            else:
-                _quantize_unit(unit, reader, writer, device, recipe, allow_nonfinite)
-                meter.advance(sum(s.nbytes for s in unit.sources))
+                if offset == 0:
+                    background.submit(writer.begin, unit.source.name)
+                if nbytes:
+                    background.submit(writer.write_bytes, data, nbytes=nbytes)
+                meter.advance(nbytes, stats)
+                continue
+            t = time.perf_counter()
+            encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root)
+            del data
+            stats.compute_s += time.perf_counter() - t
+            for name, tensor in encoded:
+                background.submit(writer.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
+            meter.advance(nbytes, stats)
+        background.close()
         return writer.close()
     except BaseException:
+        with contextlib.suppress(BaseException):  # the first error is the one to report
+            background.close()
         writer.abort()
         raise
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _COPY_STREAMS[device]
 
 
 def quantize(
@@ -313,11 +380,14 @@ def quantize(
         )
 
     started = time.monotonic()
+    codec = select_codec(dev)
+    log(f"codec: {codec.name}" + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in codec.name else ""))
+    stats = Throughput()
     meter = Progress(sum(s.input_bytes for s in todo), mode=progress if rank == 0 else "none", log=log)
     try:
         with TensorReader(input_dir) as reader:
             for shard in todo:
-                state.record(_write_shard(shard, reader, output_dir, dev, recipe, allow_nonfinite, meter))
+                state.record(_write_shard(shard, reader, output_dir, dev, codec, recipe, allow_nonfinite, meter, stats))
     except OSError as e:
         where = e.filename or output_dir
         raise OutputError(

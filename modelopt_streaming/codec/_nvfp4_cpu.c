@@ -1,0 +1,149 @@
+/*
+ * Fused NVFP4 quantization for the CPU: one pass per block of 16 weights, computing the same float32
+ * operations, in the same order, as the reference codec (nvfp4.py, itself ModelOpt's NVFP4QTensor), so
+ * the bytes are identical. No Python objects cross this boundary: callers pass raw pointers through
+ * ctypes, which releases the GIL, and split rows between threads.
+ *
+ * Build: compiled by setup.py as an optional extension; without a C compiler the package falls back to
+ * the torch reference codec. Must be compiled without -ffast-math: IEEE division and NaN rules matter.
+ */
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { SRC_BF16 = 0, SRC_F16 = 1, SRC_F32 = 2 };
+
+static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+static float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0) return bits_to_float(sign);
+        float v = (float)man * 5.9604644775390625e-08f; /* man * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+/* The 127 finite non-negative float8_e4m3fn values, by bit pattern. */
+static float e4m3_value[128];
+static int e4m3_ready = 0;
+
+static void init_e4m3(void) {
+    for (int c = 0; c < 127; c++) {
+        int exp = c >> 3, man = c & 7;
+        e4m3_value[c] = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);
+    }
+    e4m3_value[127] = NAN;
+    e4m3_ready = 1;
+}
+
+/* float32 in [2^-9, 448] (or NaN) -> e4m3fn bits, round to nearest, ties to even: the same result as
+ * torch's float -> float8_e4m3fn cast of a value already clamped to that range. */
+static inline uint8_t to_e4m3(float x) {
+    if (x != x) return 0x7F;
+    uint32_t bits = float_to_bits(x);
+    int exp = (int)(bits >> 23) - 127;
+    if (exp < -6) { /* subnormal e4m3: k * 2^-9, k = RNE(x * 2^9) in [1, 8]; the scaling is exact */
+        return (uint8_t)(int)rintf(x * 512.0f); /* k == 8 is code 8, the smallest normal, 2^-6 */
+    }
+    uint32_t man = bits & 0x7FFFFF, top = man >> 20, rest = man & 0xFFFFF;
+    top += (rest > 0x80000u) | ((rest == 0x80000u) & top);
+    uint32_t code = ((uint32_t)(exp + 7) << 3) + top; /* a mantissa carry moves into the exponent */
+    return (uint8_t)(code > 126 ? 126 : code);
+}
+
+/* Rows are processed in stages over small per-row buffers, each a simple loop the compiler turns into
+ * vector instructions (true IEEE divisions included); only the block-scale rounding is scalar, once per
+ * 16 weights. */
+#define MAX_COLS_CHUNK 4096
+
+static inline __attribute__((always_inline)) void quantize_span(const float *x, int64_t n, float weight_scale_2, float six_ws2, uint8_t *packed,
+                          uint8_t *scales) {
+    /* n is a multiple of 16 and at most MAX_COLS_CHUNK */
+    uint32_t absbits[MAX_COLS_CHUNK];
+    float divisor[MAX_COLS_CHUNK / 16];
+    int32_t code[MAX_COLS_CHUNK];
+    const int64_t nb = n / 16;
+    for (int64_t j = 0; j < n; j++) absbits[j] = float_to_bits(x[j]) & 0x7FFFFFFFu;
+    for (int64_t b = 0; b < nb; b++) {
+        /* For non-NaN floats the order of |x| is the order of its bits; NaN bits sort above infinity. */
+        uint32_t m = 0;
+        for (int i = 0; i < 16; i++) m = absbits[b * 16 + i] > m ? absbits[b * 16 + i] : m;
+        float amax = m > 0x7F800000u ? NAN : bits_to_float(m);
+        float s = amax / six_ws2;
+        if (s == 0.0f) s = 1.0f;
+        if (s == s) s = s < 0.001953125f ? 0.001953125f : (s > 448.0f ? 448.0f : s);
+        uint8_t s8 = to_e4m3(s);
+        scales[b] = s8;
+        divisor[b] = e4m3_value[s8] * weight_scale_2;
+    }
+    float q[MAX_COLS_CHUNK];
+    for (int64_t j = 0; j < n; j++) q[j] = x[j] / divisor[j >> 4];
+    for (int64_t j = 0; j < n; j++) {
+        const float v = q[j], a = fabsf(v);
+        int32_t c = (int32_t)(a > 0.25f) + (int32_t)(a >= 0.75f) + (int32_t)(a > 1.25f) + (int32_t)(a >= 1.75f)
+                    + (int32_t)(a > 2.5f) + (int32_t)(a >= 3.5f) + (int32_t)(a > 5.0f);
+        c |= -(int32_t)(v != v) & 7; /* NaN compares false everywhere above, then saturates to 7 */
+        code[j] = c | ((int32_t)(v < 0.0f) << 3);
+    }
+    for (int64_t j = 0; j < n / 2; j++) packed[j] = (uint8_t)(code[2 * j] | (code[2 * j + 1] << 4));
+}
+
+/* Quantize rows [0, rows) of a row-major [rows, cols] tensor; cols % 16 == 0. On x86-64 the function is
+ * compiled twice, for AVX2 and for the baseline, and the loader picks what the CPU has. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void nvfp4_quantize_rows(const void *src, int src_type, int64_t rows, int64_t cols, float weight_scale_2,
+                         uint8_t *packed, uint8_t *scales) {
+    if (!e4m3_ready) init_e4m3();
+    const float six_ws2 = 6.0f * weight_scale_2;
+    float x[MAX_COLS_CHUNK];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c0 = 0; c0 < cols; c0 += MAX_COLS_CHUNK) {
+            const int64_t n = cols - c0 < MAX_COLS_CHUNK ? cols - c0 : MAX_COLS_CHUNK;
+            const int64_t off = r * cols + c0;
+            if (src_type == SRC_BF16) {
+                const uint16_t *p = (const uint16_t *)src + off;
+                for (int64_t j = 0; j < n; j++) x[j] = bf16_to_float(p[j]);
+            } else if (src_type == SRC_F16) {
+                const uint16_t *p = (const uint16_t *)src + off;
+                for (int64_t j = 0; j < n; j++) x[j] = f16_to_float(p[j]);
+            } else {
+                memcpy(x, (const float *)src + off, (size_t)n * sizeof(float));
+            }
+            quantize_span(x, n, weight_scale_2, six_ws2, packed + off / 2, scales + off / 16);
+        }
+    }
+}
+
+/* max(|max|, |min|) of n values as float32; NaN if any value is NaN. For every IEEE format the order of
+ * |x| over non-NaN values is the unsigned order of its bits with the sign cleared, and NaN patterns sort
+ * above infinity, so one integer max (a vector instruction) replaces two float reductions. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+float nvfp4_amax(const void *src, int src_type, int64_t n) {
+    if (src_type == SRC_F32) {
+        const uint32_t *p = (const uint32_t *)src;
+        uint32_t m = 0;
+        for (int64_t i = 0; i < n; i++) { uint32_t v = p[i] & 0x7FFFFFFFu; m = v > m ? v : m; }
+        return m > 0x7F800000u ? NAN : bits_to_float(m);
+    }
+    const uint16_t *p = (const uint16_t *)src;
+    uint16_t m = 0;
+    for (int64_t i = 0; i < n; i++) { uint16_t v = p[i] & 0x7FFFu; m = v > m ? v : m; }
+    if (src_type == SRC_BF16) return m > 0x7F80u ? NAN : bf16_to_float(m);
+    return m > 0x7C00u ? NAN : f16_to_float(m);
+}
+
+/* An importable module, so packaging treats this as an ordinary extension; the functions above are
+ * reached through ctypes. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nvfp4_cpu", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit__nvfp4_cpu(void) { return PyModule_Create(&module); }
