@@ -181,7 +181,7 @@ def _init_distributed(device: str | None) -> tuple[str | None, bool]:
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    return device, dist.get_rank() == 0
+    return device, True
 
 
 def _run_quantize(args, argv: list[str] | None) -> int:

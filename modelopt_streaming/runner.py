@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .codec import cpu_kernel, nvfp4
+from .codec import cpu_kernel, cuda_kernel, nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
 from .index import INDEX_FILE, CheckpointError, CheckpointIndex, build_index, header_digest, load_json
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
@@ -161,6 +161,8 @@ def select_codec(device: torch.device) -> _Codec:
     """The fused C kernel on the CPU when it was built, else the reference torch codec (CPU or CUDA)."""
     if device.type == "cpu" and cpu_kernel.available():
         return _Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
+    if device.type == "cuda" and cuda_kernel.available():
+        return _Codec(cuda_kernel.tensor_amax, cuda_kernel.quantize, "fused CUDA kernel (Triton)")
     return _Codec(nvfp4.tensor_amax, nvfp4.quantize, f"torch reference codec on {device.type}")
 
 

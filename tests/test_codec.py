@@ -4,7 +4,11 @@ import pytest
 import torch
 from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-from modelopt_streaming.codec import nvfp4
+from modelopt_streaming.codec import (
+    cpu_kernel,
+    cuda_kernel,  # interpreted on the CPU: conftest sets TRITON_INTERPRET
+    nvfp4,
+)
 
 
 def _cases():
@@ -50,10 +54,28 @@ def test_at_least_twenty_cases():
     assert len(CASES) >= 20
 
 
+def _fused_cpu(weight, scale_math):
+    assert cpu_kernel.available(), "the fused CPU kernel was not built (no C compiler at install?)"
+    scale_2 = nvfp4.weight_scale_2_from_amax(cpu_kernel.tensor_amax(weight), scale_math)
+    return (*cpu_kernel.quantize(weight, scale_2), scale_2)
+
+
+def _triton_interpreted(weight, scale_math):
+    """The CUDA kernel's arithmetic, run by Triton's interpreter on the CPU (the GPU run is in bench/)."""
+    scale_2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(weight), scale_math)
+    return (*cuda_kernel.quantize(weight, scale_2), scale_2)
+
+
+CODECS = {"reference": nvfp4.quantize_tensor, "fused_cpu": _fused_cpu, "triton_interpreted": _triton_interpreted}
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
 @pytest.mark.parametrize("name,weight", CASES, ids=[c[0] for c in CASES])
-def test_bytes_match_modelopt(name, weight):
+def test_bytes_match_modelopt(name, weight, codec):
+    if codec == "triton_interpreted" and weight.numel() > 1 << 20:
+        weight = weight[:64]  # the interpreter runs at numpy speed; the big shapes run on the GPU in bench/
     ref_q, ref_scale, ref_scale_2 = NVFP4QTensor.quantize(weight.clone(), 16)
-    packed, scale, scale_2 = nvfp4.quantize_tensor(weight, scale_math="cpu")
+    packed, scale, scale_2 = CODECS[codec](weight, "cpu")
     assert scale_2.dtype == torch.float32 and scale_2.shape == ()
     assert torch.equal(scale_2, ref_scale_2)
     assert scale.dtype == torch.float8_e4m3fn
@@ -150,3 +172,44 @@ def test_rejects_bad_shapes():
         nvfp4.quantize(torch.ones(4, 24), torch.tensor(1.0))
     with pytest.raises(ValueError, match="2-D"):
         nvfp4.quantize(torch.ones(2, 4, 16), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_cpu_amax_and_nonfinite(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 64, generator=g) * 7).to(dtype)
+    assert torch.equal(cpu_kernel.tensor_amax(w), nvfp4.tensor_amax(w))
+    w[5, 5] = float("inf")
+    assert cpu_kernel.tensor_amax(w).item() == float("inf")
+    w[7, 7] = float("nan")
+    assert torch.isnan(cpu_kernel.tensor_amax(w))
+    # With non-finite values allowed, the bytes still follow the reference codec.
+    s2 = torch.tensor(0.01)
+    for impl in (cpu_kernel.quantize, cuda_kernel.quantize):
+        packed, scale = impl(w[:16], s2)
+        ref_packed, ref_scale = nvfp4.quantize(w[:16], s2)
+        assert torch.equal(packed, ref_packed) and torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+
+
+def test_every_e4m3_rounding_boundary():
+    """Block scales at every E4M3 value and every midpoint between neighbours (the ties), and just
+    beside them: all three codecs round exactly as torch's float8 cast."""
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (codes[:-1] + codes[1:]) / 2
+    targets = torch.cat(
+        [codes, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9))]
+    )
+    targets = targets[(targets >= 2**-9) & (targets <= 448)]
+    # One block per target: its amax is target * 6 * ws2 with ws2 = 1, so the block scale is the target.
+    w = torch.zeros(len(targets), 16)
+    w[:, 0] = targets * 6
+    w[:, 1] = -targets  # a second, smaller value exercises the E2M1 grid too
+    s2 = torch.tensor(1.0)
+    ref_packed, ref_scale = nvfp4.quantize(w, s2)
+    assert torch.equal(
+        ref_scale.view(torch.uint8), (w[:, 0] / 6).to(torch.float8_e4m3fn).view(torch.uint8).unsqueeze(1)
+    )
+    for impl in (cpu_kernel.quantize, cuda_kernel.quantize):
+        packed, scale = impl(w, s2)
+        assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+        assert torch.equal(packed, ref_packed)

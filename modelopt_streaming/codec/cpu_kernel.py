@@ -45,7 +45,11 @@ def available() -> bool:
 
 
 def threads() -> int:
-    return int(os.environ.get("MODELOPT_STREAMING_THREADS", 0)) or len(os.sched_getaffinity(0))
+    """Codec threads: MODELOPT_STREAMING_THREADS, else this process's share of the CPUs (torchrun starts
+    LOCAL_WORLD_SIZE processes on one host)."""
+    explicit = int(os.environ.get("MODELOPT_STREAMING_THREADS", 0))
+    share = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return explicit or max(1, share)
 
 
 @cache

@@ -58,7 +58,11 @@ def _block_scales(blocks: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.T
     block_amax = torch.maximum(blocks.amax(-1).abs(), blocks.amin(-1).abs()).float()
     scale = block_amax / (E2M1_MAX * weight_scale_2)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale.clamp(min=E4M3_MIN_SCALE, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    bits = scale.clamp(min=E4M3_MIN_SCALE, max=E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    # A block holding NaN (only with --allow_nonfinite) gets a NaN scale; its sign bit depends on how the
+    # device made the NaN, so every codec writes the one pattern 0x7F and the bytes agree across devices.
+    bits = torch.where(bits == 0xFF, torch.full_like(bits, 0x7F), bits)
+    return bits.view(torch.float8_e4m3fn)
 
 
 def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
