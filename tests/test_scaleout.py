@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from checkpoints import make_model_checkpoint
 
 
 def tree(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,23 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    r = subprocess.run([sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir",
-                        out, "--max_shard_size", "30KB", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            out,
+            "--max_shard_size",
+            "30KB",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     files = tree(out)
     assert sum(f.startswith("model-") for f in files) >= 6
@@ -34,8 +49,23 @@ def single(src, tmp_path_factory):
 
 def test_reference_codec_gives_the_same_files(src, single, tmp_path):
     env = {**os.environ, "MODELOPT_STREAMING_CODEC": "reference"}
-    r = subprocess.run([sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir",
-                        tmp_path / "out", "--max_shard_size", "30KB"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            tmp_path / "out",
+            "--max_shard_size",
+            "30KB",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "codec: torch reference codec on cpu" in r.stderr
     assert tree(tmp_path / "out") == single
@@ -43,10 +73,32 @@ def test_reference_codec_gives_the_same_files(src, single, tmp_path):
 
 def test_torchrun_two_processes_gives_the_same_files(src, single, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29517", "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir",
-                        tmp_path / "out", "--max_shard_size", "30KB", "--device", "cpu"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            tmp_path / "out",
+            "--max_shard_size",
+            "30KB",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert tree(tmp_path / "out") == single
     assert r.stdout.count("wrote ") == 1  # rank 0 alone reports
@@ -55,16 +107,52 @@ def test_torchrun_two_processes_gives_the_same_files(src, single, tmp_path):
 def test_torchrun_resume_after_one_run(src, single, tmp_path):
     """A torchrun job resumes a directory a single process left half-done, with the same result."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir",
-                        out, "--max_shard_size", "30KB", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            out,
+            "--max_shard_size",
+            "30KB",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0
     for p in sorted(out.glob("model-*.safetensors"))[::2]:
         p.unlink()
     (out / "hf_quant_config.json").unlink()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29518", "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir", out,
-                        "--max_shard_size", "30KB", "--resume"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29518",
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            out,
+            "--max_shard_size",
+            "30KB",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert tree(out) == single
