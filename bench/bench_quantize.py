@@ -26,17 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import synthetic_checkpoint as synth  # noqa: E402
 
-CHILD = """
-import json, sys, time
-import modelopt_streaming
-t = time.perf_counter()
-s = modelopt_streaming.quantize(sys.argv[1], sys.argv[2], progress="none", log=lambda *_: None,
-                                device=sys.argv[3], mlp_only=sys.argv[4] == "mlp")
-wall = time.perf_counter() - t
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"wall": wall, "peak_mb": int(hwm.split()[1]) / 1024, "input_bytes": s.input_bytes,
-                  "output_bytes": s.output_bytes, "groups": s.fused_groups}))
-"""
+CHILD = str(Path(__file__).with_name("quantize_child.py"))
 
 
 def drop_cache(paths: list[Path]) -> None:
@@ -83,12 +73,59 @@ def modelopt_sample(src: Path, budget_bytes: int) -> tuple[float, int]:
     return seconds, done
 
 
-def run_tool(src: Path, out: Path, device: str, scope: str) -> dict:
+def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
+    """``run``: cpu, cuda, or torchrunN (N processes, one GPU each when CUDA is there)."""
     shutil.rmtree(out, ignore_errors=True)
-    r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(out), device, scope], capture_output=True, text=True, check=True
-    )
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    if run.startswith("torchrun"):
+        n = int(run[len("torchrun") :])
+        device = "cuda" if torch_cuda() else "cpu"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n),
+            CHILD,
+            str(src),
+            str(out),
+            device,
+            scope,
+        ]
+    else:
+        cmd = [sys.executable, CHILD, str(src), str(out), run, scope]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"{run} failed:\n{r.stderr[-3000:]}")
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    first = next(x for x in lines if x["rank"] == 0)
+    return {
+        **first,
+        "wall": wall if run.startswith("torchrun") else first["wall"],
+        "peak_mb": max(x["peak_mb"] for x in lines),
+        "processes": len(lines),
+    }
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def tree_hashes(d: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(64 << 20):
+                    h.update(chunk)
+            out[str(p.relative_to(d))] = h.hexdigest()
+    return out
 
 
 def main() -> None:
@@ -96,7 +133,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/msbench")
     ap.add_argument("--experts", type=int, default=24, help="routed experts in the MoE layer (24: ~5 GB)")
     ap.add_argument("--layouts", default="sharded,single", help="sharded (1 GB shards), single (one shard)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runs", default="cpu", help="comma list of cpu, cuda, torchrunN; outputs are compared")
+    ap.add_argument(
+        "--cache",
+        default="cold",
+        choices=["cold", "warm"],
+        help="drop the input from the page cache before each timed read (cold) or read it once first (warm)",
+    )
+    ap.add_argument("--skip_modelopt", action="store_true")
     ap.add_argument("--scope", default="all", choices=["all", "mlp"])
     ap.add_argument("--modelopt_gb", type=float, default=1.0, help="bytes of weights to time ModelOpt on")
     args = ap.parse_args()
@@ -111,37 +155,61 @@ def main() -> None:
             synth.write(src, shape, shard_size=10**9 if layout == "sharded" else 10**12)
         files = sorted(src.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in files)
-        drop_cache(files)
+        if args.cache == "cold":
+            drop_cache(files)
         read_s, read_bytes = raw_read(files)
-        drop_cache(files)
-        tool = run_tool(src, work / "out", args.device, args.scope)
-        rows.append(
-            {
-                "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)",
-                "input_gb": size / 1e9,
-                "raw_read_mbs": read_bytes / 1e6 / read_s,
-                "tool_s": tool["wall"],
-                "tool_mbs": tool["input_bytes"] / 1e6 / tool["wall"],
-                "peak_rss_mb": tool["peak_mb"],
-                "groups": tool["groups"],
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    mo_s, mo_bytes = modelopt_sample(src, int(args.modelopt_gb * 1e9))
-    mo_mbs = mo_bytes / 1e6 / mo_s
+        first_hashes = None
+        for run in args.runs.split(","):
+            if args.cache == "cold":
+                drop_cache(files)
+            out = work / f"out-{run}"
+            tool = run_tool(src, out, run, args.scope)
+            hashes = tree_hashes(out)
+            identical = None if first_hashes is None else hashes == first_hashes
+            first_hashes = first_hashes or hashes
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append(
+                {
+                    "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)",
+                    "run": run,
+                    "input_gb": size / 1e9,
+                    "raw_read_mbs": read_bytes / 1e6 / read_s,
+                    "tool_s": tool["wall"],
+                    "tool_mbs": tool["input_bytes"] / 1e6 / tool["wall"],
+                    "peak_rss_mb": tool["peak_mb"],
+                    "groups": tool["groups"],
+                    "identical_to_first_run": identical,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    mo_mbs = None
+    if not args.skip_modelopt:
+        mo_s, mo_bytes = modelopt_sample(src, int(args.modelopt_gb * 1e9))
+        mo_mbs = mo_bytes / 1e6 / mo_s
 
     print(
-        f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | device {args.device} | "
-        f"experts {args.experts} | scope {args.scope}"
+        f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | runs {args.runs} | "
+        f"experts {args.experts} | scope {args.scope} | cache {args.cache}"
     )
-    print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights: {mo_mbs:.0f} MB/s\n")
-    print("| input | size GB | raw read MB/s (cold) | modelopt-streaming s | MB/s | x ModelOpt | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    if mo_mbs:
+        print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights (CPU): {mo_mbs:.0f} MB/s")
+    print(
+        "\n| input | run | size GB | raw read MB/s | modelopt-streaming s | MB/s | x raw read | x ModelOpt "
+        "| peak RSS MB | same bytes as first run |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        xmo = f"{r['tool_mbs'] / mo_mbs:.1f}" if mo_mbs else "-"
+        same = {None: "(first)", True: "yes", False: "NO"}[r["identical_to_first_run"]]
         print(
-            f"| {r['layout']} | {r['input_gb']:.2f} | {r['raw_read_mbs']:.0f} | {r['tool_s']:.1f} | "
-            f"{r['tool_mbs']:.0f} | {r['tool_mbs'] / mo_mbs:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['layout']} | {r['run']} | {r['input_gb']:.2f} | {r['raw_read_mbs']:.0f} | {r['tool_s']:.1f} | "
+            f"{r['tool_mbs']:.0f} | {r['tool_mbs'] / r['raw_read_mbs']:.2f} | {xmo} | {r['peak_rss_mb']:.0f} "
+            f"| {same} |"
         )
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_quantize.json").write_text(json.dumps(rows, indent=2))
+    if any(r["identical_to_first_run"] is False for r in rows):
+        raise SystemExit("outputs differ between runs")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,9 @@ def _write_shard(
                 meter.advance(nbytes, stats)
                 continue
             t = time.perf_counter()
+            if device.type == "cuda":
+                for member in data:  # made on the copy stream, used and freed on this one
+                    member.record_stream(torch.cuda.current_stream(device))
             encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root)
             del data
             stats.compute_s += time.perf_counter() - t
