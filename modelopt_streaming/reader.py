@@ -1,20 +1,17 @@
 """Reader: the bytes of one tensor at a time, straight from its byte range.
 
-Knows files and dtypes, nothing of quantization. It reads with ``readinto`` into a buffer the size
-of the tensor (or of one chunk, for copies), never maps or loads a whole shard, so the resident
+Knows files and dtypes, nothing of quantization. It reads with ``readinto`` into a fresh buffer the
+size of the tensor (or of one chunk, for copies), never maps or loads a whole shard, so the resident
 memory is what the caller holds, not what the page cache has seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .index import DTYPES, CheckpointError, TensorInfo
-
-COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 class TensorReader:
@@ -63,17 +60,6 @@ class TensorReader:
         buf = bytearray(nbytes)
         self._read_into(info, offset, memoryview(buf))
         return buf
-
-    def iter_chunks(self, info: TensorInfo, chunk_bytes: int = COPY_CHUNK_BYTES) -> Iterator[memoryview]:
-        """The tensor's raw bytes in bounded chunks, for tensors that are copied unchanged.
-
-        The same buffer is reused: consume each chunk before asking for the next.
-        """
-        buf = memoryview(bytearray(min(chunk_bytes, max(1, info.nbytes))))
-        for offset in range(0, info.nbytes, chunk_bytes):
-            n = min(chunk_bytes, info.nbytes - offset)
-            self._read_into(info, offset, buf[:n])
-            yield buf[:n]
 
     def close(self) -> None:
         for f in self._files.values():

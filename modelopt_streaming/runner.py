@@ -44,6 +44,7 @@ class Summary:
     output_bytes: int
     shards: int
     seconds: float = 0.0
+    stages: str = ""
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -61,7 +62,10 @@ class Summary:
         )
         if self.seconds:
             rate = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
-            out.append(f"time: {self.seconds:.1f} s, {rate:.0f} MB/s of input")
+            out.append(
+                f"time: {self.seconds:.1f} s, {rate:.0f} MB/s of input"
+                + (f" (busy stages: {self.stages})" if self.stages else "")
+            )
         return out
 
 
@@ -411,6 +415,7 @@ def quantize(
             ) from None
     _barrier(world)
     summary.seconds = time.monotonic() - started
+    summary.stages = stats.line()
     return summary
 
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,34 @@ def partial_name(file_name: str) -> str:
     return f".{file_name}.partial"
 
 
+class _Sha256Thread:
+    """sha256 of the bytes written, computed on its own thread (hashlib releases the GIL), so hashing and
+    writing overlap instead of adding up."""
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (data := self.q.get()) is not None:
+            self.sha.update(data)
+
+    def update(self, data) -> None:
+        self.q.put(data)
+
+    def hexdigest(self) -> str:
+        self.q.put(None)
+        self.thread.join()
+        return self.sha.hexdigest()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+
 class ShardWriter:
     """Writes one shard: ``write`` each tensor in the declared order, then ``close`` (or ``abort``)."""
 
@@ -58,7 +88,7 @@ class ShardWriter:
         self.tensors = list(tensors)
         self._next = 0
         self._remaining = 0
-        self._sha = hashlib.sha256()
+        self._sha = _Sha256Thread()
         self._tmp = self.directory / partial_name(file_name)
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close/abort
         self._emit(encode_header(self.tensors))
@@ -113,6 +143,7 @@ class ShardWriter:
         }
 
     def abort(self) -> None:
+        self._sha.stop()
         if not self._f.closed:
             self._f.close()
         self._tmp.unlink(missing_ok=True)
