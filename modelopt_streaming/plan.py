@@ -132,7 +132,7 @@ class Shard:
 
     @property
     def input_bytes(self) -> int:
-        return sum(src.nbytes for u in self.units for src in _unit_sources(u))
+        return sum(src.nbytes for u in self.units for src in unit_sources(u))
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Plan:
 
     @property
     def input_bytes(self) -> int:
-        return sum(src.nbytes for u in self.units for src in _unit_sources(u))
+        return sum(src.nbytes for u in self.units for src in unit_sources(u))
 
     def fused_group_counts(self) -> dict[str, int]:
         counts = Counter(u.fusion for u in self.units if isinstance(u, QuantizeUnit) and u.fusion)
@@ -168,7 +168,7 @@ class Plan:
         return {t.name: s.file for s in self.shards for t in s.outputs}
 
 
-def _unit_sources(unit: Unit) -> tuple[TensorInfo, ...]:
+def unit_sources(unit: Unit) -> tuple[TensorInfo, ...]:
     return (unit.source,) if isinstance(unit, CopyUnit) else unit.sources
 
 

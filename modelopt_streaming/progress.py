@@ -22,6 +22,12 @@ class Progress:
 
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize")
 
+    def set_total(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        if self._bar is not None:
+            self._bar.total = total_bytes
+            self._bar.refresh()
+
     def advance(self, nbytes: int, stages=None) -> None:
         """``stages`` (a pipeline.Throughput) adds the read, compute and write rates to the line."""
         self.done += nbytes

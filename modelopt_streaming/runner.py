@@ -18,10 +18,10 @@ from .export import compact_exclusions, copy_side_files, hf_quant_config, model_
 from .index import INDEX_FILE, CheckpointError, CheckpointIndex, build_index, header_digest, load_json
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
 from .pipeline import BackgroundWriter, Throughput, read_ahead
-from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan
+from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
 from .progress import Progress
 from .reader import TensorReader
-from .writer import ShardWriter, TensorSpec, write_json_atomic
+from .writer import PositionalShardWriter, ShardWriter, TensorSpec, write_json_atomic
 
 PROVENANCE_FILE = "modelopt_streaming.json"
 
@@ -229,10 +229,10 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _shard_reads(shard: Shard) -> list[tuple[Unit, int, int]]:
-    """What to read for a shard, in order: each quantize unit whole, copies in bounded chunks."""
+def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
+    """What to read, in order: each quantize unit whole, copies in bounded chunks."""
     items = []
-    for unit in shard.units:
+    for unit in units:
         if isinstance(unit, CopyUnit):
             n = unit.source.nbytes
             items += [(unit, off, min(COPY_CHUNK_BYTES, n - off)) for off in range(0, n, COPY_CHUNK_BYTES)]
@@ -243,26 +243,26 @@ def _shard_reads(shard: Shard) -> list[tuple[Unit, int, int]]:
     return items
 
 
-def _write_shard(
-    shard: Shard,
+def _stream_units(
+    units: list[Unit],
+    sink_of,
     reader: TensorReader,
-    output_dir: Path,
     device: torch.device,
     codec: _Codec,
     recipe: Recipe,
     allow_nonfinite: bool,
     meter: Progress,
     stats: Throughput,
-) -> dict:
-    writer = ShardWriter(output_dir, shard.file, [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs])
+) -> None:
+    """Read, encode and hand to ``sink_of(unit)`` (a writer: begin / write_bytes / write) every unit, with
+    reading, computing and writing overlapped."""
     background = BackgroundWriter(stats)
-    pin = device.type == "cuda"
 
     def load(item: tuple[Unit, int, int]):
         unit, offset, nbytes = item
         if isinstance(unit, CopyUnit):
             return reader.read_chunk(unit.source, offset, nbytes)
-        members = [reader.read(src, pin_memory=pin) for src in unit.sources]
+        members = [reader.read(src, pin_memory=device.type == "cuda") for src in unit.sources]
         if device.type == "cuda":
             # Copy on a side stream from page-locked memory while the codec works on the previous unit.
             stream = _copy_stream(device)
@@ -273,13 +273,14 @@ def _write_shard(
 
     try:
         for (unit, offset, nbytes), data in read_ahead(
-            _shard_reads(shard), load, lambda i: i[2], READ_AHEAD_BYTES, stats
+            _unit_reads(units), load, lambda i: i[2], READ_AHEAD_BYTES, stats
         ):
+            sink = sink_of(unit)
             if isinstance(unit, CopyUnit):
                 if offset == 0:
-                    background.submit(writer.begin, unit.source.name)
+                    background.submit(sink.begin, unit.source.name)
                 if nbytes:
-                    background.submit(writer.write_bytes, data, nbytes=nbytes)
+                    background.submit(sink.write_bytes, data, nbytes=nbytes)
                 meter.advance(nbytes, stats)
                 continue
             t = time.perf_counter()
@@ -290,15 +291,54 @@ def _write_shard(
             del data
             stats.compute_s += time.perf_counter() - t
             for name, tensor in encoded:
-                background.submit(writer.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
+                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
             meter.advance(nbytes, stats)
         background.close()
-        return writer.close()
     except BaseException:
         with contextlib.suppress(BaseException):  # the first error is the one to report
             background.close()
-        writer.abort()
         raise
+
+
+def _specs(shard: Shard) -> list[TensorSpec]:
+    return [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
+
+
+def _write_shards_streaming(todo: list[Shard], state: OutputState, reader: TensorReader, **kw) -> None:
+    """One process: each shard streamed front to back, hashed on the way, renamed when whole."""
+    for shard in todo:
+        writer = ShardWriter(state.dir, shard.file, _specs(shard))
+        try:
+            _stream_units(list(shard.units), lambda _unit, w=writer: w, reader, **kw)
+            state.record(writer.close())
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _write_shards_distributed(
+    todo: list[Shard], state: OutputState, reader: TensorReader, rank: int, world: int, **kw
+) -> None:
+    """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes every
+    world-th unit at the unit's planned offsets, so the work splits evenly whatever the shard count; then
+    rank 0 hashes, renames and records each shard. The bytes are those of a single process."""
+    if rank == 0:
+        for shard in todo:
+            PositionalShardWriter.create(state.dir, shard.file, _specs(shard))
+    _barrier(world)
+    writers = {shard.file: PositionalShardWriter(state.dir, shard.file, _specs(shard)) for shard in todo}
+    shard_of = {id(u): shard.file for shard in todo for u in shard.units}
+    mine = [u for i, u in enumerate(u for shard in todo for u in shard.units) if i % world == rank]
+    kw["meter"].set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
+    try:
+        _stream_units(mine, lambda unit: writers[shard_of[id(unit)]], reader, **kw)
+    finally:
+        for w in writers.values():
+            w.close()
+    _barrier(world)
+    if rank == 0:
+        for shard in todo:
+            state.record(writers[shard.file].finish())
 
 
 _COPY_STREAMS: dict = {}
@@ -376,7 +416,7 @@ def quantize(
     _on_rank0(rank, world, lambda: state.prepare(fp, planned, resume, verify, overwrite))
     _barrier(world)
     done = state.records()
-    todo = [s for i, s in enumerate(plan.shards) if i % world == rank and s.file not in done]
+    todo = [s for s in plan.shards if s.file not in done]
     if done:
         log(
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
@@ -395,8 +435,11 @@ def quantize(
     meter = Progress(sum(s.input_bytes for s in todo), mode=progress if rank == 0 else "none", log=log)
     try:
         with TensorReader(input_dir) as reader:
-            for shard in todo:
-                state.record(_write_shard(shard, reader, output_dir, dev, codec, recipe, allow_nonfinite, meter, stats))
+            kw = dict(device=dev, codec=codec, recipe=recipe, allow_nonfinite=allow_nonfinite, meter=meter, stats=stats)
+            if world == 1:
+                _write_shards_streaming(todo, state, reader, **kw)
+            else:
+                _write_shards_distributed(todo, state, reader, rank, world, **kw)
     except OSError as e:
         where = e.filename or output_dir
         raise OutputError(

@@ -149,6 +149,86 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+class PositionalShardWriter:
+    """Writes tensors of one shard at their planned offsets, in any order, from several processes.
+
+    ``create`` (once) writes the header and sizes the file; each process then opens it and ``write``s its
+    tensors with ``pwrite``; ``finish`` (once, after all) fsyncs, hashes the file and renames it. Same
+    interface as ShardWriter for the tensors (begin / write_bytes / write), same bytes.
+    """
+
+    def __init__(self, directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]):
+        self.directory = Path(directory)
+        self.file_name = file_name
+        self.tensors = list(tensors)
+        header = encode_header(self.tensors)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = len(header)
+        for t in self.tensors:
+            self.offsets[t.name] = (pos, t.nbytes)
+            pos += t.nbytes
+        self.size = pos
+        self._specs = {t.name: t for t in self.tensors}
+        self._tmp = self.directory / partial_name(file_name)
+        self._fd = os.open(self._tmp, os.O_WRONLY)
+        self._cursor = self._end = 0
+
+    @staticmethod
+    def create(directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]) -> None:
+        header = encode_header(list(tensors))
+        size = len(header) + sum(t.nbytes for t in tensors)
+        with open(Path(directory) / partial_name(file_name), "wb") as f:
+            f.write(header)
+            f.truncate(size)
+
+    def begin(self, name: str) -> None:
+        if self._cursor != self._end:
+            raise RuntimeError(f"{self.file_name}: previous tensor incomplete before {name}")
+        self._cursor, n = self.offsets[name]
+        self._end = self._cursor + n
+
+    def write_bytes(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self._cursor + len(view) > self._end:
+            raise RuntimeError(f"{self.file_name}: more bytes than declared")
+        while view:
+            n = os.pwrite(self._fd, view, self._cursor)
+            self._cursor += n
+            view = view[n:]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._specs.get(name)
+        if spec is None or DTYPE_NAMES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"{self.file_name}: {name} {tensor.dtype} {tuple(tensor.shape)} is not in the layout")
+        self.begin(name)
+        if tensor.numel():
+            self.write_bytes(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def finish(self) -> dict:
+        """Hash the whole file, rename it to its final name; the manifest record of the shard."""
+        self.close()
+        sha = hashlib.sha256()
+        with open(self._tmp, "rb", buffering=0) as f:
+            while chunk := f.read(16 << 20):
+                sha.update(chunk)
+        if self._tmp.stat().st_size != self.size:
+            raise RuntimeError(f"{self._tmp}: size {self._tmp.stat().st_size}, planned {self.size}")
+        os.replace(self._tmp, self.directory / self.file_name)
+        _fsync_dir(self.directory)
+        return {
+            "file": self.file_name,
+            "size": self.size,
+            "sha256": sha.hexdigest(),
+            "tensors": [t.name for t in self.tensors],
+        }
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -156,3 +156,42 @@ def test_torchrun_resume_after_one_run(src, single, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert tree(out) == single
+
+
+def test_torchrun_splits_units_inside_one_shard(src, tmp_path):
+    """One output shard and two ranks: each rank writes every other unit at its planned offset."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir", one, "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(list(one.glob("model-*.safetensors"))) == 1
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29519",
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            src,
+            "--output_dir",
+            two,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert tree(two) == tree(one)
