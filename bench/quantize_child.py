@@ -24,6 +24,7 @@ print(
             "peak_mb": int(hwm.split()[1]) / 1024,
             "input_bytes": s.input_bytes,
             "output_bytes": s.output_bytes,
+            "stages": s.stages,
             "groups": s.fused_groups,
         }
     ),

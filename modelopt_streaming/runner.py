@@ -319,16 +319,16 @@ def _write_shards_streaming(todo: list[Shard], state: OutputState, reader: Tenso
 def _write_shards_distributed(
     todo: list[Shard], state: OutputState, reader: TensorReader, rank: int, world: int, **kw
 ) -> None:
-    """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes every
-    world-th unit at the unit's planned offsets, so the work splits evenly whatever the shard count; then
-    rank 0 hashes, renames and records each shard. The bytes are those of a single process."""
+    """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
+    the units at their planned offsets, so the work splits evenly whatever the shard count; then the ranks
+    hash, rename and record the shards between them. The bytes are those of a single process."""
     if rank == 0:
         for shard in todo:
             PositionalShardWriter.create(state.dir, shard.file, _specs(shard))
     _barrier(world)
     writers = {shard.file: PositionalShardWriter(state.dir, shard.file, _specs(shard)) for shard in todo}
     shard_of = {id(u): shard.file for shard in todo for u in shard.units}
-    mine = [u for i, u in enumerate(u for shard in todo for u in shard.units) if i % world == rank]
+    mine = _contiguous_share([u for shard in todo for u in shard.units], rank, world)
     kw["meter"].set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
     try:
         _stream_units(mine, lambda unit: writers[shard_of[id(unit)]], reader, **kw)
@@ -336,9 +336,24 @@ def _write_shards_distributed(
         for w in writers.values():
             w.close()
     _barrier(world)
-    if rank == 0:
-        for shard in todo:
+    for i, shard in enumerate(todo):  # hashing and renaming is shared out too
+        if i % world == rank:
             state.record(writers[shard.file].finish())
+
+
+def _contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """This rank's run of consecutive units, balanced by source bytes: each rank reads one region of the
+    input front to back, which disks prefer to interleaved reads."""
+    sizes = [sum(src.nbytes for src in unit_sources(u)) for u in units]
+    total = sum(sizes) or 1
+    lo, hi = total * rank / world, total * (rank + 1) / world
+    out, pos = [], 0
+    for unit, size in zip(units, sizes):
+        middle = pos + size / 2
+        if lo <= middle < hi or (rank == world - 1 and middle >= hi):
+            out.append(unit)
+        pos += size
+    return out
 
 
 _COPY_STREAMS: dict = {}
