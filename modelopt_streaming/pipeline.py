@@ -105,7 +105,7 @@ def read_ahead(
 class BackgroundWriter:
     """Runs ``write(*args)`` calls in order on one thread; at most ``depth`` calls wait in the queue."""
 
-    def __init__(self, stats: Throughput, depth: int = 4):
+    def __init__(self, stats: Throughput, depth: int = 3):
         self.stats = stats
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None

@@ -148,9 +148,9 @@ def _recipe_dict(recipe: Recipe) -> dict:
     return d
 
 
-# Source bytes read ahead of the codec: one dense DeepSeek-V3 gate/up group (528 MB) plus the next weight
-# fit, and peak memory stays well under 1.5 GB; a group larger than this still runs, one at a time.
-READ_AHEAD_BYTES = 768 * 1024 * 1024
+# Source bytes read ahead of the codec: a dense DeepSeek-V3 gate/up group (528 MB) and the weight after
+# it fit, and peak memory stays under 1.5 GB; a group larger than this still runs, one at a time.
+READ_AHEAD_BYTES = 640 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 

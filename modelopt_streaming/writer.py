@@ -57,7 +57,7 @@ class _Sha256Thread:
 
     def __init__(self):
         self.sha = hashlib.sha256()
-        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.q: queue.Queue = queue.Queue(maxsize=4)
         self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self.thread.start()
 
