@@ -43,6 +43,7 @@ class Summary:
     input_bytes: int
     output_bytes: int
     shards: int
+    exclude_modules: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stages: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -57,6 +58,9 @@ class Summary:
             f"unquantized Linear modules: {self.unquantized_modules}",
         ]
         out += [f"  {reason}: {n}" for reason, n in self.unquantized_by_reason.items()]
+        if self.exclude_modules:
+            shown = ", ".join(self.exclude_modules[:12]) + (" ..." if len(self.exclude_modules) > 12 else "")
+            out.append(f"exclude_modules ({len(self.exclude_modules)} entries): {shown}")
         out.append(
             f"output: {self.shards} shard(s), {self.output_bytes / gb:.3f} GB (input {self.input_bytes / gb:.3f} GB)"
         )
@@ -416,6 +420,7 @@ def quantize(
     plan = build_plan(index, recipe)
     exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
+    summary.exclude_modules = exclude_modules
     rank, world = _distributed()
     if rank != 0:
         log = _silent

@@ -230,6 +230,24 @@ CASES = {
 }
 
 
+def quantize_cli(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            str(src),
+            "--output_dir",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
+
+
 def hashes(d: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
@@ -244,11 +262,7 @@ def test_hostile_input(case, tmp_path):
     expect = CASES[case](src)
     before = hashes(src)
     out = tmp_path / "out"
-    r = subprocess.run(
-        [sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir", out],
-        capture_output=True,
-        text=True,
-    )
+    r = quantize_cli(src, out)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -264,22 +278,7 @@ def test_hostile_input(case, tmp_path):
 def test_nonfinite_allowed_on_request(tmp_path):
     src = good_checkpoint(tmp_path / "src")
     _nan_weight(src)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            tmp_path / "out",
-            "--allow_nonfinite",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = quantize_cli(src, tmp_path / "out", "--allow_nonfinite", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "hf_quant_config.json").exists()
 
@@ -287,19 +286,5 @@ def test_nonfinite_allowed_on_request(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     src = good_checkpoint(tmp_path / "src")
     _missing_shard(src)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            tmp_path / "out",
-            "--debug",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = quantize_cli(src, tmp_path / "out", "--debug")
     assert r.returncode == 1 and "Traceback" in r.stderr

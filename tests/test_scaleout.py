@@ -10,6 +10,19 @@ import pytest
 from checkpoints import make_model_checkpoint
 
 
+def quantize_cli(src: Path, out: Path, *extra: str, torchrun_port: int | None = None, env=None):
+    """One run as a user types it: the console module, or under torchrun with two processes."""
+    args = ["-m", "modelopt_streaming", "quantize", "--input_dir", str(src), "--output_dir", str(out), *extra]
+    if torchrun_port:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(torchrun_port), *args]
+        env = {
+            k: v for k, v in (env or os.environ).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+        }
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 def tree(d: Path) -> dict[str, str]:
     return {
         str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
@@ -24,24 +37,7 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            out,
-            "--max_shard_size",
-            "30KB",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
+    quantize_cli(src, out, "--max_shard_size", "30KB", "--quiet")
     files = tree(out)
     assert sum(f.startswith("model-") for f in files) >= 6
     return files
@@ -49,57 +45,13 @@ def single(src, tmp_path_factory):
 
 def test_reference_codec_gives_the_same_files(src, single, tmp_path):
     env = {**os.environ, "MODELOPT_STREAMING_CODEC": "reference"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            tmp_path / "out",
-            "--max_shard_size",
-            "30KB",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr
+    r = quantize_cli(src, tmp_path / "out", "--max_shard_size", "30KB", env=env)
     assert "codec: torch reference codec on cpu" in r.stderr
     assert tree(tmp_path / "out") == single
 
 
 def test_torchrun_two_processes_gives_the_same_files(src, single, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29517",
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            tmp_path / "out",
-            "--max_shard_size",
-            "30KB",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = quantize_cli(src, tmp_path / "out", "--max_shard_size", "30KB", "--device", "cpu", torchrun_port=29517)
     assert tree(tmp_path / "out") == single
     assert r.stdout.count("wrote ") == 1  # rank 0 alone reports
 
@@ -107,91 +59,18 @@ def test_torchrun_two_processes_gives_the_same_files(src, single, tmp_path):
 def test_torchrun_resume_after_one_run(src, single, tmp_path):
     """A torchrun job resumes a directory a single process left half-done, with the same result."""
     out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            out,
-            "--max_shard_size",
-            "30KB",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0
+    quantize_cli(src, out, "--max_shard_size", "30KB", "--quiet")
     for p in sorted(out.glob("model-*.safetensors"))[::2]:
         p.unlink()
     (out / "hf_quant_config.json").unlink()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29518",
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            out,
-            "--max_shard_size",
-            "30KB",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    quantize_cli(src, out, "--max_shard_size", "30KB", "--resume", torchrun_port=29518)
     assert tree(out) == single
 
 
 def test_torchrun_splits_units_inside_one_shard(src, tmp_path):
-    """One output shard and two ranks: each rank writes every other unit at its planned offset."""
+    """One output shard and two ranks: each rank writes its share of the units at their planned offsets."""
     one, two = tmp_path / "one", tmp_path / "two"
-    r = subprocess.run(
-        [sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", src, "--output_dir", one, "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
+    quantize_cli(src, one, "--quiet")
     assert len(list(one.glob("model-*.safetensors"))) == 1
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29519",
-            "-m",
-            "modelopt_streaming",
-            "quantize",
-            "--input_dir",
-            src,
-            "--output_dir",
-            two,
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    quantize_cli(src, two, "--device", "cpu", torchrun_port=29519)
     assert tree(two) == tree(one)
