@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .writer import MANIFEST_FILE, partial_name, write_json_atomic
+from .writer import MANIFEST_FILE, write_json_atomic
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.
@@ -130,10 +130,6 @@ class OutputState:
         write_json_atomic(self.dir / MANIFEST_FILE, {"fingerprint": fingerprint, "complete": True, "shards": shards})
         shutil.rmtree(self.records_dir, ignore_errors=True)
         return shards
-
-
-def remove_partial(directory: Path, file_name: str) -> None:
-    (directory / partial_name(file_name)).unlink(missing_ok=True)
 
 
 def is_writable_location(path: Path) -> str | None:

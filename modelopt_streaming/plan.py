@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .codec.nvfp4 import BLOCK_SIZE
-from .index import FLOAT_DTYPES, CheckpointError, CheckpointIndex, TensorInfo
+from .formats import BLOCK_SIZE
+from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, TensorInfo
 
 Scope = Literal["all", "mlp", "experts"]
 
@@ -69,8 +69,6 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        from .index import DTYPES
-
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -181,14 +180,6 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
             for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
                 out[k] = sf.get_tensor(k)
     return out
-
-
-def as_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def numel(shape) -> int:
-    return math.prod(shape)
 
 
 def modelopt_export(src: Path, out: Path) -> Path:

@@ -11,13 +11,8 @@ from typing import Literal
 
 import torch
 
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
-BLOCK_SIZE = 16
-# Smallest E4M3 scale ModelOpt clamps to; below it block scales would underflow to zero.
-E4M3_MIN_SCALE = 2.0**-9
-# E2M1 magnitudes indexed by the low three bits of a nibble; bit 3 is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+from ..formats import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, E4M3_MIN_SCALE
+
 # Rounding thresholds between consecutive magnitudes. At a tie the even code wins: a value equal to
 # a threshold rounds down when the lower code is even (0.25, 1.25, 2.5, 5.0) and up when the upper
 # code is even (0.75, 1.75, 3.5).

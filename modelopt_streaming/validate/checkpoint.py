@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..index import DTYPES, INDEX_FILE, CheckpointError, TensorInfo, read_header
+from ..index import INDEX_FILE, CheckpointError, TensorInfo, read_header
 from ..reader import TensorReader
 
 MODELOPT = "modelopt"
@@ -205,10 +204,3 @@ class NVFP4Checkpoint:
 
     def close(self) -> None:
         self._reader.close()
-
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def dtype_bytes(dtype: str) -> int:
-    return DTYPES[dtype][1]

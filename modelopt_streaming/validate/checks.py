@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,7 +395,3 @@ def _check_index(ck: NVFP4Checkpoint) -> None:
     actual = sum(t.nbytes for t in ck.tensors.values())
     if ck.index_total_size is not None and ck.index_total_size != actual:
         ck.error("index", f"{index} total_size {ck.index_total_size} != {actual} bytes of tensors")
-
-
-def count_kinds(names: list[str]) -> dict[str, int]:
-    return dict(Counter(module_kind(n) for n in names))
