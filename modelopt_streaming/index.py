@@ -62,6 +62,120 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+# DeepSeek-V3/R1 publish FP8 weights in 128 x 128 blocks, each with a float32 inverse scale.
+FP8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class DecodedWeight:
+    """A weight stored in a compressed source format and read back as bf16 (spec section 6).
+
+    ``encoding`` "fp8_block": ``parts`` = (weight float8_e4m3fn [out, in], weight_scale_inv float32
+    [ceil(out/128), ceil(in/128)]); the value is bf16(f32(weight) * scale_inv[i // 128, j // 128]), as
+    DeepSeek's own FP8-to-BF16 conversion computes it.
+    ``encoding`` "int4_pack": compressed-tensors ``pack-quantized`` (Kimi-K2 routed experts): ``parts`` =
+    (weight_packed int32 [out, ceil(in/8)], weight_scale [out, in/group], weight_shape int64 [2]); element
+    j of a row is bits 4*(j%8) of word j//8, stored as q+8; the value is bf16((q) * scale[:, j // group]).
+    The parts may sit in different shards.
+    """
+
+    name: str
+    encoding: str
+    parts: tuple[TensorInfo, ...]
+    shape: tuple[int, ...]
+    dtype: str = "BF16"
+    group_size: int = 0
+
+    @property
+    def file(self) -> str:
+        return self.parts[0].file
+
+    @property
+    def begin(self) -> int:
+        return self.parts[0].begin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from the source (not the decoded size)."""
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def decoded_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
+    """Source weights that need decoding, by tensor name; their scale tensors are consumed with them."""
+    out = {}
+    for name, info in index.tensors.items():
+        if not name.endswith(".weight") or info.dtype not in ("F8_E4M3", "F8_E5M2"):
+            continue
+        scale = index.tensors.get(name + "_scale_inv")
+        where = index.root / info.file
+        if scale is None:
+            raise CheckpointError(
+                f"{where}, tensor {name!r}: FP8 weight without its weight_scale_inv; only "
+                "DeepSeek-style 128x128 block FP8 sources are supported"
+            )
+        if len(info.shape) != 2 or info.dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"{where}, tensor {name!r}: {info.dtype} {list(info.shape)} is not a 2-D "
+                "float8_e4m3fn block-scaled weight"
+            )
+        blocks = tuple(-(-d // FP8_BLOCK) for d in info.shape)
+        if scale.dtype != "F32" or scale.shape != blocks:
+            raise CheckpointError(
+                f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} "
+                f"{list(scale.shape)}, expected F32 {list(blocks)} for 128x128 blocks"
+            )
+        out[name] = DecodedWeight(name, "fp8_block", (info, scale), info.shape)
+    out.update(_int4_packed_weights(index))
+    return out
+
+
+def _int4_group_size(config: dict) -> int:
+    for cfg in (config, config.get("text_config") or {}):
+        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        for group in ((qc or {}).get("config_groups") or {}).values():
+            size = ((group or {}).get("weights") or {}).get("group_size")
+            if isinstance(size, int) and size > 0:
+                return size
+    return 32
+
+
+def _int4_packed_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
+    out = {}
+    group = _int4_group_size(index.config)
+    for name, packed in index.tensors.items():
+        if not name.endswith(".weight_packed"):
+            continue
+        module = name[: -len(".weight_packed")]
+        where = index.root / packed.file
+        scale = index.tensors.get(f"{module}.weight_scale")
+        shape = index.tensors.get(f"{module}.weight_shape")
+        if f"{module}.weight_zero_point" in index.tensors:
+            raise CheckpointError(f"{where}, tensor {name!r}: asymmetric INT4 (weight_zero_point) is not supported")
+        if packed.dtype != "I32" or len(packed.shape) != 2 or scale is None or shape is None:
+            raise CheckpointError(
+                f"{where}, tensor {name!r}: not a pack-quantized INT4 weight (int32 2-D with "
+                "weight_scale and weight_shape)"
+            )
+        in_features = scale.shape[1] * group if len(scale.shape) == 2 else -1
+        if (
+            scale.dtype not in FLOAT_DTYPES
+            or scale.shape[0] != packed.shape[0]
+            or -(-in_features // 8) != packed.shape[1]
+        ):
+            raise CheckpointError(
+                f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} "
+                f"{list(scale.shape)} does not fit packed {list(packed.shape)} with group {group}"
+            )
+        out[f"{module}.weight"] = DecodedWeight(
+            f"{module}.weight", "int4_pack", (packed, scale, shape), (packed.shape[0], in_features), group_size=group
+        )
+    return out
+
+
 @dataclass
 class CheckpointIndex:
     root: Path

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .formats import BLOCK_SIZE
-from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, TensorInfo
+from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
 
 Scope = Literal["all", "mlp", "experts"]
 
@@ -74,7 +74,9 @@ class OutputTensor:
 
 @dataclass(frozen=True)
 class CopyUnit:
-    source: TensorInfo
+    """One tensor written unchanged, or (a DecodedWeight) decoded to bf16 and written unquantized."""
+
+    source: TensorInfo | DecodedWeight
 
     @property
     def outputs(self) -> tuple[OutputTensor, ...]:
@@ -239,11 +241,14 @@ def _fusion_key(module: str) -> tuple[str, str] | None:
 
 def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     num_layers = _num_hidden_layers(index.config)
+    decoded = decoded_weights(index)
+    consumed = {p.name for d in decoded.values() for p in d.parts}
     weights = {
-        name[: -len(".weight")]: info
+        name[: -len(".weight")]: decoded.get(name, info)
         for name, info in index.tensors.items()
         if name.endswith(".weight") and len(info.shape) >= 2
     }
+    weights.update({name[: -len(".weight")]: d for name, d in decoded.items() if d.encoding == "int4_pack"})
     reference_excluded = ExclusionMatcher(recipe.reference_exclude)
     reasons: dict[str, str] = {}
     for module, info in weights.items():
@@ -312,8 +317,11 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         if module not in reasons and module not in grouped:
             units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only))
     quantized_weights = {f"{m}.weight" for m in weights if m not in reasons}
-    for name, info in index.tensors.items():
+    for name, d in decoded.items():
         if name not in quantized_weights:
+            units.append(CopyUnit(d))  # an FP8 or INT4 source weight left unquantized is written as bf16
+    for name, info in index.tensors.items():
+        if name not in quantized_weights and name not in consumed and name not in decoded:
             units.append(CopyUnit(info))
     units.sort(key=lambda u: (u.position, _first_output(u)))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .index import DTYPES, CheckpointError, TensorInfo
+from .index import DTYPES, FP8_BLOCK, CheckpointError, DecodedWeight, TensorInfo
 
 
 class TensorReader:
@@ -47,13 +47,45 @@ class TensorReader:
             done += n
         self.bytes_read += done
 
-    def read(self, info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
+    def read(self, info: TensorInfo | DecodedWeight, pin_memory: bool = False) -> torch.Tensor:
         """The whole tensor, in its stored dtype and shape (a fresh CPU tensor; page-locked on request,
-        so that a copy to the GPU can run asynchronously)."""
+        so that a copy to the GPU can run asynchronously). A DecodedWeight comes back as bf16."""
+        if isinstance(info, DecodedWeight):
+            return self._decode(info, pin_memory)
         buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         if info.nbytes:
             self._read_into(info, 0, memoryview(buf.numpy()))
         return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+    def _decode(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
+        rows, cols = weight.shape
+        out = torch.empty((rows, cols), dtype=torch.bfloat16, pin_memory=pin_memory)
+        if weight.encoding == "int4_pack":
+            return self._decode_int4(weight, out)
+        w8, scale_inv = (self.read(p) for p in weight.parts)
+        # One 128-row band at a time: the float32 temporaries stay at 128 rows whatever the weight's size.
+        for i, r0 in enumerate(range(0, rows, FP8_BLOCK)):
+            r1 = min(rows, r0 + FP8_BLOCK)
+            band_scale = scale_inv[i].repeat_interleave(FP8_BLOCK)[:cols]
+            out[r0:r1] = (w8[r0:r1].float() * band_scale).to(torch.bfloat16)
+        return out
+
+    def _decode_int4(self, weight: DecodedWeight, out: torch.Tensor) -> torch.Tensor:
+        packed, scale, shape = (self.read(p) for p in weight.parts)
+        rows, cols = weight.shape
+        if shape.numel() != 2 or tuple(int(v) for v in shape.reshape(-1)) != (rows, cols):
+            raise CheckpointError(
+                f"{self.root / weight.parts[2].file}, tensor {weight.parts[2].name!r}: "
+                f"{shape.tolist()} disagrees with the packed weight and scale ({rows}, {cols})"
+            )
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        for r0 in range(0, rows, 1024):
+            r1 = min(rows, r0 + 1024)
+            nibbles = (packed[r0:r1].unsqueeze(-1) >> shifts) & 0xF
+            q = nibbles.reshape(r1 - r0, -1)[:, :cols].float() - 8.0
+            band_scale = scale[r0:r1].float().repeat_interleave(weight.group_size, dim=1)[:, :cols]
+            out[r0:r1] = (q * band_scale).to(torch.bfloat16)
+        return out
 
     def read_chunk(self, info: TensorInfo, offset: int, nbytes: int) -> bytearray:
         """``nbytes`` raw bytes of the tensor from ``offset``, in a fresh buffer."""

@@ -15,7 +15,15 @@ import torch
 from . import __version__
 from .codec import cpu_kernel, cuda_kernel, nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
-from .index import INDEX_FILE, CheckpointError, CheckpointIndex, build_index, header_digest, load_json
+from .index import (
+    INDEX_FILE,
+    CheckpointError,
+    CheckpointIndex,
+    DecodedWeight,
+    build_index,
+    header_digest,
+    load_json,
+)
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
 from .pipeline import BackgroundWriter, Throughput, read_ahead
 from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
@@ -234,16 +242,16 @@ def _barrier(world: int) -> None:
 
 
 def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
-    """What to read, in order: each quantize unit whole, copies in bounded chunks."""
+    """What to read, in order: quantize units and decoded weights whole, plain copies in bounded chunks."""
     items = []
     for unit in units:
-        if isinstance(unit, CopyUnit):
+        if isinstance(unit, CopyUnit) and not isinstance(unit.source, DecodedWeight):
             n = unit.source.nbytes
             items += [(unit, off, min(COPY_CHUNK_BYTES, n - off)) for off in range(0, n, COPY_CHUNK_BYTES)]
             if n == 0:
                 items.append((unit, 0, 0))
         else:
-            items.append((unit, 0, sum(s.nbytes for s in unit.sources)))
+            items.append((unit, 0, sum(s.nbytes for s in unit_sources(unit))))
     return items
 
 
@@ -265,6 +273,8 @@ def _stream_units(
     def load(item: tuple[Unit, int, int]):
         unit, offset, nbytes = item
         if isinstance(unit, CopyUnit):
+            if isinstance(unit.source, DecodedWeight):
+                return reader.read(unit.source)
             return reader.read_chunk(unit.source, offset, nbytes)
         members = [reader.read(src, pin_memory=device.type == "cuda") for src in unit.sources]
         if device.type == "cuda":
@@ -280,6 +290,10 @@ def _stream_units(
             _unit_reads(units), load, lambda i: i[2], READ_AHEAD_BYTES, stats
         ):
             sink = sink_of(unit)
+            if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
+                background.submit(sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size())
+                meter.advance(nbytes, stats)
+                continue
             if isinstance(unit, CopyUnit):
                 if offset == 0:
                     background.submit(sink.begin, unit.source.name)
