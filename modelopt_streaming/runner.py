@@ -255,6 +255,13 @@ def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
     return items
 
 
+def _memory_bytes(item: tuple[Unit, int, int]) -> int:
+    """What one read item holds in memory: its bytes, plus the bf16 tensor a decoded source becomes."""
+    unit, _offset, nbytes = item
+    decoded = [s for s in unit_sources(unit) if isinstance(s, DecodedWeight)]
+    return nbytes + sum(2 * d.numel for d in decoded)
+
+
 def _stream_units(
     units: list[Unit],
     sink_of,
@@ -287,7 +294,7 @@ def _stream_units(
 
     try:
         for (unit, offset, nbytes), data in read_ahead(
-            _unit_reads(units), load, lambda i: i[2], READ_AHEAD_BYTES, stats
+            _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats
         ):
             sink = sink_of(unit)
             if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
