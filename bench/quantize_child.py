@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import modelopt_streaming
-from modelopt_streaming.cli import _init_distributed
+from modelopt_streaming.runner import init_distributed
 
 src, out, device, scope = sys.argv[1:5]
-device, distributed = _init_distributed(device)
+device, distributed = init_distributed(device)
 t = time.perf_counter()
 s = modelopt_streaming.quantize(src, out, progress="none", log=lambda *_: None, device=device, mlp_only=scope == "mlp")
 wall = time.perf_counter() - t

@@ -168,31 +168,15 @@ def _resume_command(argv: list[str] | None) -> str:
     return "modelopt-streaming " + " ".join(shlex.quote(w) for w in words)
 
 
-def _init_distributed(device: str | None) -> tuple[str | None, bool]:
-    """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
-    and, with CUDA, one GPU per rank by LOCAL_RANK."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device, False
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group(backend="gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in (None, "auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    return device, True
-
-
 def _run_quantize(args, argv: list[str] | None) -> int:
     from .output_dir import OutputStateError
-    from .runner import OutputError, UsageError, quantize
+    from .runner import OutputError, UsageError, init_distributed, quantize
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    device, distributed = _init_distributed(args.device)
+    device, distributed = init_distributed(args.device)
     quiet = args.quiet or (distributed and int(os.environ.get("RANK", "0")) != 0)
     log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:

@@ -208,6 +208,21 @@ def _encode_unit(
     return out
 
 
+def init_distributed(device: str | None) -> tuple[str | None, bool]:
+    """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
+    and, with CUDA, one GPU per rank by LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    return device, True
+
+
 def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
