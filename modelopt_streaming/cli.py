@@ -177,7 +177,8 @@ def _run_quantize(args, argv: list[str] | None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     device, distributed = init_distributed(args.device)
-    quiet = args.quiet or (distributed and int(os.environ.get("RANK", "0")) != 0)
+    other_rank = distributed and int(os.environ.get("RANK", "0")) != 0  # rank 0 alone speaks
+    quiet = args.quiet or other_rank
     log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         summary = quantize(
@@ -220,7 +221,7 @@ def _run_quantize(args, argv: list[str] | None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if quiet and args.quiet is False:
+    if other_rank:
         return 0
     title = "plan (dry run, nothing written)" if args.dry_run else f"wrote {summary.output_dir}"
     print(f"{title}\n" + "\n".join(f"  {line}" for line in summary.lines()))

@@ -7,6 +7,7 @@ can trust offsets and sizes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -338,8 +339,6 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
 
 def header_digest(path: Path) -> str:
     """sha256 of a shard's length prefix and header: identifies its layout without reading tensor data."""
-    import hashlib
-
     with open(path, "rb") as f:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)

@@ -119,7 +119,8 @@ class OutputState:
         write_json_atomic(self.records_dir / f"{rec['file']}.json", rec)
 
     def records(self) -> dict[str, dict]:
-        return {json.loads(p.read_text())["file"]: json.loads(p.read_text()) for p in self.records_dir.glob("*.json")}
+        records = (json.loads(p.read_text()) for p in self.records_dir.glob("*.json"))
+        return {rec["file"]: rec for rec in records}
 
     def finish(self, fingerprint: dict, order: list[str]) -> list[dict]:
         recs = self.records()

@@ -42,7 +42,7 @@ _TOWER = re.compile(
     r"(?:^|\.)(?:vision_tower|vision_model|visual|vision|audio_tower|audio_model|audio_encoder|"
     r"multi_modal_projector|mm_projector|vision_projector|audio_projector)(?:\.|$)"
 )
-_EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
+EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
 _ROUTER_PARENTS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
 _ROUTER_LEAVES = {"router", "shared_expert_gate"}
 
@@ -160,6 +160,11 @@ class Plan:
         counts = Counter(u.fusion for u in self.units if isinstance(u, QuantizeUnit) and u.fusion)
         return dict(sorted(counts.items()))
 
+    def unquantized_reason_counts(self) -> dict[str, int]:
+        """Unquantized modules by the category of their reason (the text before any ':' detail)."""
+        counts = Counter(reason.split(":")[0] for reason in self.unquantized.values())
+        return dict(counts.most_common())
+
     def quantized_kind_counts(self) -> dict[str, int]:
         counts = Counter(self.quantized.values())
         return {k: counts[k] for k in KIND_ORDER if counts[k]}
@@ -201,7 +206,7 @@ def default_exclusion(module: str, num_layers: int | None) -> str | None:
     layer = _LAYER_INDEX.search(module)
     if (layer and num_layers is not None and int(layer.group(1)) >= num_layers) or parts[0] == "mtp":
         return "MTP layer"
-    if leaf in _EMBEDDING_LEAVES:
+    if leaf in EMBEDDING_LEAVES:
         return "embedding"
     if leaf == "lm_head" or module == "output":
         return "lm_head"
@@ -233,7 +238,7 @@ def matches_vllm_exclusion(module: str, patterns: Iterable[str]) -> bool:
     return ExclusionMatcher(patterns)(module)
 
 
-def _fusion_key(module: str) -> tuple[str, str] | None:
+def fusion_key(module: str) -> tuple[str, str] | None:
     parent, _, leaf = module.rpartition(".")
     kind = FUSION_KINDS.get(leaf)
     return (kind, parent) if kind else None
@@ -255,9 +260,9 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         reason = default_exclusion(module, num_layers)
         kind = module_kind(module)
         if reason is None and len(info.shape) != 2:
-            reason = f"weight is {len(info.shape)}-D; only 2-D Linear weights are quantized"
+            reason = f"not a 2-D weight: {len(info.shape)}-D"
         if reason is None and info.shape[1] % BLOCK_SIZE:
-            reason = f"input dim {info.shape[1]} is not a multiple of {BLOCK_SIZE}"
+            reason = f"input dim not a multiple of {BLOCK_SIZE}: {info.shape[1]}"
         if reason is None and recipe.scope == "mlp" and kind not in ("dense_mlp", "shared_expert", "routed_expert"):
             reason = "outside --mlp_only scope"
         if reason is None and recipe.scope == "experts" and kind != "routed_expert":
@@ -265,7 +270,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         if reason is None:
             for pattern in recipe.exclude:
                 if fnmatch.fnmatchcase(module, pattern):
-                    reason = f"--exclude {pattern}"
+                    reason = f"--exclude: {pattern}"
                     break
         if reason is None and reference_excluded(module):
             reason = "excluded by the reference config"
@@ -280,14 +285,14 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     warnings: list[str] = []
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for module in weights:
-        key = _fusion_key(module)
+        key = fusion_key(module)
         if key:
             groups[key].append(module)
     # Exclusion is all or nothing per fused group: vLLM refuses a partly quantized fused layer.
     for (kind, parent), members in groups.items():
         excluded = [m for m in members if m in reasons]
         if excluded and len(excluded) < len(members):
-            why = f"fused {kind} partner {excluded[0]} is unquantized ({reasons[excluded[0]]})"
+            why = f"fused partner unquantized: {kind} partner {excluded[0]} ({reasons[excluded[0]]})"
             for m in members:
                 reasons.setdefault(m, why)
             warnings.append(f"{parent}: {kind} group left wholly unquantized: {why}")
@@ -300,7 +305,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     for layer, members in moe_layers.items():
         excluded = [m for m in members if m in reasons]
         if excluded and len(excluded) < len(members):
-            why = f"MoE layer has an unquantized expert weight {excluded[0]} ({reasons[excluded[0]]})"
+            why = f"MoE layer partly unquantized: expert weight {excluded[0]} ({reasons[excluded[0]]})"
             for m in members:
                 reasons.setdefault(m, why)
             warnings.append(f"{layer}: routed experts left wholly unquantized: {why}")

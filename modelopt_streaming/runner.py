@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,9 +97,6 @@ def load_reference_exclusions(path: str | os.PathLike) -> tuple[str, ...]:
 
 
 def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
-    reasons: dict[str, int] = {}
-    for reason in plan.unquantized.values():
-        reasons[reason if not reason.startswith("fused") else "fused partner unquantized"] = reasons.get(reason, 0) + 1
     return Summary(
         input_dir=str(input_dir),
         output_dir=str(output_dir) if output_dir else None,
@@ -107,7 +105,7 @@ def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
         fused_groups=plan.fused_group_counts(),
         copied_tensors=sum(isinstance(u, CopyUnit) for u in plan.units),
         unquantized_modules=len(plan.unquantized),
-        unquantized_by_reason=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        unquantized_by_reason=plan.unquantized_reason_counts(),
         input_bytes=plan.input_bytes,
         output_bytes=plan.output_bytes,
         shards=len(plan.shards),
@@ -168,8 +166,8 @@ COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class _Codec:
-    tensor_amax: object
-    quantize: object
+    tensor_amax: Callable[[torch.Tensor], torch.Tensor]
+    quantize: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     name: str
 
 
@@ -178,7 +176,7 @@ def select_codec(device: torch.device) -> _Codec:
     if device.type == "cpu" and cpu_kernel.available():
         return _Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
     if device.type == "cuda" and cuda_kernel.available():
-        return _Codec(cuda_kernel.tensor_amax, cuda_kernel.quantize, "fused CUDA kernel (Triton)")
+        return _Codec(nvfp4.tensor_amax, cuda_kernel.quantize, "fused CUDA kernel (Triton)")
     return _Codec(nvfp4.tensor_amax, nvfp4.quantize, f"torch reference codec on {device.type}")
 
 

@@ -95,6 +95,8 @@ def test_shared_global_scale_matches_modelopt(name, weight):
 
 
 def test_cuda_scale_math_is_reciprocal_multiply():
+    """The formulas and the spec's "about a fifth differ" fact; that ModelOpt on a CUDA tensor gives the
+    cuda form is checked on the GPU by bench/gpu_codec.py (recorded in docs/benchmarks.md)."""
     amax = torch.rand(10000, dtype=torch.float32) * 100
     inv = torch.tensor(1 / 2688, dtype=torch.float32)
     cuda_form = torch.stack([nvfp4.weight_scale_2_from_amax(a, "cuda") for a in amax])

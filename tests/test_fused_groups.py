@@ -167,6 +167,9 @@ def test_partly_excluded_group_stays_wholly_unquantized(tmp_path):
     assert tensors["model.layers.0.self_attn.o_proj.weight"].dtype == torch.uint8
     assert summary.fused_groups == {"gate/up": 2, "q/k/v": 1}
     assert any("q/k/v group left wholly unquantized" in line for line in logs)
+    # q and v are counted under one category, k under the option that excluded it.
+    assert summary.unquantized_by_reason["fused partner unquantized"] == 2
+    assert summary.unquantized_by_reason["--exclude"] == 1
 
 
 def test_one_excluded_expert_unquantizes_its_moe_layer(tmp_path):

@@ -103,11 +103,6 @@ def supports(weight: torch.Tensor) -> bool:
     return available() and weight.is_cuda and weight.dtype in _SOURCE_DTYPES
 
 
-def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
-    """max|W| as float32 0-dim (on the weight's device); NaN propagates."""
-    return torch.maximum(weight.max().abs(), weight.min().abs()).float()
-
-
 def quantize(
     weight: torch.Tensor, weight_scale_2: torch.Tensor, block_r: int = 16, block_c: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..plan import FUSION_KINDS, ExclusionMatcher, module_kind
+from ..plan import EMBEDDING_LEAVES, FUSION_KINDS, ExclusionMatcher, fusion_key, module_kind
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
 
-_EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
 # Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
 _ROW_PARALLEL = {"down_proj", "o_proj", "w2", "dense_4h_to_h", "out_proj"}
 _REQUIRED_HF_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
@@ -62,10 +61,16 @@ class Report:
     groups: dict[str, GroupStats]
     block_scales: dict[str, int]
     findings: list[Finding]
+    # Input dim of every quantized row-parallel module: what tensor parallelism splits.
+    row_parallel_in: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not any(f.level == "error" for f in self.findings)
+
+    def tp_misfits(self, tp: int) -> list[str]:
+        """Row-parallel modules whose per-rank input slice at this TP is not a multiple of 16."""
+        return [m for m, d in self.row_parallel_in.items() if d % tp or (d // tp) % 16]
 
     def as_dict(self) -> dict:
         return {
@@ -127,9 +132,9 @@ class Report:
 def _fusion_groups(names: list[str]) -> dict[tuple[str, str], list[str]]:
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in names:
-        parent, _, leaf = name.rpartition(".")
-        if leaf in FUSION_KINDS:
-            groups[(FUSION_KINDS[leaf], parent)].append(name)
+        key = fusion_key(name)
+        if key:
+            groups[key].append(name)
     order = list(FUSION_KINDS)
     return {k: sorted(v, key=lambda m: order.index(m.rpartition(".")[2])) for k, v in groups.items() if len(v) >= 2}
 
@@ -280,7 +285,7 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
         if not v.quantized
         and v.weight is not None
         and len(v.weight.shape) >= 2
-        and v.name.rpartition(".")[2] not in _EMBEDDING_LEAVES
+        and v.name.rpartition(".")[2] not in EMBEDDING_LEAVES
     ]
     if ck.format and not quantized:
         ck.error("tensors", "no quantized module found")
@@ -353,22 +358,11 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
             ck.error("fused", f"{layer}: some routed experts quantized and some not; vLLM treats the MoE layer as one")
 
     _check_index(ck)
-    if tp:
-        bad = [
-            v
-            for v in quantized
-            if v.name.rpartition(".")[2] in _ROW_PARALLEL
-            and v.in_features
-            and (v.in_features % tp or (v.in_features // tp) % 16)
-        ]
-        if bad:
-            ck.error(
-                "tp",
-                f"{len(bad)} row-parallel module(s) whose input dim does not split into per-rank "
-                f"multiples of 16 at tp {tp}, e.g. {bad[0].name} (input dim {bad[0].in_features})",
-            )
+    row_parallel_in = {
+        v.name: v.in_features for v in quantized if v.name.rpartition(".")[2] in _ROW_PARALLEL and v.in_features
+    }
     scan = _scan_block_scales(ck, quantized) if block_scales else {}
-    return Report(
+    report = Report(
         path=str(ck.root),
         format=ck.format,
         quant_algo=algo,
@@ -379,7 +373,16 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
         groups=stats,
         block_scales=scan,
         findings=ck.findings,
+        row_parallel_in=row_parallel_in,
     )
+    bad = report.tp_misfits(tp) if tp else []
+    if bad:
+        ck.error(
+            "tp",
+            f"{len(bad)} row-parallel module(s) whose input dim does not split into per-rank multiples of 16 "
+            f"at tp {tp}, e.g. {bad[0]} (input dim {row_parallel_in[bad[0]]})",
+        )
+    return report
 
 
 def _check_index(ck: NVFP4Checkpoint) -> None:

@@ -118,9 +118,7 @@ def doctor(checkpoint: str | Path | None = None) -> dict:
         from .checks import validate
 
         rep = validate(checkpoint, block_scales=False)
-        tps = {}
-        for tp in (1, 2, 4, 8):
-            tps[tp] = validate(checkpoint, tp=tp, block_scales=False).ok if rep.ok else None
+        tps = {tp: (not rep.tp_misfits(tp)) if rep.ok else None for tp in (1, 2, 4, 8)}
         native = any(g["native_fp4"] for g in report["gpus"])
         path = (
             "native FP4 (W4A4)"
