@@ -5,6 +5,7 @@ False without Triton or CUDA; the runner then uses the torch reference codec on 
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
@@ -115,5 +116,9 @@ def quantize(
     scales = torch.empty((rows, cols // 16), dtype=torch.uint8, device=w.device)
     ws2 = weight_scale_2.to(device=w.device, dtype=torch.float32).reshape(1)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    _quantize_kernel[grid](w, packed, scales, ws2, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c)
+    # Triton launches on the *current* CUDA device, not the tensor's: without this guard a weight on
+    # cuda:1 would be read by a kernel running on cuda:0 (an illegal access, or silent peer traffic).
+    # (Triton's interpreter, used in CI without a GPU, runs on CPU tensors and needs no guard.)
+    with torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext():
+        _quantize_kernel[grid](w, packed, scales, ws2, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c)
     return packed, scales.view(torch.float8_e4m3fn)
