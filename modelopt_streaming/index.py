@@ -252,17 +252,54 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
-def _safe_relative(root: Path, name: str, source: Path) -> str:
-    """A shard path from an index must stay inside the checkpoint directory."""
+def _safe_relative(name: str, source: Path) -> str:
+    """A shard name from an index must name a file of the checkpoint directory itself.
+
+    The *name* is judged, not where it resolves: a Hugging Face cache snapshot holds symlinks into
+    ``../../blobs/``, and those are followed for reading like any file of the directory.
+    """
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
         raise _fail(source, f"weight_map names an invalid shard path {name!r}")
-    parts = Path(name).parts
-    if ".." in parts:
+    if ".." in Path(name).parts:
         raise _fail(source, f"weight_map names a shard outside the checkpoint: {name!r}")
-    resolved = (root / name).resolve()
-    if root.resolve() not in resolved.parents:
-        raise _fail(source, f"weight_map names a shard outside the checkpoint: {name!r}")
+    if "/" in name:
+        raise _fail(source, f"weight_map names a shard in another directory: {name!r} (shards sit beside the index)")
     return name
+
+
+# Where huggingface_hub keeps downloaded repositories (its documented cache layout, read offline only):
+# <cache>/models--<org>--<name>/{refs/<ref>, snapshots/<commit>/<files>}.
+def _hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "hub"
+
+
+def resolve_checkpoint_dir(spec: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a Hub id (``org/name`` or ``org/name@revision``) already in the local cache.
+
+    Never downloads: a Hub id that is not cached is an error that says how to fetch it.
+    """
+    path = Path(spec)
+    text = os.fspath(spec)
+    if path.exists() or os.path.isabs(text) or text.startswith(".") or text.count("/") != 1:
+        return path
+    repo, _, revision = text.partition("@")
+    org, name = repo.split("/")
+    if not org or not name:
+        return path
+    cache = _hub_cache_dir() / f"models--{org}--{name}"
+    revision = revision or "main"
+    ref = cache / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = cache / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise CheckpointError(
+            f"{text}: not a directory, and not in the local Hugging Face cache ({cache}, revision {revision}); "
+            f"this tool never downloads: fetch it first (e.g. `huggingface-cli download {repo}`)"
+        )
+    return snapshot
 
 
 def load_json(path: Path) -> dict:
@@ -291,7 +328,7 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
             raise CheckpointError(f"{index_path}: has no weight_map")
         expected = {}
         for tensor, shard in weight_map.items():
-            expected[tensor] = _safe_relative(root, shard, index_path)
+            expected[tensor] = _safe_relative(shard, index_path)
         files = sorted(set(expected.values()))
     elif (root / SINGLE_FILE).exists():
         files = [SINGLE_FILE]

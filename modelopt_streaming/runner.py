@@ -24,6 +24,7 @@ from .index import (
     build_index,
     header_digest,
     load_json,
+    resolve_checkpoint_dir,
 )
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
 from .pipeline import BackgroundWriter, Throughput, read_ahead
@@ -437,7 +438,7 @@ def quantize(
         raise UsageError("--max_shard_size must be positive")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    input_dir = Path(input_dir)
+    input_dir = resolve_checkpoint_dir(input_dir)
     recipe = Recipe(
         scope="experts" if experts_only else "mlp" if mlp_only else "all",
         exclude=tuple(exclude),

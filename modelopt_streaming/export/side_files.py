@@ -12,11 +12,15 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 
 def side_files(source: Path) -> list[Path]:
-    """Relative paths of the files to copy, skipping weights, generated files and VCS/cache folders."""
+    """Relative paths of the files to copy, skipping weights, generated files and VCS/cache folders.
+
+    Symlinked files count as files (a Hugging Face cache snapshot is all symlinks into its blobs): their
+    content is copied, never the link.
+    """
     out = []
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or path.is_symlink():
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         if path.suffix in {".safetensors"} | PICKLE_SUFFIXES or str(rel) in GENERATED:
             continue
@@ -29,6 +33,6 @@ def copy_side_files(source: Path, destination: Path) -> list[str]:
     for rel in side_files(source):
         target = destination / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / rel, target)
+        shutil.copyfile(source / rel, target)  # follows the link: the output holds the content
         copied.append(str(rel))
     return copied
