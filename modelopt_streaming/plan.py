@@ -35,6 +35,9 @@ FUSION_KINDS: dict[str, str] = {
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")
+# GPT-OSS and Llama-4 keep each MoE layer's experts as two 3-D tensors with the input dimension in the
+# middle: ``gate_up_proj`` [E, hidden, 2 * inter] and ``down_proj`` [E, inter, hidden] (no ``.weight``).
+_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(?:gate_up_proj|down_proj)$")
 _SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
 _ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|attention|attn|cross_attn)\.")
 _MLP = re.compile(r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe)\.")
@@ -42,9 +45,23 @@ _TOWER = re.compile(
     r"(?:^|\.)(?:vision_tower|vision_model|visual|vision|audio_tower|audio_model|audio_encoder|"
     r"multi_modal_projector|mm_projector|vision_projector|audio_projector)(?:\.|$)"
 )
-EMBEDDING_LEAVES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "tok_embeddings"}
+# GPT-NeoX names its embedding ``embed_in``; OPT/BART/Whisper-style models learn ``embed_positions``.
+EMBEDDING_LEAVES = {
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "embeddings",
+    "tok_embeddings",
+    "embed_in",
+    "embed_positions",
+}
+# The output projection: GPT-NeoX calls its lm_head ``embed_out`` (GPTNeoXForCausalLM.embed_out).
+_LM_HEAD_LEAVES = {"lm_head", "embed_out"}
 _ROUTER_PARENTS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
 _ROUTER_LEAVES = {"router", "shared_expert_gate"}
+# MTP modules kept outside ``layers``: MiMo's ``model.mtp_layers.N``, DeepSeek-style ``mtp.*``.
+_MTP_PARTS = {"mtp_layers"}
 
 KIND_ORDER = ("attention", "dense_mlp", "shared_expert", "routed_expert", "other")
 
@@ -94,11 +111,27 @@ class QuantizeUnit:
 
     fusion: str | None  # "gate/up", "q/k/v", ... or None for a lone weight
     modules: tuple[str, ...]
-    sources: tuple[TensorInfo, ...]
+    sources: tuple[TensorInfo | DecodedWeight, ...]
     with_input_scale: bool
+    # "linear": 2-D [out, in] weights written as ``X.weight`` + ``X.weight_scale`` ...; "experts_3d": one
+    # fused 3-D experts tensor [E, in, out] (``modules`` holds its tensor name X), written the way
+    # ModelOpt 0.47 exports GPT-OSS/Llama-4 experts: X uint8 [E, in/2, out], X_weight_scale [E, in/16, out],
+    # one X_weight_scale_2 and X_input_scale for the whole tensor.
+    layout: Literal["linear", "experts_3d"] = "linear"
 
     @property
     def outputs(self) -> tuple[OutputTensor, ...]:
+        if self.layout == "experts_3d":
+            (name,), (src,) = self.modules, self.sources
+            n_exp, n_in, n_out = src.shape
+            out = [
+                OutputTensor(name, "U8", (n_exp, n_in // 2, n_out)),
+                OutputTensor(f"{name}_weight_scale", "F8_E4M3", (n_exp, n_in // BLOCK_SIZE, n_out)),
+                OutputTensor(f"{name}_weight_scale_2", "F32", ()),
+            ]
+            if self.with_input_scale:
+                out.append(OutputTensor(f"{name}_input_scale", "F32", ()))
+            return tuple(out)
         out = []
         for module, src in zip(self.modules, self.sources):
             n_out, n_in = src.shape
@@ -178,7 +211,7 @@ def unit_sources(unit: Unit) -> tuple[TensorInfo, ...]:
 
 
 def module_kind(module: str) -> str:
-    if _ROUTED_EXPERT.search(module):
+    if _ROUTED_EXPERT.search(module) or _FUSED_EXPERTS.match(module):
         return "routed_expert"
     if _SHARED_EXPERT.search(module):
         return "shared_expert"
@@ -204,13 +237,17 @@ def default_exclusion(module: str, num_layers: int | None) -> str | None:
     if _TOWER.search(module):
         return "vision/audio tower or projector"
     layer = _LAYER_INDEX.search(module)
-    if (layer and num_layers is not None and int(layer.group(1)) >= num_layers) or parts[0] == "mtp":
+    mtp = parts[0] == "mtp" or not _MTP_PARTS.isdisjoint(parts)
+    if mtp or (layer and num_layers is not None and int(layer.group(1)) >= num_layers):
         return "MTP layer"
     if leaf in EMBEDDING_LEAVES:
         return "embedding"
-    if leaf == "lm_head" or module == "output":
+    if leaf in _LM_HEAD_LEAVES or module == "output":
         return "lm_head"
+    # DBRX (``ffn.router.layer``) and Granite-MoE (``block_sparse_moe.router.layer``) wrap the router Linear.
     if leaf in _ROUTER_LEAVES or (leaf == "gate" and parent in _ROUTER_PARENTS):
+        return "MoE router"
+    if (parent, leaf) == ("router", "layer"):
         return "MoE router"
     return None
 
@@ -254,15 +291,26 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         if name.endswith(".weight") and len(info.shape) >= 2
     }
     weights.update({name[: -len(".weight")]: d for name, d in decoded.items() if d.encoding == "int4_pack"})
+    # 3-D fused experts are named by their tensor (ModelOpt's export keeps that name for the packed codes).
+    # A decoded source (MXFP4 ``X_blocks`` + ``X_scales``) stands in for its parts under the name X.
+    experts_3d = {
+        name: info
+        for name, info in {**index.tensors, **decoded}.items()
+        if _FUSED_EXPERTS.match(name) and len(info.shape) == 3
+    }
+    weights.update(experts_3d)
+    weight_tensor = {m: m if m in experts_3d else f"{m}.weight" for m in weights}
     reference_excluded = ExclusionMatcher(recipe.reference_exclude)
     reasons: dict[str, str] = {}
     for module, info in weights.items():
         reason = default_exclusion(module, num_layers)
         kind = module_kind(module)
-        if reason is None and len(info.shape) != 2:
+        # The input dimension: blocks of 16 run along it (the middle one of a 3-D experts tensor).
+        n_in = info.shape[1] if len(info.shape) >= 2 else 0
+        if reason is None and len(info.shape) != 2 and module not in experts_3d:
             reason = f"not a 2-D weight: {len(info.shape)}-D"
-        if reason is None and info.shape[1] % BLOCK_SIZE:
-            reason = f"input dim not a multiple of {BLOCK_SIZE}: {info.shape[1]}"
+        if reason is None and n_in % BLOCK_SIZE:
+            reason = f"input dim not a multiple of {BLOCK_SIZE}: {n_in}"
         if reason is None and recipe.scope == "mlp" and kind not in ("dense_mlp", "shared_expert", "routed_expert"):
             reason = "outside --mlp_only scope"
         if reason is None and recipe.scope == "experts" and kind != "routed_expert":
@@ -299,7 +347,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     # One unquantized routed expert makes vLLM treat the whole MoE layer as unquantized.
     moe_layers: dict[str, list[str]] = defaultdict(list)
     for module in weights:
-        m = _ROUTED_EXPERT.match(module)
+        m = _ROUTED_EXPERT.match(module) or _FUSED_EXPERTS.match(module)
         if m:
             moe_layers[m.group(1)].append(module)
     for layer, members in moe_layers.items():
@@ -320,8 +368,9 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         grouped.update(members)
     for module, info in weights.items():
         if module not in reasons and module not in grouped:
-            units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only))
-    quantized_weights = {f"{m}.weight" for m in weights if m not in reasons}
+            layout = "experts_3d" if module in experts_3d else "linear"
+            units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only, layout))
+    quantized_weights = {weight_tensor[m] for m in weights if m not in reasons}
     for name, d in decoded.items():
         if name not in quantized_weights:
             units.append(CopyUnit(d))  # an FP8 or INT4 source weight left unquantized is written as bf16

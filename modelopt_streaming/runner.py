@@ -197,6 +197,14 @@ def _encode_unit(
         torch.stack([a.float().cpu() for a in amaxes]).max(), recipe.scale_math
     )
     out = []
+    if unit.layout == "experts_3d":
+        (name,), (w,) = unit.modules, members
+        packed, block_scales = nvfp4.quantize_experts(w, weight_scale_2, codec.quantize)
+        out += [(name, packed.cpu()), (f"{name}_weight_scale", block_scales.cpu())]
+        out.append((f"{name}_weight_scale_2", weight_scale_2))
+        if unit.with_input_scale:
+            out.append((f"{name}_input_scale", torch.ones((), dtype=torch.float32)))
+        return out
     for module, w in zip(unit.modules, members):
         packed, block_scales = codec.quantize(w, weight_scale_2)
         out.append((f"{module}.weight", packed.cpu()))

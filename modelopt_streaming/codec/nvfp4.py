@@ -7,6 +7,7 @@ so that every byte matches; ``../shared/nvfp4-spec.md`` section 1 states the rul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -110,6 +111,32 @@ def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.
         stop = min(n_out, start + rows_per_chunk)
         packed[start:stop], scales[start:stop] = _quantize_rows(weight[start:stop], weight_scale_2)
     return packed, scales
+
+
+def quantize_experts(
+    weight: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    quantize_2d: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = quantize,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize fused 3-D experts [E, in, out] (GPT-OSS/Llama-4 ``gate_up_proj``, ``down_proj``) against one
+    global scale, with blocks of 16 along ``in``, the layout ModelOpt 0.47 exports.
+
+    Returns ``(packed uint8 [E, in/2, out], weight_scale float8_e4m3fn [E, in/16, out])``: codes of
+    consecutive inputs share a byte, as in a 2-D weight. Each expert is transposed to [out, in] and run
+    through ``quantize_2d`` (any codec with ``quantize``'s contract), so the scratch is one expert's size.
+    """
+    if weight.dim() != 3:
+        raise ValueError(f"fused experts are 3-D [experts, in, out], got shape {tuple(weight.shape)}")
+    n_exp, n_in, n_out = weight.shape
+    if n_in % BLOCK_SIZE:
+        raise ValueError(f"input dim {n_in} is not a multiple of {BLOCK_SIZE}")
+    packed = torch.empty((n_exp, n_in // 2, n_out), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty((n_exp, n_in // BLOCK_SIZE, n_out), dtype=torch.uint8, device=weight.device)
+    for e in range(n_exp):
+        p, s = quantize_2d(weight[e].t().contiguous(), weight_scale_2)
+        packed[e] = p.t()
+        scales[e] = s.view(torch.uint8).t()
+    return packed, scales.view(torch.float8_e4m3fn)
 
 
 def quantize_tensor(
