@@ -215,3 +215,37 @@ def test_every_e4m3_rounding_boundary():
         packed, scale = impl(w, s2)
         assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
         assert torch.equal(packed, ref_packed)
+
+
+def test_c_kernel_e4m3_table_is_torchs():
+    """The C kernel's E4M3 values are a constant table fixed at compile time (no lazily filled global that
+    threads could race on); every entry must be torch's own float8_e4m3fn value of that bit pattern."""
+    assert cpu_kernel.available()
+    expected = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    table = cpu_kernel.e4m3_table()
+    assert torch.isnan(table[127]) and torch.isnan(expected[127])
+    assert torch.equal(table[:127], expected[:127])
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("name,weight", CASES, ids=[c[0] for c in CASES])
+def test_default_cuda_scale_math_bytes_match_modelopt(name, weight, codec):
+    """The default ``--scale_math cuda``: ModelOpt's NVFP4QTensor, handed the global scale a CUDA run
+    computes (amax times the float32 reciprocal of 2688, built here independently of our codec), gives
+    our bytes on every codec path. CI has no GPU, so the CUDA form of the scale is fed in."""
+    if codec == "triton_interpreted" and weight.numel() > 1 << 20:
+        weight = weight[:64]
+    amax = weight.float().abs().max()
+    cuda_scale_2 = amax * torch.tensor(1 / 2688, dtype=torch.float32)
+    ref_q, ref_scale, ref_scale_2 = NVFP4QTensor.quantize(weight.clone(), 16, weights_scaling_factor_2=cuda_scale_2)
+    packed, scale, scale_2 = CODECS[codec](weight, "cuda")
+    assert torch.equal(scale_2, cuda_scale_2) and torch.equal(ref_scale_2, cuda_scale_2)
+    assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+    assert torch.equal(packed, ref_q._quantized_data)
+
+
+def test_cuda_scale_math_cases_include_a_different_global_scale():
+    """The CUDA-form check above is not the CPU-form check again: some cases' global scales differ."""
+    inv = torch.tensor(1 / 2688, dtype=torch.float32)
+    differ = [n for n, w in CASES if not torch.equal(w.float().abs().max() * inv, w.float().abs().max() / 2688.0)]
+    assert len(differ) >= 3, differ

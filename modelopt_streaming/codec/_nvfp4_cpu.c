@@ -30,18 +30,29 @@ static float f16_to_float(uint16_t h) {
     return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
 }
 
-/* The 127 finite non-negative float8_e4m3fn values, by bit pattern. */
-static float e4m3_value[128];
-static int e4m3_ready = 0;
-
-static void init_e4m3(void) {
-    for (int c = 0; c < 127; c++) {
-        int exp = c >> 3, man = c & 7;
-        e4m3_value[c] = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);
-    }
-    e4m3_value[127] = NAN;
-    e4m3_ready = 1;
-}
+/* The 127 finite non-negative float8_e4m3fn values, by bit pattern (code c = exponent c >> 3, mantissa c & 7:
+ * man * 2^-9 for exponent 0, else (1 + man/8) * 2^(exp - 7)), then NaN. A constant table fixed at compile time
+ * (generated once from that formula; test_codec compares it with torch's float8_e4m3fn through nvfp4_e4m3_table):
+ * threads read it with no initialisation to race on (a flag-guarded lazy fill was a data race). Hex literals are exact. */
+static const float e4m3_value[128] = {
+    0.0f, 0x1p-9f, 0x1p-8f, 0x1.8p-8f, 0x1p-7f, 0x1.4p-7f, 0x1.8p-7f, 0x1.cp-7f,
+    0x1p-6f, 0x1.2p-6f, 0x1.4p-6f, 0x1.6p-6f, 0x1.8p-6f, 0x1.ap-6f, 0x1.cp-6f, 0x1.ep-6f,
+    0x1p-5f, 0x1.2p-5f, 0x1.4p-5f, 0x1.6p-5f, 0x1.8p-5f, 0x1.ap-5f, 0x1.cp-5f, 0x1.ep-5f,
+    0x1p-4f, 0x1.2p-4f, 0x1.4p-4f, 0x1.6p-4f, 0x1.8p-4f, 0x1.ap-4f, 0x1.cp-4f, 0x1.ep-4f,
+    0x1p-3f, 0x1.2p-3f, 0x1.4p-3f, 0x1.6p-3f, 0x1.8p-3f, 0x1.ap-3f, 0x1.cp-3f, 0x1.ep-3f,
+    0x1p-2f, 0x1.2p-2f, 0x1.4p-2f, 0x1.6p-2f, 0x1.8p-2f, 0x1.ap-2f, 0x1.cp-2f, 0x1.ep-2f,
+    0x1p-1f, 0x1.2p-1f, 0x1.4p-1f, 0x1.6p-1f, 0x1.8p-1f, 0x1.ap-1f, 0x1.cp-1f, 0x1.ep-1f,
+    0x1p+0f, 0x1.2p+0f, 0x1.4p+0f, 0x1.6p+0f, 0x1.8p+0f, 0x1.ap+0f, 0x1.cp+0f, 0x1.ep+0f,
+    0x1p+1f, 0x1.2p+1f, 0x1.4p+1f, 0x1.6p+1f, 0x1.8p+1f, 0x1.ap+1f, 0x1.cp+1f, 0x1.ep+1f,
+    0x1p+2f, 0x1.2p+2f, 0x1.4p+2f, 0x1.6p+2f, 0x1.8p+2f, 0x1.ap+2f, 0x1.cp+2f, 0x1.ep+2f,
+    0x1p+3f, 0x1.2p+3f, 0x1.4p+3f, 0x1.6p+3f, 0x1.8p+3f, 0x1.ap+3f, 0x1.cp+3f, 0x1.ep+3f,
+    0x1p+4f, 0x1.2p+4f, 0x1.4p+4f, 0x1.6p+4f, 0x1.8p+4f, 0x1.ap+4f, 0x1.cp+4f, 0x1.ep+4f,
+    0x1p+5f, 0x1.2p+5f, 0x1.4p+5f, 0x1.6p+5f, 0x1.8p+5f, 0x1.ap+5f, 0x1.cp+5f, 0x1.ep+5f,
+    0x1p+6f, 0x1.2p+6f, 0x1.4p+6f, 0x1.6p+6f, 0x1.8p+6f, 0x1.ap+6f, 0x1.cp+6f, 0x1.ep+6f,
+    0x1p+7f, 0x1.2p+7f, 0x1.4p+7f, 0x1.6p+7f, 0x1.8p+7f, 0x1.ap+7f, 0x1.cp+7f, 0x1.ep+7f,
+    0x1p+8f, 0x1.2p+8f, 0x1.4p+8f, 0x1.6p+8f, 0x1.8p+8f, 0x1.ap+8f, 0x1.cp+8f,
+    NAN,
+};
 
 /* float32 in [2^-9, 448] (or NaN) -> e4m3fn bits, round to nearest, ties to even: the same result as
  * torch's float -> float8_e4m3fn cast of a value already clamped to that range. */
@@ -102,7 +113,6 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 void nvfp4_quantize_rows(const void *src, int src_type, int64_t rows, int64_t cols, float weight_scale_2,
                          uint8_t *packed, uint8_t *scales) {
-    if (!e4m3_ready) init_e4m3();
     const float six_ws2 = 6.0f * weight_scale_2;
     float x[MAX_COLS_CHUNK];
     for (int64_t r = 0; r < rows; r++) {
@@ -142,6 +152,9 @@ float nvfp4_amax(const void *src, int src_type, int64_t n) {
     if (src_type == SRC_BF16) return m > 0x7F80u ? NAN : bf16_to_float(m);
     return m > 0x7C00u ? NAN : f16_to_float(m);
 }
+
+/* The table above, for the tests to compare with torch's own float8_e4m3fn values. */
+void nvfp4_e4m3_table(float *out) { memcpy(out, e4m3_value, sizeof e4m3_value); }
 
 /* An importable module, so packaging treats this as an ordinary extension; the functions above are
  * reached through ctypes. */

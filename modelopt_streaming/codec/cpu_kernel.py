@@ -37,6 +37,8 @@ def _lib():
     lib.nvfp4_quantize_rows.restype = None
     lib.nvfp4_amax.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     lib.nvfp4_amax.restype = ctypes.c_float
+    lib.nvfp4_e4m3_table.argtypes = [ctypes.c_void_p]
+    lib.nvfp4_e4m3_table.restype = None
     return lib
 
 
@@ -77,6 +79,13 @@ def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
     )
     values = torch.tensor(parts or [0.0], dtype=torch.float32)
     return values.max()  # NaN propagates
+
+
+def e4m3_table() -> torch.Tensor:
+    """The kernel's compile-time table of float8_e4m3fn values by bit pattern (128 float32)."""
+    out = torch.empty(128, dtype=torch.float32)
+    _lib().nvfp4_e4m3_table(out.data_ptr())
+    return out
 
 
 def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
