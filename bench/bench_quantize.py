@@ -71,6 +71,59 @@ def read_and_write(paths: list[Path], out_dir: Path, out_bytes: int, chunk: int 
     return seconds
 
 
+def _stream_share(args: tuple[list[str], int, int, str, float, int]) -> float:
+    """One of N parallel streams: read bytes [lo, hi) of the concatenated input files and write ``ratio`` of
+    them to a file of its own (fsynced). Returns the stream's seconds."""
+    names, lo, hi, out_path, ratio, chunk = args
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    t = time.perf_counter()
+    pos = 0
+    with open(out_path, "wb", buffering=0) as out:
+        for name in names:
+            size = os.path.getsize(name)
+            a, b = max(lo, pos), min(hi, pos + size)
+            if a < b:
+                with open(name, "rb", buffering=0) as f:
+                    f.seek(a - pos)
+                    left = b - a
+                    while left > 0:
+                        n = f.readinto(view[: min(chunk, left)])
+                        if not n:
+                            break
+                        left -= n
+                        out.write(view[: int(n * ratio)])
+            pos += size
+        os.fsync(out.fileno())
+    seconds = time.perf_counter() - t
+    os.unlink(out_path)
+    return seconds
+
+
+def parallel_read_and_write(paths: list[Path], out_dir: Path, out_bytes: int, streams: int) -> float:
+    """The I/O floor for N ranks: N processes, each reading a contiguous 1/N of the input bytes and writing its
+    share of the output, at once. Returns the wall seconds until the slowest stream is done."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    total = sum(p.stat().st_size for p in paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (
+            [str(p) for p in paths],
+            total * i // streams,
+            total * (i + 1) // streams,
+            str(out_dir / f"stream{i}.bin"),
+            out_bytes / total,
+            64 << 20,
+        )
+        for i in range(streams)
+    ]
+    with ProcessPoolExecutor(streams) as pool:
+        t = time.perf_counter()
+        list(pool.map(_stream_share, jobs))
+        return time.perf_counter() - t
+
+
 def modelopt_sample(src: Path, budget_bytes: int) -> tuple[float, int]:
     """ModelOpt's NVFP4QTensor.quantize (per tensor, as its export calls it) on the first weights."""
     import torch
@@ -114,17 +167,21 @@ def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
     else:
         cmd = [sys.executable, CHILD, str(src), str(out), run, scope]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # The child reports its start-up (launch to main, torchrun's spawning and imports included) against this.
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_T0": repr(time.time())})
     wall = time.perf_counter() - t
     if r.returncode:
         raise SystemExit(f"{run} failed:\n{r.stderr[-3000:]}")
-    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    first = next(x for x in lines if x["rank"] == 0)
+    lines = sorted(
+        (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda x: x["rank"]
+    )
+    first = lines[0]
     return {
         **first,
-        "wall": wall if run.startswith("torchrun") else first["wall"],
+        "wall": wall,
         "peak_mb": max(x["peak_mb"] for x in lines),
         "processes": len(lines),
+        "ranks": lines,
     }
 
 
@@ -160,6 +217,11 @@ def main() -> None:
         choices=["cold", "warm"],
         help="drop the input from the page cache before each timed read (cold) or read it once first (warm)",
     )
+    ap.add_argument(
+        "--streams",
+        default="",
+        help="comma list of N: also measure N parallel read+write streams (the I/O floor for N ranks)",
+    )
     ap.add_argument("--skip_modelopt", action="store_true")
     ap.add_argument("--scope", default="all", choices=["all", "mlp"])
     ap.add_argument("--modelopt_gb", type=float, default=1.0, help="bytes of weights to time ModelOpt on")
@@ -186,6 +248,12 @@ def main() -> None:
         if args.cache == "cold":
             drop_cache(files)
         rw_s = read_and_write(files, work / "io-baseline", planned_out)
+        streams = {}
+        for n in [int(x) for x in args.streams.split(",") if x]:
+            if args.cache == "cold":
+                drop_cache(files)
+            streams[n] = size / 1e6 / parallel_read_and_write(files, work / "io-baseline", planned_out, n)
+            print(json.dumps({"layout": layout, "streams": n, "read_write_mbs": streams[n]}), flush=True)
         first_hashes = None
         for run in args.runs.split(","):
             if args.cache == "cold":
@@ -209,6 +277,8 @@ def main() -> None:
                     "peak_rss_mb": tool["peak_mb"],
                     "groups": tool["groups"],
                     "identical_to_first_run": identical,
+                    "parallel_read_write_mbs": streams,
+                    "ranks": tool["ranks"],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -241,8 +311,18 @@ def main() -> None:
         )
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_quantize.json").write_text(json.dumps(rows, indent=2))
+    if any(r["parallel_read_write_mbs"] for r in rows):
+        print("\nN parallel read+write streams (same files, same run), MB/s of input:")
+        for n, mbs in rows[0]["parallel_read_write_mbs"].items():
+            print(f"  {n} stream(s): {mbs:.0f}")
+    print("\n| run | rank | start-up s | rendezvous s | quantize s | peak RSS MB | busy stages |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"stages of {r['run']} (busy time per stage, rank 0): {r['stages']}")
+        for x in r["ranks"]:
+            print(
+                f"| {r['run']} | {x['rank']} | {x.get('startup_s', 0):.1f} | {x.get('rendezvous_s', 0):.1f} "
+                f"| {x['wall']:.1f} | {x['peak_mb']:.0f} | {x['stages']} |"
+            )
     if any(r["identical_to_first_run"] is False for r in rows):
         raise SystemExit("outputs differ between runs")
 

@@ -1,17 +1,23 @@
 """One timed quantize run, as a process of its own (or one torchrun rank): prints a JSON line with the
 wall time, this process's peak RSS (VmHWM) and the summary's figures."""
 
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
-import modelopt_streaming
-from modelopt_streaming.runner import init_distributed
+started = time.time()  # before the heavy imports: start-up counts them
 
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import modelopt_streaming  # noqa: E402
+from modelopt_streaming.runner import init_distributed  # noqa: E402
+
+imported = time.time()
 src, out, device, scope = sys.argv[1:5]
+t = time.perf_counter()
 device, distributed = init_distributed(device)
+rendezvous = time.perf_counter() - t
 t = time.perf_counter()
 s = modelopt_streaming.quantize(src, out, progress="none", log=lambda *_: None, device=device, mlp_only=scope == "mlp")
 wall = time.perf_counter() - t
@@ -20,6 +26,10 @@ print(
     json.dumps(
         {
             "rank": int(os.environ.get("RANK", 0)),
+            "imports_s": imported - started,
+            # From the benchmark's launch to this process's start (torchrun's spawn and Python's start-up).
+            "startup_s": started - float(os.environ.get("BENCH_T0", started)),
+            "rendezvous_s": rendezvous,
             "wall": wall,
             "peak_mb": int(hwm.split()[1]) / 1024,
             "input_bytes": s.input_bytes,
