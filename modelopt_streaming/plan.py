@@ -146,6 +146,12 @@ class QuantizeUnit:
     def position(self) -> tuple[str, int]:
         return min((s.file, s.begin) for s in self.sources)
 
+    def encoded_names(self) -> list[tuple[str, str, str]]:
+        """(module, packed codes tensor, weight_scale_2 tensor) of each member, as ``outputs`` names them."""
+        if self.layout == "experts_3d":
+            return [(m, m, f"{m}_weight_scale_2") for m in self.modules]
+        return [(m, f"{m}.weight", f"{m}.weight_scale_2") for m in self.modules]
+
 
 Unit = CopyUnit | QuantizeUnit
 

@@ -21,9 +21,11 @@ from .index import (
     CheckpointError,
     CheckpointIndex,
     DecodedWeight,
+    TensorInfo,
     build_index,
     header_digest,
     load_json,
+    read_header,
     resolve_checkpoint_dir,
 )
 from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
@@ -57,6 +59,9 @@ class Summary:
     seconds: float = 0.0
     stages: str = ""
     warnings: list[str] = field(default_factory=list)
+    # Quantized modules whose weight (or whole fused group) was all zeros: written as exact zeros with a
+    # finite global scale, where ModelOpt writes NaN (docs/codec.md). Known after the run.
+    zero_weights: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         gb = 1e9
@@ -68,6 +73,12 @@ class Summary:
             f"unquantized Linear modules: {self.unquantized_modules}",
         ]
         out += [f"  {reason}: {n}" for reason, n in self.unquantized_by_reason.items()]
+        if self.zero_weights:
+            shown = ", ".join(self.zero_weights[:6]) + (" ..." if len(self.zero_weights) > 6 else "")
+            out.append(
+                f"all-zero weights: {len(self.zero_weights)}, written as exact zeros with weight_scale_2 "
+                f"{nvfp4.ZERO_WEIGHT_SCALE_2} (ModelOpt would write NaN scales): {shown}"
+            )
         if self.exclude_modules:
             shown = ", ".join(self.exclude_modules[:12]) + (" ..." if len(self.exclude_modules) > 12 else "")
             out.append(f"exclude_modules ({len(self.exclude_modules)} entries): {shown}")
@@ -529,6 +540,29 @@ def _silent(*_args) -> None:
     pass
 
 
+def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
+    """Quantized modules whose source weight, or whole fused group, was all zeros, read back from the written
+    shards (so a resumed or torchrun run reports the same list): the zero-weight global scale, and every
+    code of the unit 0. A group with amax > 0 always has a nonzero code (its largest value encodes as 6)."""
+    zero = []
+    with TensorReader(output_dir) as reader:
+        for shard in plan.shards:
+            header, data_start = read_header(output_dir / shard.file)
+            infos = {}
+            for name, e in header.items():
+                begin, end = (data_start + o for o in e["data_offsets"])
+                infos[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), shard.file, begin, end)
+            for unit in shard.units:
+                if not isinstance(unit, QuantizeUnit):
+                    continue
+                names = unit.encoded_names()
+                if all(reader.read(infos[s2]).item() == nvfp4.ZERO_WEIGHT_SCALE_2 for _, _, s2 in names) and all(
+                    not reader.read(infos[packed]).any() for _, packed, _ in names
+                ):
+                    zero += [module for module, _, _ in names]
+    return sorted(zero)
+
+
 def _export(
     plan: Plan,
     index: CheckpointIndex,
@@ -547,6 +581,7 @@ def _export(
     copied = copy_side_files(input_dir, output_dir)
     write_json_atomic(output_dir / "config.json", model_config(index.config, exclude_modules, recipe.weight_only))
     shards = state.finish(fp, [s.file for s in plan.shards])
+    summary.zero_weights = zero_weight_modules(plan, output_dir)
     # Nothing here depends on the device, the number of workers or the time: the same input and options
     # give the same bytes in this file too.
     write_json_atomic(
@@ -562,8 +597,10 @@ def _export(
                 "fused_groups": summary.fused_groups,
                 "copied_tensors": summary.copied_tensors,
                 "unquantized_by_reason": summary.unquantized_by_reason,
+                "zero_weights": len(summary.zero_weights),
             },
             "unquantized": plan.unquantized,
+            "zero_weights": summary.zero_weights,
             "side_files": copied,
             "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
             "warnings": plan.warnings,

@@ -39,14 +39,27 @@ def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
     return torch.maximum(weight.max().abs(), weight.min().abs()).float()
 
 
+# The global scale of an all-zero weight (or fused group), where ModelOpt's formula gives 0 and its block
+# scales become 0/0 = NaN. With 1.0 every block is an all-zero block (scale 1.0, as ModelOpt writes such
+# blocks) and every code is 0, so the weight dequantizes to exact zeros; and every use a consumer makes of
+# the global scale stays finite: vLLM uses it raw as the GEMM global scale, multiplies it into alpha, inverts
+# it (compressed-tensors' weight_global_scale, vLLM's humming kernel), and refuses NaN block scales as "never
+# loaded" (vllm/model_executor/layers/quantization/modelopt.py, KNvfp4Static.process).
+# docs/codec.md records this one deviation from ModelOpt's bytes.
+ZERO_WEIGHT_SCALE_2 = 1.0
+
+
 def weight_scale_2_from_amax(amax: torch.Tensor, scale_math: ScaleMath = "cuda") -> torch.Tensor:
-    """Global scale ``amax / (6 * 448)`` as ModelOpt computes it on CUDA (default) or on the CPU."""
+    """Global scale ``amax / (6 * 448)`` as ModelOpt computes it on CUDA (default) or on the CPU, and
+    ``ZERO_WEIGHT_SCALE_2`` for amax 0."""
     amax = amax.float()
     if scale_math == "cuda":
-        return amax * _INV_2688_F32.to(amax.device)
-    if scale_math == "cpu":
-        return amax / (E2M1_MAX * E4M3_MAX)
-    raise ValueError(f"scale_math must be 'cuda' or 'cpu', not {scale_math!r}")
+        scale_2 = amax * _INV_2688_F32.to(amax.device)
+    elif scale_math == "cpu":
+        scale_2 = amax / (E2M1_MAX * E4M3_MAX)
+    else:
+        raise ValueError(f"scale_math must be 'cuda' or 'cpu', not {scale_math!r}")
+    return torch.where(amax == 0, torch.full_like(scale_2, ZERO_WEIGHT_SCALE_2), scale_2)
 
 
 def _block_scales(blocks: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
