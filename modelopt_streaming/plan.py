@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .consumer import ExclusionMatcher
 from .formats import BLOCK_SIZE
 from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
 
@@ -256,25 +257,6 @@ def default_exclusion(module: str, num_layers: int | None) -> str | None:
     if (parent, leaf) == ("router", "layer"):
         return "MoE router"
     return None
-
-
-class ExclusionMatcher:
-    """vLLM's reading of an exclude list: exact name, then substring, then fnmatch wildcard.
-
-    Compiled once into two regular expressions, since a 1T-parameter checkpoint has ~70k modules.
-    """
-
-    def __init__(self, patterns: Iterable[str]):
-        self.patterns = tuple(patterns)
-        plain = [re.escape(p) for p in self.patterns if p]
-        self._substring = re.compile("|".join(plain)) if plain else None
-        wild = [fnmatch.translate(p) for p in self.patterns]
-        self._wildcard = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
-
-    def __call__(self, module: str) -> bool:
-        return bool(
-            (self._substring and self._substring.search(module)) or (self._wildcard and self._wildcard.match(module))
-        )
 
 
 def matches_vllm_exclusion(module: str, patterns: Iterable[str]) -> bool:

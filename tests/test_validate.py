@@ -106,7 +106,8 @@ def test_exclude_list_omitting_an_unquantized_linear(moe, tmp_path):
     cfg["quantization_config"]["ignore"] = hf["quantization"]["exclude_modules"]
     (bad / "config.json").write_text(json.dumps(cfg))
     report = validate(bad)
-    assert any(f.check == "exclusions" and "lm_head" in f.message for f in report.findings)
+    assert not report.ok
+    assert any(f.check == "consumer" and f.message.startswith("lm_head: vLLM builds it NVFP4") for f in report.findings)
 
 
 def test_stale_quantization_config_and_missing_keys(moe, tmp_path):

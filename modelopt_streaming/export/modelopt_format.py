@@ -8,7 +8,17 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-from ..plan import ExclusionMatcher
+from ..consumer import (
+    GENERIC,
+    UNFUSED,
+    ConsumerError,
+    ExclusionMatcher,
+    Family,
+    VllmExclusion,
+    consumer_layers,
+    disagreements,
+    family_of,
+)
 
 PRODUCER_NAME = "modelopt"
 # The ModelOpt format revision our files follow; consumers read the name, and the version only for logs.
@@ -16,13 +26,99 @@ PRODUCER_VERSION = "0.47.0"
 _LAYER = re.compile(r"\.layers\.\d+\.")
 
 
-def compact_exclusions(unquantized: Iterable[str], linear_modules: Iterable[str]) -> list[str]:
-    """The exclude list: every unquantized Linear, compacted with ``prefix*`` wildcards where exact.
+def compact_exclusions(
+    unquantized: Iterable[str], linear_modules: Iterable[str], config: dict | None = None
+) -> list[str]:
+    """The exclude list, exact for vLLM: it matches every layer vLLM builds unquantized and no other.
 
-    A wildcard is used only if, read the way vLLM reads the list (exact, substring, fnmatch), it
-    matches no quantized module; the result is checked entry by entry before it is returned.
+    Starts from every unquantized module compacted with ``prefix*`` wildcards (ModelOpt's style, exact on
+    the checkpoint's names), then adds what vLLM asks about beyond those names (the consumer rules of
+    ``config``'s architecture): the fused name of a wholly unquantized fused group (``qkv_proj``,
+    ``gate_up_proj``, ``fused_qkv_a_proj``) and ``lm_head`` whether tied or not. For an architecture the
+    consumer table does not know, the list is made exact under both the fused and the unfused reading.
+    Raises ConsumerError if no list can be exact (a plan that quantized part of a fused layer).
     """
     unquantized = set(unquantized)
+    linear_modules = set(linear_modules)
+    base = _compact_names(unquantized, linear_modules)
+    family = family_of(config)
+    readings = [family] if family else [GENERIC, UNFUSED]
+    quantized = linear_modules - unquantized
+    layers = {fam.name: consumer_layers(linear_modules, config, fam) for fam in readings}
+    for fam in readings:
+        for lay in layers[fam.name]:
+            states = {m in quantized for m in lay.members}
+            if len(states) > 1:
+                raise ConsumerError(
+                    f"{lay.prefix}: vLLM builds {', '.join(lay.members)} as one layer, but only some are "
+                    "quantized; no exclude list can describe that"
+                )
+
+    def wrong(entries: list[str]) -> list[str]:
+        out = []
+        for fam in readings:
+            found = disagreements(layers[fam.name], quantized.__contains__, VllmExclusion(entries, fam, config))
+            out += [d.message() for d in found]
+        matcher = ExclusionMatcher(entries)
+        out += [f"{m}: not excluded" for m in unquantized if not matcher(m)]
+        out += [f"{m}: quantized but excluded" for m in quantized if matcher(m)]
+        return out
+
+    entries = list(base)
+    added = _missing_consumer_names(entries, readings, layers, quantized, config)
+    if added:
+        entries = sorted(set(entries) | _fold_layers(added, entries, readings, layers, quantized, config))
+    problems = wrong(entries)
+    if problems:
+        # Wildcards can read differently once vLLM renames or fuses; exact names always read the same.
+        entries = sorted(unquantized)
+        entries = sorted(set(entries) | _missing_consumer_names(entries, readings, layers, quantized, config))
+        problems = wrong(entries)
+    if problems:
+        raise ConsumerError(f"no exclude list is exact for vLLM: {problems[0]}")
+    return entries
+
+
+def _missing_consumer_names(
+    entries: list[str], readings: list[Family], layers: dict, quantized: set[str], config: dict | None
+) -> set[str]:
+    """Checkpoint-side names of layers vLLM would build NVFP4 although their tensors are not."""
+    added: set[str] = set()
+    for fam in readings:
+        exclusion = VllmExclusion(entries, fam, config)
+        for d in disagreements(layers[fam.name], quantized.__contains__, exclusion):
+            if not d.tensors_quantized:
+                added.add(d.layer.checkpoint_name)
+    return added
+
+
+def _fold_layers(
+    added: set[str], entries: list[str], readings: list[Family], layers: dict, quantized: set[str], config
+) -> set[str]:
+    """One ``layers.*`` entry instead of one per layer, where vLLM still reads the whole list exactly."""
+    out: set[str] = set()
+    for name in sorted(added):
+        general = _LAYER.sub(".layers.*.", name)
+        if general in out:
+            continue
+        if general == name:
+            out.add(name)
+            continue
+        trial = [*entries, general]
+        ok = all(
+            not any(
+                d.tensors_quantized
+                for d in disagreements(layers[f.name], quantized.__contains__, VllmExclusion(trial, f, config))
+            )
+            for f in readings
+        )
+        ok = ok and not any(ExclusionMatcher([general])(m) for m in quantized)
+        out.add(general if ok else name)
+    return out
+
+
+def _compact_names(unquantized: set[str], linear_modules: set[str]) -> list[str]:
+    """Every unquantized module, compacted with ``prefix*`` wildcards where exact on the checkpoint's names."""
     quantized = sorted(set(linear_modules) - unquantized)
 
     def safe(pattern: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..index import INDEX_FILE, CheckpointError, TensorInfo, read_header
 from ..reader import TensorReader
 
 MODELOPT = "modelopt"
+_FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
 COMPRESSED_TENSORS = "compressed-tensors"
 
 _SUFFIXES = {
@@ -65,6 +67,10 @@ class ModuleView:
     @property
     def quantized(self) -> bool:
         return self.weight is not None and self.weight.dtype == "U8"
+
+    @property
+    def experts_3d(self) -> bool:
+        return self.weight is not None and len(self.weight.shape) == 3 and bool(_FUSED_EXPERTS.search(self.name))
 
     @property
     def in_features(self) -> int | None:
@@ -159,6 +165,19 @@ class NVFP4Checkpoint:
 
     def _module_views(self) -> dict[str, ModuleView]:
         views: dict[str, ModuleView] = {}
+        # 3-D fused experts (GPT-OSS, Llama-4) are named by their tensor; ModelOpt 0.47 appends its scale
+        # names to it (``X_weight_scale``, ``X_weight_scale_2``, ``X_input_scale``).
+        taken: set[str] = set()
+        for name, info in self.tensors.items():
+            if _FUSED_EXPERTS.search(name) and len(info.shape) == 3:
+                view = views[name] = ModuleView(name, weight=info)
+                for role, suffix in (
+                    ("weight_scale", "_weight_scale"),
+                    ("global_scale", "_weight_scale_2"),
+                    ("input_scale", "_input_scale"),
+                ):
+                    setattr(view, role, self.tensors.get(name + suffix))
+                taken |= {name, *(name + s for s in ("_weight_scale", "_weight_scale_2", "_input_scale"))}
         suffix = _SUFFIXES.get(self.format or MODELOPT)
         roles = {
             suffix["weight"]: "weight",
@@ -168,7 +187,7 @@ class NVFP4Checkpoint:
         }
         for name, info in self.tensors.items():
             module, _, leaf = name.rpartition(".")
-            if not module:
+            if not module or name in taken:
                 continue
             role = roles.get(leaf)
             if role is None and leaf == "weight":

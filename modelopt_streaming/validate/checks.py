@@ -10,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..plan import EMBEDDING_LEAVES, FUSION_KINDS, ExclusionMatcher, fusion_key, module_kind
+from ..consumer import (
+    GENERIC,
+    UNFUSED,
+    ExclusionMatcher,
+    VllmExclusion,
+    consumer_layers,
+    disagreements,
+    family_of,
+)
+from ..plan import EMBEDDING_LEAVES, FUSION_KINDS, fusion_key, module_kind
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
 
 # Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
@@ -211,18 +220,21 @@ def _check_module(ck: NVFP4Checkpoint, v: ModuleView, inputs_expected: bool | No
                 what = "has no weight" if v.weight is None else f"keeps its {v.weight.dtype} weight"
                 ck.error("tensors", f"{v.name}.{label}: scale tensor for a module that {what}")
         return
-    out, packed_cols = v.weight.shape if len(v.weight.shape) == 2 else (None, None)
-    if out is None:
+    if v.experts_3d:
+        _check_experts_3d(ck, v)
+    elif len(v.weight.shape) != 2:
         ck.error("tensors", f"{v.weight.name}: packed weight must be 2-D, is {list(v.weight.shape)}")
         return
-    if v.weight_scale is None:
-        ck.error("tensors", f"{v.name}.weight_scale is missing")
-    elif v.weight_scale.dtype != "F8_E4M3" or v.weight_scale.shape != (out, packed_cols * 2 // 16):
-        ck.error(
-            "tensors",
-            f"{v.weight_scale.name}: {v.weight_scale.dtype} {list(v.weight_scale.shape)}, expected "
-            f"F8_E4M3 {[out, packed_cols * 2 // 16]}",
-        )
+    else:
+        out, packed_cols = v.weight.shape
+        if v.weight_scale is None:
+            ck.error("tensors", f"{v.name}.weight_scale is missing")
+        elif v.weight_scale.dtype != "F8_E4M3" or v.weight_scale.shape != (out, packed_cols * 2 // 16):
+            ck.error(
+                "tensors",
+                f"{v.weight_scale.name}: {v.weight_scale.dtype} {list(v.weight_scale.shape)}, expected "
+                f"F8_E4M3 {[out, packed_cols * 2 // 16]}",
+            )
     if v.global_scale is None:
         ck.error("tensors", f"{v.name}.{gname} is missing")
     elif v.global_scale.dtype != "F32" or v.global_scale.numel != 1:
@@ -242,6 +254,48 @@ def _check_module(ck: NVFP4Checkpoint, v: ModuleView, inputs_expected: bool | No
         value = float(ck.read(v.input_scale).float().reshape(()))
         if not (math.isfinite(value) and value > 0):
             ck.error("values", f"{v.input_scale.name} = {value}: must be finite and > 0")
+
+
+def _check_experts_3d(ck: NVFP4Checkpoint, v: ModuleView) -> None:
+    """ModelOpt 0.47's layout of 3-D fused experts: X uint8 [E, in/2, out], X_weight_scale [E, in/16, out]."""
+    n_exp, half_in, n_out = v.weight.shape
+    expected = (n_exp, half_in * 2 // 16, n_out)
+    if v.weight_scale is None:
+        ck.error("tensors", f"{v.name}_weight_scale is missing")
+    elif v.weight_scale.dtype != "F8_E4M3" or v.weight_scale.shape != expected:
+        ck.error(
+            "tensors",
+            f"{v.weight_scale.name}: {v.weight_scale.dtype} {list(v.weight_scale.shape)}, expected "
+            f"F8_E4M3 {list(expected)}",
+        )
+
+
+def _check_consumer(ck: NVFP4Checkpoint, hf_exclude: list[str], modules: list[ModuleView]) -> None:
+    """Every layer vLLM builds: its decision (NVFP4 or not), read from the list the way vLLM reads it for
+    this architecture (``consumer``), must agree with the tensors."""
+    qc = ck.quant_config
+    # vLLM reads config.json's quantization_config before hf_quant_config.json (get_quant_config in
+    # model_loader/weight_utils.py), so its ``ignore`` is the list that counts when both exist.
+    exclude = list(qc.get("ignore") or []) if qc.get("quant_method") == "modelopt" else hf_exclude
+    config = ck.config or {}
+    family = family_of(config)
+    readings = [family] if family else [GENERIC, UNFUSED]
+    if family is None:
+        archs = ", ".join(config.get("architectures") or []) or config.get("model_type") or "unknown"
+        ck.warning(
+            "consumer",
+            f"architecture {archs} is not in the consumer table: exclusions judged under both the fused and "
+            "the unfused reading of vLLM's usual layer names",
+        )
+    state = {v.name: v.quantized for v in modules if v.weight is not None and len(v.weight.shape) >= 2}
+    reported: set[str] = set()
+    for fam in readings:
+        layers = consumer_layers(state, config, fam)
+        for d in disagreements(layers, state.__getitem__, VllmExclusion(exclude, fam, config)):
+            if d.tensors_quantized is None or d.layer.prefix in reported:
+                continue  # a partly quantized fused or MoE layer is reported by the fused checks
+            reported.add(d.layer.prefix)
+            ck.error("consumer", d.message())
 
 
 def _scan_block_scales(ck: NVFP4Checkpoint, modules: list[ModuleView]) -> dict[str, int]:
@@ -290,8 +344,10 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
     if ck.format and not quantized:
         ck.error("tensors", "no quantized module found")
 
-    # The config tells the truth: read the list the way vLLM does.
-    if exclude is not None:
+    # The config tells the truth: read the list the way vLLM does, over the layers vLLM builds.
+    if exclude is not None and ck.format == MODELOPT:
+        _check_consumer(ck, exclude, modules)
+    elif exclude is not None:
         matcher = ExclusionMatcher(exclude)
         missing = [m for m in linear_unquantized if not matcher(m)]
         wrong = [v.name for v in quantized if matcher(v.name)]
