@@ -472,7 +472,7 @@ def quantize(
         _check_paths(input_dir, Path(output_dir))
     index = build_index(input_dir)
     plan = build_plan(index, recipe)
-    exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules)
+    exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules, index.config)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
     rank, world = _distributed()
