@@ -287,12 +287,26 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         if _FUSED_EXPERTS.match(name) and len(info.shape) == 3
     }
     weights.update(experts_3d)
-    weight_tensor = {m: m if m in experts_3d else f"{m}.weight" for m in weights}
+    # Other float tensors of two or more dims without the ``.weight`` name (DBRX keeps its experts as 2-D
+    # ``ffn.experts.mlp.w1``): copied unquantized, and listed like any unquantized Linear, never left out.
+    unrecognised = {
+        name: info
+        for name, info in index.tensors.items()
+        if len(info.shape) >= 2
+        and info.dtype in FLOAT_DTYPES
+        and not name.endswith((".weight", "bias"))
+        and name not in weights
+        and name not in consumed
+    }
+    weights.update(unrecognised)
+    weight_tensor = {m: m if m in experts_3d or m in unrecognised else f"{m}.weight" for m in weights}
     reference_excluded = ExclusionMatcher(recipe.reference_exclude)
     reasons: dict[str, str] = {}
     for module, info in weights.items():
         reason = default_exclusion(module, num_layers)
         kind = module_kind(module)
+        if reason is None and module in unrecognised:
+            reason = "not a Linear weight this tool quantizes (no .weight name)"
         # The input dimension: blocks of 16 run along it (the middle one of a 3-D experts tensor).
         n_in = info.shape[1] if len(info.shape) >= 2 else 0
         if reason is None and len(info.shape) != 2 and module not in experts_3d:

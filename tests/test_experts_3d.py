@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from checkpoints import load_dir, modelopt_export, write_checkpoint
-from fused_experts_checkpoints import make_gpt_oss_checkpoint
+from checkpoints_extra import make_gpt_oss_checkpoint
 
 from modelopt_streaming import quantize
 from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4

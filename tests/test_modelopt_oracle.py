@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from checkpoints import load_dir, make_model_checkpoint, modelopt_export
+from checkpoints_extra import modelopt_export_in
 
 from modelopt_streaming import quantize
 
@@ -67,3 +68,34 @@ def test_same_quantized_modules(pair):
     our_cfg = json.loads((ours_dir / "hf_quant_config.json").read_text())["quantization"]
     assert ref_cfg["quant_algo"] == our_cfg["quant_algo"] == "NVFP4"
     assert ref_cfg["group_size"] == our_cfg["group_size"] == 16
+
+
+DTYPE_CASES = [("llama", torch.float16), ("llama", torch.float32), ("qwen3_moe", torch.float16)]
+
+
+@pytest.fixture(scope="module", params=DTYPE_CASES, ids=[f"{a}-{str(d).split('.')[-1]}" for a, d in DTYPE_CASES])
+def pair_in_dtype(request, tmp_path_factory):
+    """fp16 and fp32 sources, against ModelOpt with the model loaded (and exported) in that dtype."""
+    arch, dtype = request.param
+    base = tmp_path_factory.mktemp(f"{arch}_{str(dtype).split('.')[-1]}")
+    src = make_model_checkpoint(base / "src", arch, n_shards=2, dtype=dtype)
+    modelopt_export_in(src, base / "modelopt", dtype)
+    quantize(src, base / "ours", scale_math="cpu", progress="none", log=lambda *_: None)
+    return dtype, base / "modelopt", base / "ours"
+
+
+def test_fp16_fp32_sources_byte_identical(pair_in_dtype):
+    dtype, ref_dir, ours_dir = pair_in_dtype
+    ref, ours = load_dir(ref_dir), load_dir(ours_dir)
+    assert sorted(ref) == sorted(ours)
+    assert ref["model.embed_tokens.weight"].dtype == ours["model.embed_tokens.weight"].dtype == dtype
+    compared = 0
+    for name, a in ref.items():
+        if name.endswith("input_scale"):
+            continue
+        b = ours[name]
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        compared += name.endswith("weight_scale_2")
+    assert compared >= 14

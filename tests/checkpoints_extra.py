@@ -1,4 +1,5 @@
-"""Synthetic checkpoints with 3-D fused experts (GPT-OSS), built from transformers' own config class."""
+"""More synthetic checkpoints and oracle runs for the tests (GPT-OSS 3-D experts, real configs of other
+families, ModelOpt in a given dtype), built from transformers' own config classes."""
 
 from __future__ import annotations
 
@@ -47,3 +48,31 @@ def layout_of_config(config) -> tuple[dict[str, tuple[tuple[int, ...], torch.dty
 def make_gpt_oss_checkpoint(directory: Path, n_shards: int = 3, seed: int = 0) -> Path:
     layout, cfg = layout_of_config(tiny_gpt_oss_config())
     return write_checkpoint(directory, make_weights(layout, seed), cfg, round_robin(n_shards))
+
+
+def make_config_checkpoint(
+    directory: Path, config, n_shards: int = 2, seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
+    layout, cfg = layout_of_config(config)
+    return write_checkpoint(directory, make_weights(layout, seed, dtype), cfg, round_robin(n_shards))
+
+
+def modelopt_export_in(src: Path, out: Path, dtype: torch.dtype) -> Path:
+    """NVIDIA ModelOpt's own flow on the CPU with the model loaded and exported in ``dtype`` (fp16, fp32),
+    as a user quantizing an fp16 or fp32 checkpoint with ModelOpt would run it."""
+    import modelopt.torch.quantization as mtq
+    import transformers as tf
+    from modelopt.torch.export import export_hf_checkpoint
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+
+    def calibrate(m):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            m(torch.randint(0, vocab, (2, 16), generator=g))
+
+    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate)
+    export_hf_checkpoint(model, dtype=dtype, export_dir=out)
+    return out
