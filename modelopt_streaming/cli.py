@@ -176,7 +176,11 @@ def _run_quantize(args, argv: list[str] | None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    device, distributed = init_distributed(args.device)
+    try:
+        device, distributed = init_distributed(args.device)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     other_rank = distributed and int(os.environ.get("RANK", "0")) != 0  # rank 0 alone speaks
     quiet = args.quiet or other_rank
     log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, faults
 from .codec import cpu_kernel, cuda_kernel, nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
 from .index import (
@@ -28,14 +28,19 @@ from .index import (
     read_header,
     resolve_checkpoint_dir,
 )
-from .output_dir import FINISHED_MARKER, OutputState, OutputStateError, is_writable_location
+from .output_dir import (
+    FINISHED_MARKER,
+    PROVENANCE_FILE,
+    OutputDirLock,
+    OutputState,
+    OutputStateError,
+    is_writable_location,
+)
 from .pipeline import BackgroundWriter, Throughput, read_ahead
 from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
 from .progress import Progress
 from .reader import TensorReader
-from .writer import PositionalShardWriter, ShardWriter, TensorSpec, write_json_atomic
-
-PROVENANCE_FILE = "modelopt_streaming.json"
+from .writer import IncompleteShardError, PositionalShardWriter, ShardWriter, TensorSpec, write_json_atomic
 
 
 class UsageError(Exception):
@@ -226,14 +231,26 @@ def _encode_unit(
     return out
 
 
+# Collectives that follow a _checkpoint (everyone is there) and the start-up rendezvous; every wait for a
+# rank's real work goes through _checkpoint with a timeout sized to that work instead.
+GROUP_TIMEOUT_S = 600
+# A rank that moves fewer bytes per second than this through its share is treated as stuck.
+SLOWEST_RATE = 20e6
+
+
 def init_distributed(device: str | None) -> tuple[str | None, bool]:
     """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
     and, with CUDA, one GPU per rank by LOCAL_RANK."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _world_size_env() <= 1:
         return device, False
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group(backend="gloo")
+    try:
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, rendezvous failed or timed out
+        raise UsageError(f"WORLD_SIZE={_world_size_env()} but no process group could be formed: {e}") from None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
@@ -249,7 +266,14 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _on_rank0(rank: int, world: int, fn):
+def _world_size_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def _on_rank0(rank: int, world: int, fn, step: str, timeout_s: float):
     """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever)."""
     error = None
     if rank == 0:
@@ -260,6 +284,7 @@ def _on_rank0(rank: int, world: int, fn):
     if world > 1:
         import torch.distributed as dist
 
+        _checkpoint(rank, world, step, timeout_s)
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
@@ -267,11 +292,86 @@ def _on_rank0(rank: int, world: int, fn):
         raise UsageError(error)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+class RankLostError(OutputError):
+    """A torchrun rank died, failed or stalled; the message names it. Finished shards are kept."""
 
-        dist.barrier()
+
+def _checkpoint(rank: int, world: int, step: str, timeout_s: float) -> None:
+    """A barrier that names the rank that never arrives. Every rank reports to rank 0 over its own
+    connection, so a rank that died (its connection closes at once) or stalls past ``timeout_s`` is
+    known by number; rank 0 then tells the others which ranks were lost. torch's monitored_barrier
+    would only say "connection closed by peer [address]" on rank 0 for a dead rank."""
+    if world <= 1:
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    limit = datetime.timedelta(seconds=timeout_s)
+    why = {}
+    if rank == 0:
+        for r in range(1, world):
+            try:
+                dist.irecv(torch.zeros(1), src=r).wait(timeout=limit)
+            except RuntimeError as e:
+                why[r] = "timed out" if "imed out" in str(e) else "stopped"
+        verdict = torch.zeros(world)
+        for r in why:
+            verdict[r] = 1
+        for r in range(1, world):
+            if r not in why:
+                dist.send(verdict, dst=r)
+        lost = sorted(why)
+    else:
+        verdict = torch.zeros(world)
+        try:
+            dist.send(torch.zeros(1), dst=0)
+            # Rank 0 may wait up to timeout_s for the slowest rank before it answers.
+            dist.irecv(verdict, src=0).wait(timeout=2 * limit + datetime.timedelta(seconds=60))
+        except RuntimeError:
+            why[0] = "stopped"
+        lost = sorted(why) or [r for r in range(world) if verdict[r]]
+    if lost:
+        names = ", ".join(f"rank {r}" for r in lost)
+        stalled = any(v == "timed out" for v in why.values())
+        raise RankLostError(
+            f"{names} {'did not reach' if stalled else 'stopped before'} the '{step}' step"
+            + (f" within {timeout_s:.0f} s" if stalled else " (its process died or failed: see its own error)")
+            + "; finished shards are kept: rerun with --resume"
+        )
+
+
+def _check_shared_output(state: OutputState, rank: int, world: int) -> None:
+    """Every rank must see the files rank 0 writes (ranks write one another's shards): on several nodes
+    that needs a shared file system. Checked with a token file before any work."""
+    if world <= 1:
+        return
+    import secrets
+    import socket
+
+    import torch.distributed as dist
+
+    token_file = state.records_dir / "shared_output_check"
+    box = [None]
+    if rank == 0:
+        box = [secrets.token_hex(16)]
+        token_file.write_text(box[0])
+    _checkpoint(rank, world, "shared output check", GROUP_TIMEOUT_S)
+    dist.broadcast_object_list(box, src=0)
+    try:
+        seen = token_file.read_text() == box[0]
+    except OSError:
+        seen = False
+    views = [None] * world
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if rank == 0:
+        token_file.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UsageError(
+            f"{', '.join(blind)} cannot see the files rank 0 writes in {state.dir} (host {views[0][1]}): "
+            "with several nodes the output directory must be on a file system they all share"
+        )
 
 
 def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
@@ -329,6 +429,7 @@ def _stream_units(
         for (unit, offset, nbytes), data in read_ahead(
             _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats
         ):
+            faults.point("unit")
             sink = sink_of(unit)
             if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
                 background.submit(sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size())
@@ -380,23 +481,37 @@ def _write_shards_distributed(
     """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
     the units at their planned offsets, so the work splits evenly whatever the shard count; then the ranks
     hash, rename and record the shards between them. The bytes are those of a single process."""
+    import torch.distributed as dist
+
     if rank == 0:
         for shard in todo:
             PositionalShardWriter.create(state.dir, shard.file, _specs(shard))
-    _barrier(world)
+    _checkpoint(rank, world, "lay out shards", GROUP_TIMEOUT_S)
     writers = {shard.file: PositionalShardWriter(state.dir, shard.file, _specs(shard)) for shard in todo}
     shard_of = {id(u): shard.file for shard in todo for u in shard.units}
-    mine = _contiguous_share([u for shard in todo for u in shard.units], rank, world)
+    units = [u for shard in todo for u in shard.units]
+    mine = _contiguous_share(units, rank, world)
     kw["meter"].set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
     try:
         _stream_units(mine, lambda unit: writers[shard_of[id(unit)]], reader, **kw)
     finally:
         for w in writers.values():
             w.close()
-    _barrier(world)
+    # The slowest rank's share bounds the wait (shares are balanced by bytes, so this is generous).
+    largest = max(
+        sum(sum(s.nbytes for s in unit_sources(u)) for u in _contiguous_share(units, r, world)) for r in range(world)
+    )
+    _checkpoint(rank, world, "write shares", GROUP_TIMEOUT_S + largest / SLOWEST_RATE)
+    # What every rank completed: a shard is renamed only when all its planned bytes were written.
+    mine_done = {f: w.written() for f, w in writers.items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine_done)
     for i, shard in enumerate(todo):  # hashing and renaming is shared out too
         if i % world == rank:
-            state.record(writers[shard.file].finish())
+            written = set().union(*(done[shard.file] for done in everyone))
+            state.record(writers[shard.file].finish(written))
+    hashed = sum(s.nbytes for s in todo) / world
+    _checkpoint(rank, world, "hash and rename shards", GROUP_TIMEOUT_S + hashed / SLOWEST_RATE)
 
 
 def _contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -482,13 +597,79 @@ def quantize(
         log(f"warning: {w}")
     if dry_run:
         return summary
+    if world == 1 and _world_size_env() > 1:
+        raise UsageError(
+            f"WORLD_SIZE={_world_size_env()} (torchrun?) but no process group: each process would write the "
+            "whole output; run the modelopt-streaming command under torchrun, or call "
+            "modelopt_streaming.runner.init_distributed() before quantize()"
+        )
     dev = resolve_device(device)
     output_dir = Path(output_dir)
     state = OutputState(output_dir)
     fp = fingerprint(index, recipe, plan)
     planned = {s.file: [t.name for t in s.outputs] for s in plan.shards}
-    _on_rank0(rank, world, lambda: state.prepare(fp, planned, resume, verify, overwrite))
-    _barrier(world)
+    lock = OutputDirLock(output_dir)  # taken (rank 0) before anything is written, held to the end
+    try:
+        return _write_output(
+            plan,
+            index,
+            input_dir,
+            output_dir,
+            state,
+            lock,
+            fp,
+            planned,
+            exclude_modules,
+            summary,
+            recipe,
+            rank=rank,
+            world=world,
+            dev=dev,
+            resume=resume,
+            verify=verify,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+            log=log,
+        )
+    finally:
+        lock.release()
+
+
+def _write_output(
+    plan: Plan,
+    index: CheckpointIndex,
+    input_dir: Path,
+    output_dir: Path,
+    state: OutputState,
+    lock: OutputDirLock,
+    fp: dict,
+    planned: dict[str, list[str]],
+    exclude_modules: list[str],
+    summary: Summary,
+    recipe: Recipe,
+    *,
+    rank: int,
+    world: int,
+    dev: torch.device,
+    resume: bool,
+    verify: bool,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    progress: str,
+    log,
+) -> Summary:
+    """Everything that writes: prepare the directory (resume or start), stream the shards, export."""
+    weight_only = recipe.weight_only
+
+    def take_and_prepare() -> None:
+        lock.acquire()
+        state.prepare(fp, planned, resume, verify, overwrite, source_dir=input_dir)
+
+    # Rank 0 may hash every finished shard (--resume --verify) while the others wait.
+    verify_s = plan.output_bytes / SLOWEST_RATE if resume and verify else 0
+    _on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
+    _check_shared_output(state, rank, world)
     done = state.records()
     todo = [s for s in plan.shards if s.file not in done]
     if done:
@@ -520,9 +701,10 @@ def quantize(
             f"writing {where} failed: {e.strerror or e}; finished shards are kept, free the space "
             "or fix the cause and rerun with --resume"
         ) from None
+    except IncompleteShardError as e:
+        raise OutputError(f"{e}; rerun with --resume") from None
     finally:
         meter.close()
-    _barrier(world)
     if rank == 0:
         try:
             _export(plan, index, input_dir, output_dir, state, fp, exclude_modules, summary, recipe)
@@ -530,7 +712,7 @@ def quantize(
             raise OutputError(
                 f"writing {e.filename or output_dir} failed: {e.strerror or e}; rerun with --resume"
             ) from None
-    _barrier(world)
+    _checkpoint(rank, world, "export", GROUP_TIMEOUT_S)
     summary.seconds = time.monotonic() - started
     summary.stages = stats.line()
     return summary

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .index import DTYPE_NAMES, DTYPES
 
 MANIFEST_FILE = "modelopt_streaming.manifest.json"
@@ -49,6 +50,10 @@ def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
 
 def partial_name(file_name: str) -> str:
     return f".{file_name}.partial"
+
+
+class IncompleteShardError(RuntimeError):
+    """A shard is about to be renamed while some of its planned bytes were never written."""
 
 
 class _Sha256Thread:
@@ -110,7 +115,13 @@ class ShardWriter:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         if n > self._remaining:
             raise RuntimeError(f"{self.file_name}: more bytes than declared for {self.tensors[self._next - 1].name}")
-        self._emit(data)
+        if n > 1 and faults.active():  # tests: a crash with half of this tensor on disk
+            view = memoryview(data).cast("B")
+            self._emit(view[: n // 2])
+            faults.point("mid_tensor", flush=self._f.flush)
+            self._emit(view[n // 2 :])
+        else:
+            self._emit(data)
         self._remaining -= n
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -135,6 +146,7 @@ class ShardWriter:
         self._f.close()
         os.replace(self._tmp, self.directory / self.file_name)
         _fsync_dir(self.directory)
+        faults.point("after_rename")
         return {
             "file": self.file_name,
             "size": size,
@@ -172,6 +184,9 @@ class PositionalShardWriter:
         self._tmp = self.directory / partial_name(file_name)
         self._fd = os.open(self._tmp, os.O_WRONLY)
         self._cursor = self._end = 0
+        self._current: str | None = None
+        # Tensors whose every planned byte this process wrote: finish() renames only a fully covered shard.
+        self._complete: set[str] = set()
 
     @staticmethod
     def create(directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]) -> None:
@@ -186,15 +201,28 @@ class PositionalShardWriter:
             raise RuntimeError(f"{self.file_name}: previous tensor incomplete before {name}")
         self._cursor, n = self.offsets[name]
         self._end = self._cursor + n
+        self._current = name
+        if n == 0:
+            self._complete.add(name)
 
     def write_bytes(self, data) -> None:
         view = memoryview(data).cast("B")
         if self._cursor + len(view) > self._end:
             raise RuntimeError(f"{self.file_name}: more bytes than declared")
+        half = self._cursor + len(view) // 2 if len(view) > 1 and faults.active() else -1
         while view:
-            n = os.pwrite(self._fd, view, self._cursor)
+            n = os.pwrite(self._fd, view if half < 0 else view[: half - self._cursor], self._cursor)
             self._cursor += n
             view = view[n:]
+            if self._cursor == half:  # tests: a crash with half of this tensor on disk
+                half = -1
+                faults.point("mid_tensor")
+        if self._cursor == self._end and self._current is not None:
+            self._complete.add(self._current)
+
+    def written(self) -> set[str]:
+        """Names of the tensors this process wrote completely."""
+        return set(self._complete)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._specs.get(name)
@@ -210,9 +238,21 @@ class PositionalShardWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def finish(self) -> dict:
-        """Hash the whole file, rename it to its final name; the manifest record of the shard."""
+    def finish(self, written: set[str] | None = None) -> dict:
+        """Hash the whole file, rename it to its final name; the manifest record of the shard.
+
+        ``written``: the tensors completed by all the processes that wrote this shard (default: this
+        process's); a shard with a planned byte range nobody wrote is never renamed.
+        """
         self.close()
+        covered = self._complete if written is None else written
+        missing = [t for t in self.tensors if t.name not in covered]
+        if missing:
+            start, n = self.offsets[missing[0].name]
+            raise IncompleteShardError(
+                f"{self._tmp}: {len(missing)} planned tensor(s) never written, first {missing[0].name!r} "
+                f"(bytes {start}-{start + n}); the shard was not renamed"
+            )
         sha = hashlib.sha256()
         with open(self._tmp, "rb", buffering=0) as f:
             while chunk := f.read(16 << 20):
@@ -221,6 +261,7 @@ class PositionalShardWriter:
             raise RuntimeError(f"{self._tmp}: size {self._tmp.stat().st_size}, planned {self.size}")
         os.replace(self._tmp, self.directory / self.file_name)
         _fsync_dir(self.directory)
+        faults.point("after_rename")
         return {
             "file": self.file_name,
             "size": self.size,
@@ -245,4 +286,5 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    faults.point("json")  # tests: a crash with the new file complete under its temporary name
     os.replace(tmp, path)
