@@ -145,36 +145,75 @@ def _int4_group_size(config: dict) -> int:
 
 
 def _int4_packed_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
+    """Every pack-quantized INT4 weight, checked against its ``weight_shape`` values and the config's group
+    size here, at plan time: a mismatch is a one-line error before any output, not hours into the run."""
     out = {}
     group = _int4_group_size(index.config)
-    for name, packed in index.tensors.items():
-        if not name.endswith(".weight_packed"):
-            continue
-        module = name[: -len(".weight_packed")]
-        where = index.root / packed.file
-        scale = index.tensors.get(f"{module}.weight_scale")
-        shape = index.tensors.get(f"{module}.weight_shape")
-        if f"{module}.weight_zero_point" in index.tensors:
-            raise CheckpointError(f"{where}, tensor {name!r}: asymmetric INT4 (weight_zero_point) is not supported")
-        if packed.dtype != "I32" or len(packed.shape) != 2 or scale is None or shape is None:
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: not a pack-quantized INT4 weight (int32 2-D with "
-                "weight_scale and weight_shape)"
+    with _SmallTensorReader(index.root) as small:
+        for name, packed in index.tensors.items():
+            if not name.endswith(".weight_packed"):
+                continue
+            module = name[: -len(".weight_packed")]
+            where = index.root / packed.file
+            scale = index.tensors.get(f"{module}.weight_scale")
+            shape = index.tensors.get(f"{module}.weight_shape")
+            if f"{module}.weight_zero_point" in index.tensors:
+                raise CheckpointError(f"{where}, tensor {name!r}: asymmetric INT4 (weight_zero_point) is not supported")
+            if packed.dtype != "I32" or len(packed.shape) != 2 or scale is None or shape is None:
+                raise CheckpointError(
+                    f"{where}, tensor {name!r}: not a pack-quantized INT4 weight (int32 2-D with "
+                    "weight_scale and weight_shape)"
+                )
+            if shape.dtype not in ("I64", "I32") or shape.numel != 2:
+                raise CheckpointError(
+                    f"{index.root / shape.file}, tensor {shape.name!r}: {shape.dtype} {list(shape.shape)}, "
+                    "expected two integers (rows, columns)"
+                )
+            rows, cols = small.values(shape)
+            if rows != packed.shape[0] or cols <= 0 or -(-cols // 8) != packed.shape[1]:
+                raise CheckpointError(
+                    f"{index.root / shape.file}, tensor {shape.name!r}: weight_shape [{rows}, {cols}] does not "
+                    f"fit {name!r} {list(packed.shape)} (8 values per int32)"
+                )
+            if (
+                scale.dtype not in FLOAT_DTYPES
+                or len(scale.shape) != 2
+                or scale.shape[0] != rows
+                or scale.shape[1] != -(-cols // group)
+            ):
+                raise CheckpointError(
+                    f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} {list(scale.shape)} does not "
+                    f"fit weight_shape [{rows}, {cols}] with group size {group} (config.json quantization_config)"
+                )
+            out[f"{module}.weight"] = DecodedWeight(
+                f"{module}.weight", "int4_pack", (packed, scale, shape), (rows, cols), group_size=group
             )
-        in_features = scale.shape[1] * group if len(scale.shape) == 2 else -1
-        if (
-            scale.dtype not in FLOAT_DTYPES
-            or scale.shape[0] != packed.shape[0]
-            or -(-in_features // 8) != packed.shape[1]
-        ):
-            raise CheckpointError(
-                f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} "
-                f"{list(scale.shape)} does not fit packed {list(packed.shape)} with group {group}"
-            )
-        out[f"{module}.weight"] = DecodedWeight(
-            f"{module}.weight", "int4_pack", (packed, scale, shape), (packed.shape[0], in_features), group_size=group
-        )
     return out
+
+
+class _SmallTensorReader:
+    """Reads the values of tiny integer tensors (INT4 ``weight_shape``) while indexing, keeping files open."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._files: dict[str, object] = {}
+
+    def values(self, info: TensorInfo) -> list[int]:
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(self.root / info.file, "rb")  # noqa: SIM115 - closed in __exit__
+        f.seek(info.begin)
+        raw = f.read(info.nbytes)
+        if len(raw) != info.nbytes:
+            raise _fail(self.root / info.file, "file ends before the tensor's data (truncated shard?)", info.name)
+        return torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype][0]).tolist()
+
+    def __enter__(self) -> _SmallTensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 @dataclass

@@ -191,3 +191,67 @@ def test_kimi_int4_experts_equal_their_bf16_dequantization(tmp_path):
                 x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
             ), name
         assert validate(a_dir).ok
+
+
+def _tiny_int4_checkpoint(directory, shape_values=(32, 64), config_group=32, scale_cols=2):
+    """One pack-quantized INT4 weight [32, 64] written by hand: q + 8 in 4-bit fields, 8 per int32."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (32, 64), generator=g, dtype=torch.int64)
+    nibbles = (q + 8).reshape(32, 8, 8)
+    words = sum(nibbles[..., i] << (4 * i) for i in range(8))
+    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    tensors = {
+        "model.layers.0.mlp.down_proj.weight_packed": packed,
+        "model.layers.0.mlp.down_proj.weight_scale": torch.rand(32, scale_cols, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight_shape": torch.tensor(shape_values, dtype=torch.int64),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+    }
+    config = {
+        "num_hidden_layers": 1,
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "config_groups": {
+                "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "group_size": config_group}}
+            },
+        },
+    }
+    return write_checkpoint(directory, tensors, config), q
+
+
+def test_int4_hand_packed_decodes_to_hand_dequantization(tmp_path):
+    from modelopt_streaming.index import build_index, decoded_weights
+    from modelopt_streaming.reader import TensorReader
+
+    src, q = _tiny_int4_checkpoint(tmp_path / "src")
+    index = build_index(src)
+    weight = decoded_weights(index)["model.layers.0.mlp.down_proj.weight"]
+    scale = load_dir(src)["model.layers.0.mlp.down_proj.weight_scale"]
+    expected = (q.float() * scale.float().repeat_interleave(32, dim=1)).to(torch.bfloat16)
+    with TensorReader(src) as reader:
+        assert torch.equal(reader.read(weight), expected)
+
+
+@pytest.mark.parametrize(
+    "bad,where,what",
+    [
+        ({"shape_values": (32, 80)}, "weight_shape", "does not fit"),
+        ({"shape_values": (16, 64)}, "weight_shape", "does not fit"),
+        ({"config_group": 128}, "weight_scale", "group size 128"),
+        ({"scale_cols": 4}, "weight_scale", "group size 32"),
+    ],
+)
+def test_int4_shape_and_group_size_refused_at_plan_time(tmp_path, bad, where, what):
+    """Checked while planning, from the index and the tiny weight_shape tensors: a one-line error naming the
+    file and tensor, exit 1, and no output directory made."""
+    src, _ = _tiny_int4_checkpoint(tmp_path / "src", **bad)
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", "quantize", "--input_dir", str(src), "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "model.safetensors" in line
+    assert f"'model.layers.0.mlp.down_proj.{where}'" in line and what in line, line
+    assert not out.exists() or not any(out.iterdir())
