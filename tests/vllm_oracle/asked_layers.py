@@ -25,6 +25,7 @@ import traceback
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from vllm.config import set_current_vllm_config  # noqa: E402
 from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
 from vllm.distributed.parallel_state import destroy_model_parallel, model_parallel_is_initialized  # noqa: E402
@@ -78,8 +79,18 @@ def record_layers(path: str) -> dict:
             destroy_model_parallel()
         initialize_model_parallel(1, 1)  # the expert-parallel group exists only for a MoE config
         with torch.device("meta"):
-            initialize_model(vllm_config)
+            model = initialize_model(vllm_config)
+    # Where each checkpoint tensor goes: the class's hf_to_vllm_mapper, as its load_weights applies it
+    # (None: vLLM drops the tensor).
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    names = []
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as sf:
+                names += list(sf.keys())  # noqa: SIM118 - safe_open is not iterable
+    mapped = {n: (mapper.map_name(n) if mapper is not None else n) or "" for n in names}
     return {
+        "mapped_names": mapped,
         "layers": asked,
         "exclude_modules": list(quant_config.exclude_modules),
         "packed_modules_mapping": {k: list(v) for k, v in quant_config.packed_modules_mapping.items()},

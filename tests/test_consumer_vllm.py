@@ -1,0 +1,286 @@
+"""vLLM itself is the oracle: for every layer vLLM builds from our output, its quantization decision agrees
+with our tensors.
+
+Each checkpoint below is quantized by us, then ``vllm_oracle/asked_layers.py`` runs under vLLM's own
+interpreter (its virtual environment, see conftest.py): it builds the model class from our config.json as
+``vllm serve`` does, on the meta device, and records every prefix the model asks its quantization config
+about with the method vLLM's ModelOptNvFp4Config chose (NVFP4 linear, NVFP4 MoE, unquantized, or a refusal
+to load). The test then reads our tensors independently of our code: a layer is NVFP4 in the files iff
+every weight that vLLM loads into it (found by vLLM's own name mapping and the class's
+packed_modules_mapping, both reported by the oracle) has its ``weight_scale``.
+
+Earlier outputs of this tool (exclude lists without ``lm_head`` for a tied embedding, or without the fused
+name of a partly excluded group) are included to show that the oracle sees the failure, and that our
+``validate`` names the same layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from checkpoints import checkpoint_layout, make_model_checkpoint, make_weights, write_checkpoint
+from checkpoints_extra import make_gpt_oss_checkpoint
+from safetensors import safe_open
+
+from modelopt_streaming import quantize
+from modelopt_streaming.consumer import VllmExclusion, consumer_layers, family_of
+from modelopt_streaming.validate import validate
+
+ORACLE = Path(__file__).parent / "vllm_oracle" / "asked_layers.py"
+_EXPERTS_3D = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
+
+# Scopes and partial exclusions of the acceptance: one member of q/k/v, one of q_a/kv_a, one expert, one
+# whole layer. Each family gets the ones its names have.
+QKV = ("exclude_k_proj", {"exclude": ["*.k_proj"]})
+MLA = ("exclude_q_a_proj", {"exclude": ["*.q_a_proj"]})
+LAYER = ("exclude_layer_1", {"exclude": ["*.layers.1.*"]})
+SCOPES = [("default", {}), ("mlp_only", {"mlp_only": True}), ("experts_only", {"experts_only": True})]
+VARIANTS = {
+    "llama": [*SCOPES, QKV, LAYER],
+    "qwen3_moe": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.2.*"]}), LAYER],
+    "qwen2_moe": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.2.*"]}), LAYER],
+    "mixtral": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.0.block_sparse_moe.experts.1.w2"]}), LAYER],
+    "deepseek_v3": [*SCOPES, MLA, ("exclude_expert", {"exclude": ["*.layers.2.mlp.experts.3.*"]}), LAYER],
+    "kimi_k2": [*SCOPES, MLA, ("exclude_expert", {"exclude": ["*.layers.2.mlp.experts.3.*"]}), LAYER],
+    # GPT-OSS keeps each MoE layer's experts in two 3-D tensors: "one expert" is one of them.
+    "gpt_oss": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.down_proj"]}), LAYER],
+}
+# Classes that tie lm_head to the embedding when the config says so (and still ask about lm_head).
+TIED = ["llama", "qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+def tied_checkpoint(directory: Path, arch: str) -> Path:
+    """``tie_word_embeddings: true`` and no lm_head tensor, as save_pretrained writes a tied model."""
+    layout, cfg = checkpoint_layout(arch)
+    layout = {k: v for k, v in layout.items() if not k.startswith("lm_head.")}
+    return write_checkpoint(directory, make_weights(layout), dict(cfg, tie_word_embeddings=True))
+
+
+def rewrite_exclusions(directory: Path, edit) -> None:
+    """Replace the exclude list in both files vLLM may read (an earlier output of this tool)."""
+    hf = json.loads((directory / "hf_quant_config.json").read_text())
+    hf["quantization"]["exclude_modules"] = edit(hf["quantization"]["exclude_modules"])
+    (directory / "hf_quant_config.json").write_text(json.dumps(hf))
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = hf["quantization"]["exclude_modules"]
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("consumer")
+    quiet = dict(progress="none", log=lambda *_: None)
+    out: dict[str, Path] = {}
+    for arch, variants in VARIANTS.items():
+        src = base / f"{arch}-src"
+        if arch == "gpt_oss":
+            make_gpt_oss_checkpoint(src, n_shards=2)
+        else:
+            make_model_checkpoint(src, arch, n_shards=2)
+        for name, kwargs in variants:
+            out[f"{arch}/{name}"] = base / f"{arch}-{name}"
+            quantize(src, out[f"{arch}/{name}"], **kwargs, **quiet)
+    for arch in TIED:
+        src = tied_checkpoint(base / f"{arch}-tied-src", arch)
+        out[f"{arch}/tied"] = base / f"{arch}-tied"
+        quantize(src, out[f"{arch}/tied"], **quiet)
+    # Earlier outputs: the lists this tool wrote before it knew vLLM's names.
+    for key, edit in {
+        "llama/tied": lambda ex: [e for e in ex if e != "lm_head"],
+        "llama/exclude_k_proj": lambda ex: [e for e in ex if not e.endswith("qkv_proj")],
+        "deepseek_v3/exclude_q_a_proj": lambda ex: [e for e in ex if not e.endswith("fused_qkv_a_proj")],
+    }.items():
+        old = base / f"{key.replace('/', '-')}-old"
+        shutil.copytree(out[key], old)
+        rewrite_exclusions(old, edit)
+        out[f"{key}/old"] = old
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_answers(outputs, vllm_python, tmp_path_factory) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("oracle")
+    (work / "in.json").write_text(json.dumps([str(p) for p in outputs.values()]))
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PATH": "/usr/bin:/bin", "HOME": str(work)}
+    r = subprocess.run(
+        [str(vllm_python), str(ORACLE), str(work / "in.json"), str(work / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    answers = json.loads((work / "out.json").read_text())
+    by_key = {key: answers[str(path)] for key, path in outputs.items()}
+    broken = {k: v["error"][-2000:] for k, v in by_key.items() if "error" in v}
+    assert not broken, broken
+    return by_key
+
+
+def tensor_names(directory: Path) -> dict[str, tuple[int, ...]]:
+    names = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
+                names[k] = tuple(sf.get_slice(k).get_shape())
+    return names
+
+
+def layer_weights(prefix: str, answer: dict, names: dict) -> list[str]:
+    """The checkpoint weights vLLM loads into the layer ``prefix``: by vLLM's own renaming of each tensor
+    name, under the prefix itself or, for a fused layer, under one of its shards."""
+    leaf = prefix.rsplit(".", 1)[-1]
+    packed = answer["packed_modules_mapping"]
+    roots = [prefix] + [prefix.replace(leaf, shard) for shard in packed.get(leaf, [])]
+    mapped = answer["mapped_names"]
+    return [
+        t
+        for t in names
+        if (t.endswith(".weight") or _EXPERTS_3D.search(t)) and any(mapped[t].startswith(r + ".") for r in roots)
+    ]
+
+
+def is_nvfp4(weight: str, names: dict) -> bool:
+    scale = weight + "_scale" if weight.endswith(".weight") else weight + "_weight_scale"
+    return scale in names
+
+
+# The methods ModelOptNvFp4Config.get_quant_method returns for weight layers.
+QUANTIZED_METHODS = {"ModelOptLinearMethod", "MoEMethodMarker"}
+WEIGHT_LAYERS_UNQUANTIZED = {"UnquantizedLinearMethod", "NoneType"}
+
+
+def vllm_decisions(answer: dict) -> dict[str, str]:
+    """prefix -> "nvfp4" / "unquantized" / "refused", for the weight layers vLLM asked about."""
+    out = {}
+    for entry in answer["layers"]:
+        if "Attention" in entry["layer"] or entry["layer"] == "VocabParallelEmbedding":
+            continue  # KV-cache method / embeddings: no NVFP4 weights either way
+        method = entry["method"]
+        out[entry["prefix"]] = (
+            "refused" if method == "refused" else "nvfp4" if method in QUANTIZED_METHODS else "unquantized"
+        )
+        assert method in QUANTIZED_METHODS | WEIGHT_LAYERS_UNQUANTIZED | {"refused"}, entry
+    return out
+
+
+def tensor_decisions(answer: dict, directory: Path) -> dict[str, str]:
+    names = tensor_names(directory)
+    out = {}
+    for prefix in vllm_decisions(answer):
+        weights = layer_weights(prefix, answer, names)
+        states = {is_nvfp4(w, names) for w in weights}
+        if not weights:
+            # A tied lm_head has no tensor: vLLM serves it from the bf16 embedding.
+            out[prefix] = "unquantized" if prefix.endswith("lm_head") else "absent"
+        else:
+            out[prefix] = "mixed" if len(states) > 1 else "nvfp4" if states.pop() else "unquantized"
+    return out
+
+
+NOTHING_QUANTIZED = "llama/experts_only"
+
+
+def current(outputs):
+    return [k for k in outputs if not k.endswith("/old")]
+
+
+def test_vllm_decision_agrees_with_tensors_for_every_layer_it_builds(outputs, vllm_answers):
+    failures = []
+    for key in current(outputs):
+        answer = vllm_answers[key]
+        vllm = vllm_decisions(answer)
+        tensors = tensor_decisions(answer, outputs[key])
+        assert vllm, key
+        for prefix, decision in vllm.items():
+            held = tensors[prefix]
+            if held == "absent":
+                # Kimi-K2.5's class builds a vision tower and projector from its default vision config; the
+                # synthetic checkpoint has no tensors for them (a real one does, and we exclude them).
+                assert key.startswith("kimi_k2/") and prefix.startswith(("vision_tower.", "mm_projector.")), (
+                    key,
+                    prefix,
+                )
+                continue
+            if decision != held:
+                failures.append(f"{key}: {prefix}: vLLM {decision}, tensors {held}")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_case_quantizes_something_and_leaves_something(outputs, vllm_answers):
+    """The matrix really exercises both decisions (a test that saw only one could not fail)."""
+    for key in current(outputs):
+        decisions = set(vllm_decisions(vllm_answers[key]).values())
+        # A dense model has no routed experts: --experts_only leaves every layer unquantized.
+        assert ("nvfp4" in decisions) == (key != NOTHING_QUANTIZED), key
+        # GPT-OSS builds its lm_head and routers without the quant config: by default it asks only about
+        # layers it quantizes.
+        assert ("unquantized" in decisions) == (key != "gpt_oss/default"), key
+    tied = vllm_decisions(vllm_answers["llama/tied"])
+    assert tied["lm_head"] == "unquantized"
+    moe = vllm_decisions(vllm_answers["qwen3_moe/exclude_expert"])
+    assert moe["model.layers.1.mlp.experts"] == "unquantized" and moe["model.layers.0.mlp.experts"] == "nvfp4"
+    qkv = vllm_decisions(vllm_answers["llama/exclude_k_proj"])
+    assert qkv["model.layers.0.self_attn.qkv_proj"] == "unquantized"
+    assert qkv["model.layers.0.self_attn.o_proj"] == "nvfp4"
+    mla = vllm_decisions(vllm_answers["kimi_k2/exclude_q_a_proj"])
+    assert mla["language_model.model.layers.0.self_attn.fused_qkv_a_proj"] == "unquantized"
+    gpt = vllm_decisions(vllm_answers["gpt_oss/default"])
+    # GPT-OSS 3-D experts: NVFP4 once quantized (ModelOpt 0.47 layout), and vLLM sees them so.
+    assert gpt["model.layers.0.mlp.experts"] == "nvfp4"
+    assert gpt["model.layers.0.attn.qkv_proj"] == "nvfp4"
+
+
+def test_earlier_outputs_fail_in_vllm_and_in_validate(outputs, vllm_answers):
+    expected = {
+        "llama/tied/old": "lm_head",
+        "llama/exclude_k_proj/old": "model.layers.0.self_attn.qkv_proj",
+        "deepseek_v3/exclude_q_a_proj/old": "model.layers.0.self_attn.fused_qkv_a_proj",
+    }
+    for key, layer in expected.items():
+        answer = vllm_answers[key]
+        vllm = vllm_decisions(answer)
+        tensors = tensor_decisions(answer, outputs[key])
+        assert vllm[layer] == "nvfp4" and tensors[layer] == "unquantized", key
+        report = validate(outputs[key])
+        assert not report.ok, key
+        messages = [f.message for f in report.findings if f.level == "error" and f.check == "consumer"]
+        assert any(m.startswith(f"{layer}") and "vLLM builds it NVFP4" in m for m in messages), (key, messages)
+
+
+def test_validate_accepts_every_current_output(outputs):
+    for key in current(outputs):
+        report = validate(outputs[key], block_scales=False)
+        errors = [f.message for f in report.findings if f.level == "error"]
+        assert errors == (["no quantized module found"] if key == NOTHING_QUANTIZED else []), key
+
+
+def test_consumer_table_matches_the_classes(outputs, vllm_answers):
+    """Our consumer rules (used by export and validate) name the same layers vLLM asks about and reach the
+    same decisions, with the class's packed_modules_mapping as vLLM hands it to the quant config."""
+    for key in outputs:
+        answer = vllm_answers[key]
+        config = json.loads((outputs[key] / "config.json").read_text())
+        family = family_of(config)
+        assert family is not None, key
+        names = tensor_names(outputs[key])
+        modules = {
+            t.removesuffix(".weight") if t.endswith(".weight") else t
+            for t, shape in names.items()
+            if (t.endswith(".weight") and len(shape) >= 2) or _EXPERTS_3D.search(t)
+        }
+        ours = {lay.prefix: lay for lay in consumer_layers(modules, config, family)}
+        vllm = vllm_decisions(answer)
+        asked = {p for p, lay in ours.items() if lay.asked}
+        built_without_tensors = {p for p in vllm if p.startswith(("vision_tower.", "mm_projector."))}
+        assert asked == set(vllm) - built_without_tensors, (key, asked ^ (set(vllm) - built_without_tensors))
+        assert family.packed(config.get("text_config") or config) == answer["packed_modules_mapping"], key
+        exclusion = VllmExclusion(config["quantization_config"]["ignore"], family, config)
+        assert sorted(exclusion.entries) == sorted(answer["exclude_modules"]), key
+        for prefix in asked:
+            assert ("nvfp4" if exclusion.quantizes(ours[prefix]) else "unquantized") == vllm[prefix], (key, prefix)
