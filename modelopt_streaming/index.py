@@ -77,6 +77,10 @@ class DecodedWeight:
     ``encoding`` "int4_pack": compressed-tensors ``pack-quantized`` (Kimi-K2 routed experts): ``parts`` =
     (weight_packed int32 [out, ceil(in/8)], weight_scale [out, in/group], weight_shape int64 [2]); element
     j of a row is bits 4*(j%8) of word j//8, stored as q+8; the value is bf16((q) * scale[:, j // group]).
+    ``encoding`` "mxfp4": OCP MXFP4 as GPT-OSS publishes its 3-D experts: ``parts`` = (X_blocks uint8
+    [E, out, in/32, 16], X_scales uint8 [E, out, in/32]); input j of a row is the low (j even) or high nibble
+    of byte j//2 within its block of 32, an E2M1 code; the value is E2M1[code] * 2^(scale - 127), exact in
+    bf16, and the weight reads back as X [E, in, out] (transformers' GPT-OSS layout, input dim in the middle).
     The parts may sit in different shards.
     """
 
@@ -131,6 +135,7 @@ def decoded_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
             )
         out[name] = DecodedWeight(name, "fp8_block", (info, scale), info.shape)
     out.update(_int4_packed_weights(index))
+    out.update(_mxfp4_weights(index))
     return out
 
 
@@ -188,6 +193,37 @@ def _int4_packed_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
             out[f"{module}.weight"] = DecodedWeight(
                 f"{module}.weight", "int4_pack", (packed, scale, shape), (rows, cols), group_size=group
             )
+    return out
+
+
+MXFP4_BLOCK = 32
+
+
+def _mxfp4_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
+    """GPT-OSS's published MXFP4 experts (``X_blocks`` + ``X_scales``), read back as bf16 X [E, in, out]."""
+    out = {}
+    for name, blocks in index.tensors.items():
+        if not name.endswith("_blocks"):
+            continue
+        base = name[: -len("_blocks")]
+        scales = index.tensors.get(f"{base}_scales")
+        where = index.root / blocks.file
+        if scales is None:
+            raise CheckpointError(f"{where}, tensor {name!r}: MXFP4 blocks without their {base}_scales tensor")
+        if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[-1] != MXFP4_BLOCK // 2:
+            raise CheckpointError(
+                f"{where}, tensor {name!r}: {blocks.dtype} {list(blocks.shape)} is not MXFP4 3-D experts "
+                "(uint8 [experts, out, in/32, 16], as GPT-OSS publishes them)"
+            )
+        if scales.dtype != "U8" or scales.shape != blocks.shape[:-1]:
+            raise CheckpointError(
+                f"{index.root / scales.file}, tensor {scales.name!r}: {scales.dtype} {list(scales.shape)}, "
+                f"expected U8 {list(blocks.shape[:-1])} (one E8M0 scale per 32 values of {name!r})"
+            )
+        if base in index.tensors:
+            raise CheckpointError(f"{where}, tensor {name!r}: {base!r} is stored both as MXFP4 and unquantized")
+        n_exp, n_out, n_groups, _ = blocks.shape
+        out[base] = DecodedWeight(base, "mxfp4", (blocks, scales), (n_exp, n_groups * MXFP4_BLOCK, n_out))
     return out
 
 

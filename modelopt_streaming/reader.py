@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .index import DTYPES, FP8_BLOCK, CheckpointError, DecodedWeight, TensorInfo
+from .formats import E2M1_VALUES
+from .index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, CheckpointError, DecodedWeight, TensorInfo
 
 
 class TensorReader:
@@ -58,6 +59,8 @@ class TensorReader:
         return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
     def _decode(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
+        if weight.encoding == "mxfp4":
+            return self._decode_mxfp4(weight, pin_memory)
         rows, cols = weight.shape
         out = torch.empty((rows, cols), dtype=torch.bfloat16, pin_memory=pin_memory)
         if weight.encoding == "int4_pack":
@@ -85,6 +88,19 @@ class TensorReader:
             q = nibbles.reshape(r1 - r0, -1)[:, :cols].float() - 8.0
             band_scale = scale[r0:r1].float().repeat_interleave(weight.group_size, dim=1)[:, :cols]
             out[r0:r1] = (q * band_scale).to(torch.bfloat16)
+        return out
+
+    def _decode_mxfp4(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
+        """E2M1[code] * 2^(scale - 127) in float32 (exact: a power of two times a 2-bit significand, within
+        float32's range), then bf16 (exact too); one expert at a time, transposed to [in, out]."""
+        blocks, scales = (self.read(p) for p in weight.parts)
+        n_exp, n_in, n_out = weight.shape
+        out = torch.empty(weight.shape, dtype=torch.bfloat16, pin_memory=pin_memory)
+        table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+        for e in range(n_exp):
+            codes = torch.stack((blocks[e] & 0x0F, blocks[e] >> 4), dim=-1).reshape(n_out, n_in)
+            exponent = (scales[e].to(torch.float32) - 127.0).repeat_interleave(MXFP4_BLOCK, dim=1)
+            out[e] = torch.ldexp(table[codes.long()], exponent).t().to(torch.bfloat16)
         return out
 
     def read_chunk(self, info: TensorInfo, offset: int, nbytes: int) -> bytearray:
