@@ -1,0 +1,387 @@
+"""``convert``: an NVFP4 checkpoint from one dialect to the other, losslessly, streaming.
+
+Same codes, same block scales, other names, reciprocal global scales, the other config; nothing is
+requantized. Each source shard becomes one output shard of the same name with its tensors in the same
+order, copied in bounded chunks, so memory stays constant whatever the size. The output directory follows
+quantize's rules (temporary names, per-shard records, ``--resume``, one run at a time).
+
+The source is validated first. Fused members (q/k/v, gate/up, ...) whose global or input scales differ
+cannot be served right by either consumer: vLLM's ModelOpt path keeps one global scale per fused layer
+(spec section 3), and its compressed-tensors path takes the ``max`` of the members' divisors and warns
+(``compressed_tensors/schemes/compressed_tensors_w4a4_nvfp4.py``
+``CompressedTensorsW4A4Fp4.process_weights_after_loading``). Such a checkpoint is refused with the list of
+those groups; ``force`` converts it unchanged, and ``validate`` of the output reports the same groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .export import compact_exclusions, hf_quant_config, safetensors_index
+from .export import model_config as modelopt_model_config
+from .export.compressed_tensors_format import compressed_tensors_ignore
+from .export.compressed_tensors_format import model_config as ct_model_config
+from .export.side_files import side_files
+from .index import (
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    CheckpointError,
+    CheckpointIndex,
+    TensorInfo,
+    build_index,
+    header_digest,
+    resolve_checkpoint_dir,
+)
+from .interchange import (
+    COMPRESSED_TENSORS,
+    FORMATS,
+    LEAVES,
+    MODELOPT,
+    PROVENANCE_FILE,
+    RECORD_KEY,
+    SCALAR_SHAPE,
+    ExactReciprocals,
+    finite_positive,
+    load_exact_reciprocals,
+    nvfp4_modules,
+)
+from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError
+from .reader import TensorReader
+from .validate import validate
+from .writer import MANIFEST_FILE, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
+_BLOCKING_CHECKS = ("format", "shards", "index", "tensors")
+# Files of ours in a source directory that describe that directory only: never copied.
+OWN_FILES = {PROVENANCE_FILE, MANIFEST_FILE, FINISHED_MARKER, "config.json", INDEX_FILE}
+
+
+class ConversionRefused(Exception):
+    """The checkpoint cannot be converted exactly as asked; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output tensor: the source tensor's bytes under a new name, or (``reciprocal``) a scalar."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo
+    reciprocal: float | None = None
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+@dataclass
+class ConvertSummary:
+    input_dir: str
+    output_dir: str
+    source_format: str
+    target_format: str
+    quantized_modules: int
+    tensors: int
+    renamed: int
+    reciprocals: int
+    exact_reciprocals: int
+    weight_only: bool
+    exclusions: list[str] = field(default_factory=list)
+    forced_groups: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output_findings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.source_format} -> {self.target_format}: {self.quantized_modules} quantized modules, "
+            f"{self.tensors} tensors ({self.renamed} renamed, {self.reciprocals} scales inverted)",
+            f"{'ignore' if self.target_format == COMPRESSED_TENSORS else 'exclude_modules'}: "
+            f"{len(self.exclusions)} entries",
+        ]
+        if self.exact_reciprocals:
+            out.append(
+                f"{self.exact_reciprocals} inverted scales do not invert back in float32: their source values "
+                f"are kept in {PROVENANCE_FILE} ({RECORD_KEY}), so converting back is exact"
+            )
+        if self.forced_groups:
+            out.append(f"converted with --force: {len(self.forced_groups)} fused group(s) with different scales:")
+            out += [f"  {g}" for g in self.forced_groups]
+        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"output: {f}" for f in self.output_findings]
+        if self.seconds:
+            out.append(f"time: {self.seconds:.1f} s")
+        return out
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def linear_modules(tensors: dict[str, TensorInfo]) -> list[str]:
+    """Every module with a weight of two or more dims, named as the plan names them (``X`` for ``X.weight``
+    or ``X.weight_packed``, the tensor name of 3-D fused experts and of other float tensors that are not
+    ``.weight``), quantized or not."""
+    out = set()
+    quant_leaves = {leaf for leaves in LEAVES.values() for leaf in leaves.values()}
+    for name, info in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if len(info.shape) < 2:
+            continue
+        if leaf in ("weight", "weight_packed"):
+            out.add(module)
+        elif leaf in quant_leaves or name.endswith(("bias", "_weight_scale", "_weight_scale_2", "_input_scale")):
+            continue
+        elif info.dtype in FLOAT_DTYPES or (info.dtype == "U8" and len(info.shape) == 3):
+            out.add(name)
+    return sorted(out)
+
+
+def quantized_experts_3d(tensors: dict[str, TensorInfo]) -> list[str]:
+    """ModelOpt 0.47's 3-D fused experts: X uint8 [E, in/2, out] with ``X_weight_scale``."""
+    return sorted(
+        n for n, i in tensors.items() if i.dtype == "U8" and len(i.shape) == 3 and f"{n}_weight_scale" in tensors
+    )
+
+
+def plan_conversion(
+    index: CheckpointIndex, source: str, target: str, reciprocals: ExactReciprocals, reader: TensorReader
+) -> dict[str, list[Output]]:
+    """Output tensors of each shard, in the source order; reads only the scalar global and input scales."""
+    modules = nvfp4_modules(index.tensors, source)
+    src, dst = LEAVES[source], LEAVES[target]
+    renames: dict[str, tuple[str, bool]] = {}  # source tensor -> (output name, reciprocal)
+    for module, roles in modules.items():
+        for role, info in roles.items():
+            renames[info.name] = (f"{module}.{dst[role]}", role in ("global", "input"))
+        missing = [src[r] for r in ("weight_scale", "global") if r not in roles]
+        if missing:
+            info = roles["weight"]
+            raise CheckpointError(
+                f"{index.root / info.file}, tensor {info.name!r}: packed NVFP4 weight without {module}.{missing[0]}"
+            )
+    shards: dict[str, list[Output]] = {}
+    for info in sorted(index.tensors.values(), key=lambda t: (t.file, t.begin)):
+        new_name, inverted = renames.get(info.name, (info.name, False))
+        if not inverted:
+            shards.setdefault(info.file, []).append(Output(new_name, info.dtype, info.shape, info))
+            continue
+        if info.dtype != "F32" or info.numel != 1:
+            raise CheckpointError(
+                f"{index.root / info.file}, tensor {info.name!r}: {info.dtype} {list(info.shape)}, expected a "
+                "float32 scalar"
+            )
+        value = float(reader.read(info).reshape(()))
+        if not finite_positive(value):
+            raise CheckpointError(
+                f"{index.root / info.file}, tensor {info.name!r}: {value} cannot be inverted (must be finite and > 0)"
+            )
+        out = reciprocals.convert(info.name, value, new_name)
+        shards.setdefault(info.file, []).append(Output(new_name, "F32", SCALAR_SHAPE[target], info, out))
+    for file in index.files:
+        shards.setdefault(file, [])
+    return {f: shards[f] for f in index.files}
+
+
+def _fused_scale_groups(report) -> list[str]:
+    groups = []
+    for kind, g in sorted(report.groups.items()):
+        groups += [f"{kind} {m}" for m in g.mismatched]
+        groups += [f"{kind} {p}: input scales differ" for p in g.input_mismatched]
+    return groups
+
+
+def convert(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    to: str,
+    *,
+    force: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    verify: bool = False,
+    log=print,
+) -> ConvertSummary:
+    """Convert an NVFP4 checkpoint (ModelOpt or compressed-tensors ``nvfp4-pack-quantized``) to the other
+    dialect: same codes and block scales, renamed tensors, reciprocal global and input scales, the other
+    config. Refuses (ConversionRefused) what it cannot convert exactly unless ``force``."""
+    from .runner import UsageError, _check_paths
+
+    if to not in FORMATS:
+        raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    input_dir = resolve_checkpoint_dir(input_dir)
+    output_dir = Path(output_dir)
+    _check_paths(input_dir, output_dir)
+    started = time.monotonic()
+    before = validate(input_dir, block_scales=False)
+    errors = [f for f in before.findings if f.level == "error"]
+    blocking = [f for f in errors if f.check in _BLOCKING_CHECKS]
+    if before.format is None or blocking:
+        first = blocking[0].message if blocking else "not an NVFP4 checkpoint"
+        raise ConversionRefused(f"{input_dir}: cannot be converted: {first}")
+    source = before.format
+    if source == to:
+        raise UsageError(f"{input_dir} is already in the {to} format")
+    index = build_index(input_dir)
+    experts_3d = quantized_experts_3d(index.tensors)
+    if experts_3d and to == COMPRESSED_TENSORS:
+        raise ConversionRefused(
+            f"{input_dir}: 3-D fused experts ({experts_3d[0]}) have no compressed-tensors form; "
+            "compressed-tensors quantizes Linear modules"
+        )
+    forced = _fused_scale_groups(before)
+    if forced and not force:
+        shown = "\n  ".join(forced)
+        raise ConversionRefused(
+            f"{input_dir}: {len(forced)} fused group(s) whose members carry different scales; vLLM uses one "
+            f"scale per fused layer, so neither format serves them right (use --force to convert unchanged):\n"
+            f"  {shown}"
+        )
+    warnings = [f"source: {f.message}" for f in errors if f.check not in _BLOCKING_CHECKS and f.check != "fused"]
+    for w in warnings:
+        log(f"warning: {w}")
+
+    reciprocals = ExactReciprocals(load_exact_reciprocals(input_dir))
+    with TensorReader(input_dir) as reader:
+        shards = plan_conversion(index, source, to, reciprocals, reader)
+    modules = nvfp4_modules(index.tensors, source)
+    weight_only = not any("input" in roles for roles in modules.values())
+    quantized = set(modules) | set(experts_3d)
+    linear = linear_modules(index.tensors)
+    unquantized = sorted(set(linear) - quantized)
+    if to == MODELOPT:
+        exclusions = compact_exclusions(unquantized, linear, index.config)
+    else:
+        exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
+    outputs = [o for outs in shards.values() for o in outs]
+    summary = ConvertSummary(
+        input_dir=str(input_dir),
+        output_dir=str(output_dir),
+        source_format=source,
+        target_format=to,
+        quantized_modules=len(quantized),
+        tensors=len(outputs),
+        renamed=sum(o.name != o.source.name for o in outputs),
+        reciprocals=sum(o.reciprocal is not None for o in outputs),
+        exact_reciprocals=len(reciprocals.record),
+        weight_only=weight_only,
+        exclusions=exclusions,
+        forced_groups=forced,
+        warnings=warnings,
+    )
+    planned = {f: [o.name for o in outs] for f, outs in shards.items()}
+    layout = [[f, [(o.name, o.reciprocal) for o in outs]] for f, outs in shards.items()]
+    fingerprint = {
+        "tool_version": __version__,
+        "command": "convert",
+        "source": {
+            f: {"size": index.file_sizes[f], "header_sha256": header_digest(input_dir / f)} for f in index.files
+        },
+        "options": {"to": to, "force": force},
+        "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+    }
+    state = OutputState(output_dir)
+    lock = OutputDirLock(output_dir)
+    try:
+        lock.acquire()
+        state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=input_dir)
+        done = state.records()
+        _write_shards({f: o for f, o in shards.items() if f not in done}, input_dir, state)
+        _export(index, input_dir, output_dir, state, fingerprint, shards, summary, reciprocals)
+    except OutputStateError as e:
+        raise UsageError(str(e)) from None
+    except IncompleteShardError as e:
+        raise OSError(f"{e}; rerun with --resume") from None
+    finally:
+        lock.release()
+    after = validate(output_dir, block_scales=False)
+    summary.output_findings = [f"{f.level}: [{f.check}] {f.message}" for f in after.findings if f.level == "error"]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _write_shards(shards: dict[str, list[Output]], input_dir: Path, state: OutputState) -> None:
+    with TensorReader(input_dir) as reader:
+        for file, outputs in shards.items():
+            writer = ShardWriter(state.dir, file, [o.spec for o in outputs])
+            try:
+                for o in outputs:
+                    if o.reciprocal is not None:
+                        writer.write(o.name, torch.tensor(o.reciprocal, dtype=torch.float32).reshape(o.shape))
+                        continue
+                    writer.begin(o.name)
+                    for offset in range(0, o.source.nbytes, COPY_CHUNK_BYTES):
+                        n = min(COPY_CHUNK_BYTES, o.source.nbytes - offset)
+                        writer.write_bytes(reader.read_chunk(o.source, offset, n))
+                state.record(writer.close())
+            except BaseException:
+                writer.abort()
+                raise
+
+
+def copy_own_side_files(source: Path, destination: Path) -> list[str]:
+    """The source's side files (tokenizers, templates, code), without the files that describe the source
+    checkpoint itself (its configs, index, provenance and manifest: the output gets its own)."""
+    copied = []
+    for rel in side_files(source):
+        if str(rel) in OWN_FILES:
+            continue
+        target = destination / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, target)
+        copied.append(str(rel))
+    return copied
+
+
+def _export(
+    index: CheckpointIndex,
+    input_dir: Path,
+    output_dir: Path,
+    state: OutputState,
+    fingerprint: dict,
+    shards: dict[str, list[Output]],
+    summary: ConvertSummary,
+    reciprocals: ExactReciprocals,
+) -> None:
+    """Index, side files, provenance, then the config the consumers read: written last, so that an
+    unfinished directory never looks loadable."""
+    weight_map = {o.name: f for f, outs in shards.items() for o in outs}
+    total = sum(TensorSpec(o.name, o.dtype, o.shape).nbytes for outs in shards.values() for o in outs)
+    write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total))
+    copied = copy_own_side_files(input_dir, output_dir)
+    records = state.finish(fingerprint, list(shards))
+    write_json_atomic(
+        output_dir / PROVENANCE_FILE,
+        {
+            "tool": "modelopt-streaming",
+            "version": __version__,
+            "command": "convert",
+            "options": fingerprint["options"],
+            "source": {"format": summary.source_format, "files": index.file_sizes},
+            "forced_groups": summary.forced_groups,
+            RECORD_KEY: reciprocals.as_json(),
+            "side_files": copied,
+            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in records],
+        },
+    )
+    if summary.target_format == MODELOPT:
+        config = modelopt_model_config(index.config, summary.exclusions, summary.weight_only)
+        write_json_atomic(output_dir / "config.json", config)
+        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(summary.exclusions, summary.weight_only))
+    else:
+        config = ct_model_config(index.config, summary.exclusions, summary.weight_only)
+        write_json_atomic(output_dir / "config.json", config)
