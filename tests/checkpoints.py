@@ -270,3 +270,47 @@ def rewrite_tensor(directory: Path, name: str, value: torch.Tensor | None, besid
         save_file(data, str(f), metadata={"format": "pt"})
         return
     raise KeyError(name)
+
+
+
+def tied_llama_checkpoint(directory: Path, seed: int = 0, embed_scale: float = 0.5, linear_scale: float = 2.0) -> Path:
+    """A tiny dense Llama with ``tie_word_embeddings: true`` (no ``lm_head`` tensor, as ``save_pretrained``
+    writes a tied model) that vLLM's CPU engine can run: head_dim 32, the smallest head size of vLLM's CPU
+    attention backend (vllm/v1/attention/backends/cpu_attn.py, ``get_supported_head_sizes``).
+
+    Weights are heavy-tailed like trained ones. ``heavy_tailed`` draws them at the 0.02 scale of an
+    initialised model, whose next-token distribution is nearly flat; the embedding (also the output head)
+    and the Linear weights are scaled up so that logits spread over several units (greedy steps with clear
+    top-1 margins exist) and the layers, not only the embedding, decide the tokens (W4A4 and bf16 decode
+    differently)."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(config)
+    with tempfile.TemporaryDirectory() as d:
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        model.tie_weights()  # to_empty gives lm_head storage of its own; tied again, as a loaded model is
+        model.save_pretrained(d)
+        layout = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(f, "pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
+                    layout[k] = (tuple(sf.get_slice(k).get_shape()), torch.bfloat16)
+        cfg = json.loads((Path(d) / "config.json").read_text())
+    assert "lm_head.weight" not in layout, "a tied model must not write lm_head"
+    tensors = make_weights(layout, seed)
+    for name, w in tensors.items():
+        if w.dim() == 2:
+            scale = embed_scale if name == "model.embed_tokens.weight" else linear_scale
+            tensors[name] = (w.float() * scale).to(torch.bfloat16)
+    return write_checkpoint(directory, tensors, cfg, round_robin(2))
