@@ -39,14 +39,22 @@ class Throughput:
 
 
 class _ByteBudget:
+    """Bytes loaded and not yet released by the consumer: at most ``budget``, or one item alone when a
+    single item is larger."""
+
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
         self.cond = threading.Condition()
+        # Set while the reader waits for room: the memory tests hold the consumer until then, which is
+        # the most the read-ahead can ever hold.
+        self.waiting = threading.Event()
 
     def acquire(self, n: int, cancelled: threading.Event) -> None:
         with self.cond:
             while self.used and self.used + n > self.budget and not cancelled.is_set():
+                self.waiting.set()
                 self.cond.wait(0.1)
+            self.waiting.clear()
             self.used += n
 
     def release(self, n: int) -> None:
