@@ -78,12 +78,14 @@ def test_reference_codec_gives_the_same_files(src, single, tmp_path):
     assert tree(tmp_path / "out") == single
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gives_the_same_files(src, single, tmp_path):
     r = quantize_cli(src, tmp_path / "out", "--max_shard_size", "30KB", "--device", "cpu", torchrun=True)
     assert tree(tmp_path / "out") == single
     assert r.stdout.count("wrote ") == 1  # rank 0 alone reports
 
 
+@pytest.mark.slow
 def test_torchrun_resume_after_one_run(src, single, tmp_path):
     """A torchrun job resumes a directory a single process left half-done, with the same result."""
     out = tmp_path / "out"
@@ -95,6 +97,7 @@ def test_torchrun_resume_after_one_run(src, single, tmp_path):
     assert tree(out) == single
 
 
+@pytest.mark.slow
 def test_torchrun_splits_units_inside_one_shard(src, tmp_path):
     """One output shard and two ranks: each rank writes its share of the units at their planned offsets."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -104,6 +107,7 @@ def test_torchrun_splits_units_inside_one_shard(src, tmp_path):
     assert tree(two) == tree(one)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_is_named_and_the_run_resumes_identically(src, single, tmp_path):
     """Rank 1 is killed (SIGKILL) in the middle of its second tensor; rank 0 finishes its share, then
     stops at once with a message naming rank 1 instead of waiting out a collective timeout; a resume
@@ -120,6 +124,7 @@ def test_a_rank_that_dies_is_named_and_the_run_resumes_identically(src, single, 
     assert tree(out) == single
 
 
+@pytest.mark.slow
 def test_ranks_that_do_not_share_the_output_directory_stop_before_any_work(src, tmp_path):
     """Each rank sees its own directory under the same name (two nodes, no shared file system): the
     ranks refuse, naming the blind rank, before a byte of any shard is written."""
