@@ -76,3 +76,30 @@ def modelopt_export_in(src: Path, out: Path, dtype: torch.dtype) -> Path:
     mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate)
     export_hf_checkpoint(model, dtype=dtype, export_dir=out)
     return out
+
+
+def tiny_llama4_config():
+    """Llama-4's text model: 3-D fused experts ``feed_forward.experts.gate_up_proj`` [E, H, 2I] and
+    ``down_proj`` [E, I, H], a shared expert and ``feed_forward.router``; every layer MoE."""
+    import transformers as tf
+
+    return tf.Llama4TextConfig(
+        intermediate_size=32,
+        intermediate_size_mlp=128,
+        num_hidden_layers=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        moe_layers=[0, 1],
+        no_rope_layers=[1, 1],
+        attention_chunk_size=64,
+        **TINY,
+    )
+
+
+def make_fused_experts_checkpoint(directory: Path, family: str, n_shards: int = 3, seed: int = 0) -> Path:
+    """A tiny checkpoint of a family with 3-D fused experts: "gpt_oss" or "llama4"."""
+    config = {"gpt_oss": tiny_gpt_oss_config, "llama4": tiny_llama4_config}[family]()
+    layout, cfg = layout_of_config(config)
+    return write_checkpoint(directory, make_weights(layout, seed), cfg, round_robin(n_shards))

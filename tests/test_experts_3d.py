@@ -1,4 +1,4 @@
-"""3-D fused experts (GPT-OSS) against NVIDIA ModelOpt 0.47's own export (mtq.quantize + export_hf_checkpoint,
+"""3-D fused experts (GPT-OSS, Llama-4) against NVIDIA ModelOpt 0.47's own export (mtq.quantize + export_hf_checkpoint,
 CPU): every tensor identical with --scale_math cpu, ``input_scale`` aside, on every codec path."""
 
 import fnmatch
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from checkpoints import load_dir, modelopt_export, write_checkpoint
-from checkpoints_extra import make_gpt_oss_checkpoint
+from checkpoints_extra import make_fused_experts_checkpoint
 
 from modelopt_streaming import quantize
 from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4
@@ -21,13 +21,17 @@ def _silent(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def gpt_oss(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gpt_oss")
-    src = make_gpt_oss_checkpoint(base / "src", n_shards=3)
+# The MoE block's name in each family: GPT-OSS ``mlp``, Llama-4 ``feed_forward`` (with a shared expert).
+MOE = {"gpt_oss": "mlp", "llama4": "feed_forward"}
+
+
+@pytest.fixture(scope="module", params=sorted(MOE))
+def gpt_oss(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp(request.param)
+    src = make_fused_experts_checkpoint(base / "src", request.param, n_shards=3)
     modelopt_export(src, base / "modelopt")
     summary = quantize(src, base / "ours", scale_math="cpu", progress="none", log=_silent)
-    return src, base / "modelopt", base / "ours", summary
+    return src, base / "modelopt", base / "ours", summary, MOE[request.param]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -38,20 +42,21 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_modelopt_export_layout_is_what_we_assume(gpt_oss):
     """The facts the plan is built on, read from ModelOpt's real export rather than assumed."""
-    src, ref_dir, _, _ = gpt_oss
+    src, ref_dir, _, _, moe = gpt_oss
     ref, source = load_dir(ref_dir), load_dir(src)
-    name = "model.layers.0.mlp.experts.gate_up_proj"
+    name = f"model.layers.0.{moe}.experts.gate_up_proj"
     n_exp, hidden, out = source[name].shape
     assert ref[name].dtype == torch.uint8 and ref[name].shape == (n_exp, hidden // 2, out)
     assert ref[f"{name}_weight_scale"].dtype == torch.float8_e4m3fn
     assert ref[f"{name}_weight_scale"].shape == (n_exp, hidden // 16, out)
     assert ref[f"{name}_weight_scale_2"].shape == ref[f"{name}_input_scale"].shape == ()
-    assert ref["model.layers.0.mlp.experts.gate_up_proj_bias"].dtype == torch.bfloat16
-    assert ref["model.layers.0.mlp.router.weight"].dtype == torch.bfloat16
+    if moe == "mlp":  # GPT-OSS experts have biases, Llama-4's none
+        assert ref[f"model.layers.0.{moe}.experts.gate_up_proj_bias"].dtype == torch.bfloat16
+    assert ref[f"model.layers.0.{moe}.router.weight"].dtype == torch.bfloat16
 
 
 def test_every_tensor_identical_to_modelopt(gpt_oss):
-    _, ref_dir, ours_dir, _ = gpt_oss
+    _, ref_dir, ours_dir, _, moe = gpt_oss
     ref, ours = load_dir(ref_dir), load_dir(ours_dir)
     assert sorted(ref) == sorted(ours)
     experts = 0
@@ -65,12 +70,12 @@ def test_every_tensor_identical_to_modelopt(gpt_oss):
 
 
 def test_routers_listed_and_experts_quantized(gpt_oss):
-    _, ref_dir, ours_dir, summary = gpt_oss
+    _, ref_dir, ours_dir, summary, moe = gpt_oss
     ref_cfg = json.loads((ref_dir / "hf_quant_config.json").read_text())["quantization"]
     our_cfg = json.loads((ours_dir / "hf_quant_config.json").read_text())["quantization"]
     assert our_cfg["quant_algo"] == ref_cfg["quant_algo"] == "NVFP4"
     for layer in (0, 1):
-        router = f"model.layers.{layer}.mlp.router"
+        router = f"model.layers.{layer}.{moe}.router"
         assert router in ref_cfg["exclude_modules"]
         assert any(fnmatch.fnmatchcase(router, e) for e in our_cfg["exclude_modules"]), our_cfg["exclude_modules"]
     assert summary.quantized_by_kind["routed_expert"] == 4
@@ -89,9 +94,9 @@ def _codec_paths():
 @pytest.mark.parametrize("leaf", EXPERTS)
 def test_every_codec_path_gives_modelopt_bytes(gpt_oss, path, leaf):
     """The C kernel, the torch reference and the Triton kernel (interpreted) behind ``quantize_experts``."""
-    src, ref_dir, _, _ = gpt_oss
+    src, ref_dir, _, _, moe = gpt_oss
     ref, source = load_dir(ref_dir), load_dir(src)
-    name = f"model.layers.1.mlp.experts.{leaf}"
+    name = f"model.layers.1.{moe}.experts.{leaf}"
     w = source[name]
     scale_2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w), "cpu")
     assert torch.equal(scale_2, ref[f"{name}_weight_scale_2"])
@@ -102,9 +107,9 @@ def test_every_codec_path_gives_modelopt_bytes(gpt_oss, path, leaf):
 
 def test_dequantized_experts_are_close_to_the_source(gpt_oss):
     """Blocks run along the input dim: dequantizing expert e's [out, in] view recovers the source."""
-    src, _, ours_dir, _ = gpt_oss
+    src, _, ours_dir, _, moe = gpt_oss
     ours, source = load_dir(ours_dir), load_dir(src)
-    name = "model.layers.0.mlp.experts.down_proj"
+    name = f"model.layers.0.{moe}.experts.down_proj"
     w = source[name]
     for e in range(w.shape[0]):
         packed, scales = ours[name][e].t().contiguous(), ours[f"{name}_weight_scale"][e].t().contiguous()
@@ -114,31 +119,32 @@ def test_dequantized_experts_are_close_to_the_source(gpt_oss):
 
 
 def test_scopes_and_weight_only(gpt_oss, tmp_path):
-    src = gpt_oss[0]
-    for opts in ({"mlp_only": True}, {"experts_only": True}):
-        summary = quantize(src, dry_run=True, log=_silent, **opts)
-        assert summary.quantized_by_kind == {"routed_expert": 4}, opts
+    src, moe = gpt_oss[0], gpt_oss[4]
+    summary = quantize(src, dry_run=True, log=_silent, experts_only=True)
+    assert summary.quantized_by_kind == {"routed_expert": 4}
+    summary = quantize(src, dry_run=True, log=_silent, mlp_only=True)
+    assert summary.quantized_by_kind["routed_expert"] == 4 and "attention" not in summary.quantized_by_kind
     quantize(src, tmp_path / "w4a16", weight_only=True, progress="none", log=_silent)
     out = load_dir(tmp_path / "w4a16")
-    assert "model.layers.0.mlp.experts.gate_up_proj_weight_scale_2" in out
+    assert f"model.layers.0.{moe}.experts.gate_up_proj_weight_scale_2" in out
     assert not [k for k in out if k.endswith("input_scale")]
 
 
 def test_excluding_one_fused_tensor_leaves_the_whole_moe_layer_unquantized(gpt_oss, tmp_path):
     """vLLM builds one FusedMoE per layer: gate_up and down are quantized together or not at all."""
-    src = gpt_oss[0]
+    src, moe = gpt_oss[0], gpt_oss[4]
     summary = quantize(
-        src, tmp_path / "out", exclude=["*.layers.1.mlp.experts.down_proj"], progress="none", log=_silent
+        src, tmp_path / "out", exclude=[f"*.layers.1.{moe}.experts.down_proj"], progress="none", log=_silent
     )
     out = load_dir(tmp_path / "out")
     for leaf in EXPERTS:
-        assert out[f"model.layers.1.mlp.experts.{leaf}"].dtype == torch.bfloat16
-        assert f"model.layers.1.mlp.experts.{leaf}_weight_scale" not in out
-        assert out[f"model.layers.0.mlp.experts.{leaf}"].dtype == torch.uint8
+        assert out[f"model.layers.1.{moe}.experts.{leaf}"].dtype == torch.bfloat16
+        assert f"model.layers.1.{moe}.experts.{leaf}_weight_scale" not in out
+        assert out[f"model.layers.0.{moe}.experts.{leaf}"].dtype == torch.uint8
     assert summary.unquantized_by_reason["--exclude"] == 1
     assert summary.unquantized_by_reason["MoE layer partly unquantized"] == 1
     provenance = json.loads((tmp_path / "out" / "modelopt_streaming.json").read_text())
-    assert set(provenance["unquantized"]) >= {f"model.layers.1.mlp.experts.{leaf}" for leaf in EXPERTS}
+    assert set(provenance["unquantized"]) >= {f"model.layers.1.{moe}.experts.{leaf}" for leaf in EXPERTS}
 
 
 def test_unquantizable_experts_are_reported_not_dropped(tmp_path):
