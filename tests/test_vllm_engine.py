@@ -235,7 +235,35 @@ def engine(tmp_path_factory, vllm_python) -> dict:
     )
     assert run.returncode == 0, f"vLLM failed on our output:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     vllm = json.loads((root / "vllm.json").read_text())
-    return {"prompts": prompts, "quantized": quantized, "vllm": vllm, "w4a4": w4a4, "bf16": bf16}
+    return {
+        "source": source,
+        "output": output,
+        "prompts": prompts,
+        "quantized": quantized,
+        "vllm": vllm,
+        "w4a4": w4a4,
+        "bf16": bf16,
+    }
+
+
+def test_the_reference_is_the_source_model_quantized(engine):
+    """The chain's other half: vLLM agreeing with the reference proves it reads our bytes as the format
+    defines them; this proves those bytes, read that way, are the source model (a consistent layout bug, such
+    as swapped nibbles, would fail here with an error near 1.4 instead of NVFP4's 5-8%)."""
+    source, output = load_dir(engine["source"]), load_dir(engine["output"])
+    assert sorted(f"{m}.weight" for m in engine["quantized"]) == sorted(
+        n for n, t in output.items() if t.dtype == torch.uint8
+    )
+    for name, original in source.items():
+        module = name.removesuffix(".weight")
+        if module in engine["quantized"]:
+            dequantized = dequantize_nvfp4(
+                output[name], output[f"{module}.weight_scale"], output[f"{module}.weight_scale_2"]
+            )
+            error = (dequantized - original.float()).norm() / original.float().norm()
+            assert error < 0.15, (name, float(error))
+        else:
+            assert torch.equal(output[name], original), name
 
 
 def test_vllm_builds_our_nvfp4_layers(engine):
