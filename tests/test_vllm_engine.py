@@ -2,11 +2,18 @@
 generates the tokens of an independent pure-torch reference.
 
 The reference dequantizes our tensors by the format's definition (E2M1 value x fp32(weight_scale) x
-weight_scale_2), runs transformers' Llama forward in bf16 with those weights, and fake-quantizes every
+weight_scale_2), runs a plain torch Llama forward in bf16 with those weights, and fake-quantizes every
 quantized Linear's input to NVFP4 with the checkpoint's ``input_scale`` the way vLLM's emulation kernel does
 (vllm/model_executor/layers/quantization/utils/nvfp4_emulation_utils.py, ``ref_nvfp4_quant`` and
 ``ref_nvfp4_quant_dequant``, the path taken off CUDA). Nothing of vLLM is imported here: vLLM runs in its own
 virtual environment (tests/vllm_oracle/generate.py).
+
+W4A4 amplifies rounding: one bf16 step of difference in a Linear's input can move an activation to the
+next E2M1 level, and a reference that rounds differently from vLLM anywhere (transformers' Llama adds the
+residual in bf16 before the norm, applies rotary embedding in bf16) lands several nats away after two
+layers. So the forward below rounds where vLLM's CPU path rounds; on the machine it was written on, every
+Linear input and output of a prefill, and every logprob vLLM returned, were equal to the reference's bit
+for bit.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ class Llama:
     precision at the points where bf16 rounding can go either way: RMSNorm normalizes in fp32 and rounds
     before the weight multiply, and the residual add feeding a norm is normalized unrounded
     (vllm/ir/ops/layernorm.py, ``fused_add_rms_norm``); rotary embedding and attention compute in fp32 from
-    bf16 inputs and round once (vLLM's CPU ``rotary_embedding`` op and CPU attention backend). With
+    bf16 inputs and round once (vLLM's CPU ``rotary_embedding`` op and CPU attention backend, compiled code:
+    checked against tensors captured from vLLM's layers, equal bit for bit). With
     ``input_scales``, each quantized Linear fake-quantizes its input first (``fake_quantize_activation``)."""
 
     def __init__(self, config: dict, weights: dict[str, torch.Tensor], input_scales: dict[str, torch.Tensor]):
