@@ -2,12 +2,13 @@
 with our tensors.
 
 Each checkpoint below is quantized by us, then ``vllm_oracle/asked_layers.py`` runs under vLLM's own
-interpreter (its virtual environment, see conftest.py): it builds the model class from our config.json as
-``vllm serve`` does, on the meta device, and records every prefix the model asks its quantization config
-about with the method vLLM's ModelOptNvFp4Config chose (NVFP4 linear, NVFP4 MoE, unquantized, or a refusal
-to load). The test then reads our tensors independently of our code: a layer is NVFP4 in the files iff
-every weight that vLLM loads into it (found by vLLM's own name mapping and the class's
-packed_modules_mapping, both reported by the oracle) has its ``weight_scale``.
+interpreter (its virtual environment, see conftest.py; one process for the whole session, see
+vllm_oracle/client.py): it builds the model class from our config.json as ``vllm serve`` does, on the meta
+device, and records every prefix the model asks its quantization config about with the method vLLM's
+ModelOptNvFp4Config chose (NVFP4 linear, NVFP4 MoE, unquantized, or a refusal to load). The test then
+reads our tensors independently of our code: a layer is NVFP4 in the files iff every weight that vLLM
+loads into it (found by vLLM's own name mapping and the class's packed_modules_mapping, both reported by
+the oracle) has its ``weight_scale``.
 
 Earlier outputs of this tool (exclude lists without ``lm_head`` for a tied embedding, or without the fused
 name of a partly excluded group) are included to show that the oracle sees the failure, and that our
@@ -19,20 +20,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from checkpoints import checkpoint_layout, make_model_checkpoint, make_weights, write_checkpoint
 from checkpoints_extra import make_gpt_oss_checkpoint
-from safetensors import safe_open
+from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
 from modelopt_streaming import quantize
 from modelopt_streaming.consumer import VllmExclusion, consumer_layers, family_of
 from modelopt_streaming.validate import validate
 
-ORACLE = Path(__file__).parent / "vllm_oracle" / "asked_layers.py"
-_EXPERTS_3D = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
+_EXPERTS_3D = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")  # 3-D fused experts: no ".weight"
 
 # Scopes and partial exclusions of the acceptance: one member of q/k/v, one of q_a/kv_a, one expert, one
 # whole layer. Each family gets the ones its names have.
@@ -103,84 +102,12 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def vllm_answers(outputs, vllm_python, tmp_path_factory) -> dict[str, dict]:
-    work = tmp_path_factory.mktemp("oracle")
-    (work / "in.json").write_text(json.dumps([str(p) for p in outputs.values()]))
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PATH": "/usr/bin:/bin", "HOME": str(work)}
-    r = subprocess.run(
-        [str(vllm_python), str(ORACLE), str(work / "in.json"), str(work / "out.json")],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    answers = json.loads((work / "out.json").read_text())
+def vllm_answers(outputs, vllm_python) -> dict[str, dict]:
+    answers = oracle(vllm_python).layers(list(outputs.values()))
     by_key = {key: answers[str(path)] for key, path in outputs.items()}
     broken = {k: v["error"][-2000:] for k, v in by_key.items() if "error" in v}
     assert not broken, broken
     return by_key
-
-
-def tensor_names(directory: Path) -> dict[str, tuple[int, ...]]:
-    names = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
-                names[k] = tuple(sf.get_slice(k).get_shape())
-    return names
-
-
-def layer_weights(prefix: str, answer: dict, names: dict) -> list[str]:
-    """The checkpoint weights vLLM loads into the layer ``prefix``: by vLLM's own renaming of each tensor
-    name, under the prefix itself or, for a fused layer, under one of its shards."""
-    leaf = prefix.rsplit(".", 1)[-1]
-    packed = answer["packed_modules_mapping"]
-    roots = [prefix] + [prefix.replace(leaf, shard) for shard in packed.get(leaf, [])]
-    mapped = answer["mapped_names"]
-    return [
-        t
-        for t in names
-        if (t.endswith(".weight") or _EXPERTS_3D.search(t)) and any(mapped[t].startswith(r + ".") for r in roots)
-    ]
-
-
-def is_nvfp4(weight: str, names: dict) -> bool:
-    scale = weight + "_scale" if weight.endswith(".weight") else weight + "_weight_scale"
-    return scale in names
-
-
-# The methods ModelOptNvFp4Config.get_quant_method returns for weight layers.
-QUANTIZED_METHODS = {"ModelOptLinearMethod", "MoEMethodMarker"}
-WEIGHT_LAYERS_UNQUANTIZED = {"UnquantizedLinearMethod", "NoneType"}
-
-
-def vllm_decisions(answer: dict) -> dict[str, str]:
-    """prefix -> "nvfp4" / "unquantized" / "refused", for the weight layers vLLM asked about."""
-    out = {}
-    for entry in answer["layers"]:
-        if "Attention" in entry["layer"] or entry["layer"] == "VocabParallelEmbedding":
-            continue  # KV-cache method / embeddings: no NVFP4 weights either way
-        method = entry["method"]
-        out[entry["prefix"]] = (
-            "refused" if method == "refused" else "nvfp4" if method in QUANTIZED_METHODS else "unquantized"
-        )
-        assert method in QUANTIZED_METHODS | WEIGHT_LAYERS_UNQUANTIZED | {"refused"}, entry
-    return out
-
-
-def tensor_decisions(answer: dict, directory: Path) -> dict[str, str]:
-    names = tensor_names(directory)
-    out = {}
-    for prefix in vllm_decisions(answer):
-        weights = layer_weights(prefix, answer, names)
-        states = {is_nvfp4(w, names) for w in weights}
-        if not weights:
-            # A tied lm_head has no tensor: vLLM serves it from the bf16 embedding.
-            out[prefix] = "unquantized" if prefix.endswith("lm_head") else "absent"
-        else:
-            out[prefix] = "mixed" if len(states) > 1 else "nvfp4" if states.pop() else "unquantized"
-    return out
 
 
 NOTHING_QUANTIZED = "llama/experts_only"

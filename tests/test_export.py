@@ -4,10 +4,10 @@ import json
 
 import pytest
 from checkpoints import checkpoint_layout, load_dir, make_weights, round_robin, write_checkpoint
+from vllm_oracle.client import disagreements, oracle, vllm_decisions
 
 from modelopt_streaming import quantize
-from modelopt_streaming.export import compact_exclusions
-from modelopt_streaming.plan import ExclusionMatcher
+from modelopt_streaming.export import compact_exclusions, hf_quant_config, model_config
 
 
 def deepseek_names(layers=61, experts=256, dense=3):
@@ -26,7 +26,12 @@ def deepseek_names(layers=61, experts=256, dense=3):
     return names
 
 
-def test_compaction_on_full_size_deepseek_names_is_exact_under_vllm_rules():
+def test_compaction_on_full_size_deepseek_names_is_exact_under_vllm_rules(tmp_path, vllm_python):
+    """The list for full-size DeepSeek-V3 names (61 layers, 256 experts), judged by vLLM's own code: its
+    model class is built from the full-size config on the meta device (vllm_oracle/asked_layers.py) and
+    every layer it asks about must get the decision the names say."""
+    import transformers as tf
+
     names = deepseek_names()
     unquantized = [
         n
@@ -36,15 +41,23 @@ def test_compaction_on_full_size_deepseek_names_is_exact_under_vllm_rules():
         or n in ("lm_head", "model.embed_tokens")
         or n.startswith("model.layers.61.")
     ]
-    result = compact_exclusions(unquantized, names)
+    config = {**tf.DeepseekV3Config().to_dict(), "architectures": ["DeepseekV3ForCausalLM"]}
+    result = compact_exclusions(unquantized, names, config)
     assert len(result) < 10, result
     assert "model.layers.61.*" in result and "model.layers.6*" not in result
-    matcher = ExclusionMatcher(result)
+    (tmp_path / "config.json").write_text(json.dumps(model_config(config, result, weight_only=False)))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(result, weight_only=False)))
+    answer = oracle(vllm_python).layers([tmp_path])[str(tmp_path)]
+    assert "error" not in answer, answer["error"]
     unq = set(unquantized)
-    assert all(matcher(n) == (n in unq) for n in names)
-    # The prefixes vLLM asks about for fused and MoE layers are matched too.
-    assert matcher("model.layers.5.self_attn.fused_qkv_a_proj") and matcher("model.layers.61.mlp.experts")
-    assert not matcher("model.layers.5.mlp.experts") and not matcher("model.layers.6.mlp.experts")
+    files = {f"{n}.weight": (2, 2) for n in names} | {f"{n}.weight_scale": (2, 1) for n in names if n not in unq}
+    assert not disagreements(answer, tmp_path, names=files)
+    decided = vllm_decisions(answer)
+    # MLA (fused_qkv_a_proj, q_b_proj, kv_b_proj, o_proj), 3 dense MLPs, 58 MoE layers (shared gate_up and
+    # down, FusedMoE experts), lm_head; routers are built without the quant config, the MTP layer not at all.
+    assert len(decided) == 61 * 4 + 3 * 2 + 58 * 3 + 1
+    assert decided["model.layers.5.self_attn.fused_qkv_a_proj"] == "unquantized"
+    assert decided["model.layers.5.mlp.experts"] == decided["model.layers.6.mlp.experts"] == "nvfp4"
 
 
 def test_compaction_leaves_exact_names_when_no_wildcard_is_exact():

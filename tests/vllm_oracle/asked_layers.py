@@ -2,8 +2,9 @@
 vLLM asks its quantization config about, with vLLM's own answer.
 
 Input (argv[1]): a JSON file with a list of checkpoint directories. Output (argv[2]): a JSON file mapping
-each directory to {"layers": [{"prefix", "layer", "method"}], "exclude_modules", "packed_modules_mapping"}
-or {"error": "..."}.
+each directory to {"layers": [{"prefix", "layer", "method"}], "mapped_names", "exclude_modules",
+"packed_modules_mapping"} or {"error": "..."}. With ``--serve``, the same requests and answers as JSON
+lines on stdin and stdout (see client.py).
 
 The model is built on the meta device (no weights are allocated or loaded) under vLLM's own config
 objects: EngineArgs.create_engine_config reads config.json and the quantization config exactly as
@@ -97,15 +98,12 @@ def record_layers(path: str) -> dict:
     }
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        paths = json.load(f)
+def answer(paths: list[str], state: dict) -> dict:
     results = {}
-    first = True
     for path in paths:
         started = time.monotonic()
         try:
-            if first:
+            if not state.get("distributed"):
                 with set_current_vllm_config(EngineArgs(model=path, load_format="dummy").create_engine_config()):
                     init_distributed_environment(
                         world_size=1,
@@ -114,13 +112,29 @@ def main() -> None:
                         distributed_init_method=f"file://{tempfile.mktemp()}",
                         backend="gloo",
                     )
-                first = False
+                state["distributed"] = True
             results[path] = record_layers(path)
         except Exception:  # noqa: BLE001 - reported to the test, which fails with it
             results[path] = {"error": traceback.format_exc()}
         results[path]["seconds"] = round(time.monotonic() - started, 2)
+    return results
+
+
+def main() -> None:
+    state: dict = {}
+    if sys.argv[1:] == ["--serve"]:
+        # One request per line on stdin (a JSON list of directories), one JSON answer per line on the
+        # original stdout; everything vLLM prints goes to stderr. Import and start-up are paid once.
+        protocol = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        for line in sys.stdin:
+            protocol.write(json.dumps(answer(json.loads(line), state)) + "\n")
+            protocol.flush()
+        return
+    with open(sys.argv[1]) as f:
+        paths = json.load(f)
     with open(sys.argv[2], "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(answer(paths, state), f, indent=1)
 
 
 if __name__ == "__main__":
