@@ -97,6 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "allow_nonfinite", action="store_true", help="quantize weights that hold NaN/Inf instead of refusing")
     _add(q, "quiet", action="store_true", help="no progress output")
     _add(q, "debug", action="store_true", help="show tracebacks on errors")
+    _add(
+        q,
+        "format",
+        choices=["modelopt", "compressed-tensors"],
+        default="modelopt",
+        help="output dialect: ModelOpt (default) or compressed-tensors nvfp4-pack-quantized (same codes)",
+    )
+    _add(
+        q,
+        "input_scales_from",
+        metavar="CKPT",
+        help="take each module's input_scale from this NVFP4 checkpoint of the same model (either dialect)",
+    )
+    _add(q, "json", action="store_true", help="print the summary and the plan as JSON")
+
+    c = sub.add_parser("convert", help="convert an NVFP4 checkpoint between ModelOpt and compressed-tensors")
+    c.add_argument("input_dir")
+    c.add_argument("output_dir")
+    _add(c, "to", choices=["modelopt", "compressed-tensors"], required=True, help="the target dialect")
+    _add(c, "force", action="store_true", help="convert fused groups whose members carry different scales unchanged")
+    dc = sub.add_parser("decompress", help="dequantize NVFP4, block FP8 or INT4 weights to plain safetensors")
+    dc.add_argument("input_dir")
+    dc.add_argument("output_dir")
+    _add(dc, "dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the dequantized weights")
+    _add(dc, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
+    for sp in (c, dc):
+        _add(sp, "overwrite", action="store_true", help="replace a previous output of this tool")
+        _add(sp, "resume", action="store_true", help="continue an interrupted run in the same output directory")
+        _add(sp, "verify", action="store_true", help="with --resume, check finished shards by sha256")
+        _add(sp, "json", action="store_true", help="machine-readable summary")
+        _add(sp, "debug", action="store_true", help="show tracebacks on errors")
     v = sub.add_parser("validate", help="check an NVFP4 checkpoint (ModelOpt or compressed-tensors format)")
     v.add_argument("checkpoint")
     _add(v, "tp", type=int, help="also check that row-parallel input dims split into multiples of 16 at this TP")
@@ -153,6 +184,8 @@ def _run_validation(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("convert", "decompress"):
+        return _run_interchange(args, argv)
     if args.command != "quantize":
         try:
             return _run_validation(args)
@@ -202,6 +235,8 @@ def _run_quantize(args, argv: list[str] | None) -> int:
             verify=args.verify,
             allow_nonfinite=args.allow_nonfinite,
             progress="none" if quiet else "auto",
+            format=args.format,
+            input_scales_from=args.input_scales_from,
             log=log,
         )
     except (UsageError, OutputStateError) as e:
@@ -227,9 +262,69 @@ def _run_quantize(args, argv: list[str] | None) -> int:
             dist.destroy_process_group()
     if other_rank:
         return 0
+    if args.json:
+        import json
+
+        print(json.dumps({"dry_run": args.dry_run, **summary.as_dict()}, indent=2))
+        return 0
     title = "plan (dry run, nothing written)" if args.dry_run else f"wrote {summary.output_dir}"
     print(f"{title}\n" + "\n".join(f"  {line}" for line in summary.lines()))
     return 0
+
+
+def _run_interchange(args, argv: list[str] | None) -> int:
+    import json
+
+    from .convert import ConversionRefused, convert
+    from .decompress import decompress
+    from .runner import UsageError
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if args.command == "convert":
+            summary = convert(
+                args.input_dir,
+                args.output_dir,
+                args.to,
+                force=args.force,
+                overwrite=args.overwrite,
+                resume=args.resume,
+                verify=args.verify,
+                log=log,
+            )
+        else:
+            summary = decompress(
+                args.input_dir,
+                args.output_dir,
+                args.dtype,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                resume=args.resume,
+                verify=args.verify,
+                log=log,
+            )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ConversionRefused, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; finished shards are kept. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(f"wrote {args.output_dir}\n" + "\n".join(f"  {line}" for line in summary.lines()))
+    # A converted checkpoint that does not validate is a failure, unless --force asked for exactly that.
+    findings = getattr(summary, "output_findings", [])
+    return 1 if findings and not getattr(summary, "forced_groups", []) else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ shards, and so already knows the output size and every count that validation wil
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -18,6 +19,7 @@ from typing import Literal
 from .consumer import ExclusionMatcher
 from .formats import BLOCK_SIZE
 from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
+from .interchange import LEAVES, SCALAR_SHAPE
 
 Scope = Literal["all", "mlp", "experts"]
 
@@ -77,6 +79,15 @@ class Recipe:
     weight_only: bool = False
     scale_math: Literal["cuda", "cpu"] = "cuda"
     max_shard_size: int = 5 * 10**9
+    # Output dialect: ModelOpt names, or compressed-tensors ``nvfp4-pack-quantized`` (the same codes and block
+    # scales, other names, reciprocal global scales; interchange.py).
+    format: Literal["modelopt", "compressed-tensors"] = "modelopt"
+    # ``input_scale`` by module, from a reference checkpoint (--input_scales_from); other modules get 1.0.
+    input_scales: tuple[tuple[str, float], ...] = ()
+
+    @functools.cached_property
+    def input_scale_of(self) -> dict[str, float]:
+        return dict(self.input_scales)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,8 @@ class QuantizeUnit:
     # ModelOpt 0.47 exports GPT-OSS/Llama-4 experts: X uint8 [E, in/2, out], X_weight_scale [E, in/16, out],
     # one X_weight_scale_2 and X_input_scale for the whole tensor.
     layout: Literal["linear", "experts_3d"] = "linear"
+    # Tensor names and scalar shapes of ``Recipe.format`` (interchange.LEAVES); "linear" layout only.
+    dialect: Literal["modelopt", "compressed-tensors"] = "modelopt"
 
     @property
     def outputs(self) -> tuple[OutputTensor, ...]:
@@ -134,13 +147,14 @@ class QuantizeUnit:
                 out.append(OutputTensor(f"{name}_input_scale", "F32", ()))
             return tuple(out)
         out = []
+        leaf, scalar = LEAVES[self.dialect], SCALAR_SHAPE[self.dialect]
         for module, src in zip(self.modules, self.sources):
             n_out, n_in = src.shape
-            out.append(OutputTensor(f"{module}.weight", "U8", (n_out, n_in // 2)))
-            out.append(OutputTensor(f"{module}.weight_scale", "F8_E4M3", (n_out, n_in // BLOCK_SIZE)))
-            out.append(OutputTensor(f"{module}.weight_scale_2", "F32", ()))
+            out.append(OutputTensor(f"{module}.{leaf['weight']}", "U8", (n_out, n_in // 2)))
+            out.append(OutputTensor(f"{module}.{leaf['weight_scale']}", "F8_E4M3", (n_out, n_in // BLOCK_SIZE)))
+            out.append(OutputTensor(f"{module}.{leaf['global']}", "F32", scalar))
             if self.with_input_scale:
-                out.append(OutputTensor(f"{module}.input_scale", "F32", ()))
+                out.append(OutputTensor(f"{module}.{leaf['input']}", "F32", scalar))
         return tuple(out)
 
     @property
@@ -151,7 +165,8 @@ class QuantizeUnit:
         """(module, packed codes tensor, weight_scale_2 tensor) of each member, as ``outputs`` names them."""
         if self.layout == "experts_3d":
             return [(m, m, f"{m}_weight_scale_2") for m in self.modules]
-        return [(m, f"{m}.weight", f"{m}.weight_scale_2") for m in self.modules]
+        leaf = LEAVES[self.dialect]
+        return [(m, f"{m}.{leaf['weight']}", f"{m}.{leaf['global']}") for m in self.modules]
 
 
 Unit = CopyUnit | QuantizeUnit
@@ -366,12 +381,20 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         if len(members) < 2 or members[0] in reasons:
             continue
         members.sort(key=lambda m: (weights[m].file, weights[m].begin))
-        units.append(QuantizeUnit(kind, tuple(members), tuple(weights[m] for m in members), not recipe.weight_only))
+        units.append(
+            QuantizeUnit(
+                kind,
+                tuple(members),
+                tuple(weights[m] for m in members),
+                not recipe.weight_only,
+                dialect=recipe.format,
+            )
+        )
         grouped.update(members)
     for module, info in weights.items():
         if module not in reasons and module not in grouped:
             layout = "experts_3d" if module in experts_3d else "linear"
-            units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only, layout))
+            units.append(QuantizeUnit(None, (module,), (info,), not recipe.weight_only, layout, recipe.format))
     quantized_weights = {weight_tensor[m] for m in weights if m not in reasons}
     for name, d in decoded.items():
         if name not in quantized_weights:

@@ -16,6 +16,8 @@ import torch
 from . import __version__, faults
 from .codec import cpu_kernel, cuda_kernel, nvfp4
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
+from .export.compressed_tensors_format import compressed_tensors_ignore
+from .export.compressed_tensors_format import model_config as ct_model_config
 from .index import (
     INDEX_FILE,
     CheckpointError,
@@ -28,6 +30,7 @@ from .index import (
     read_header,
     resolve_checkpoint_dir,
 )
+from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, reference_input_scales
 from .output_dir import (
     FINISHED_MARKER,
     PROVENANCE_FILE,
@@ -67,6 +70,14 @@ class Summary:
     # Quantized modules whose weight (or whole fused group) was all zeros: written as exact zeros with a
     # finite global scale, where ModelOpt writes NaN (docs/codec.md). Known after the run.
     zero_weights: list[str] = field(default_factory=list)
+    format: str = "modelopt"
+    # --input_scales_from: quantized modules the reference gives no input scale for (they keep 1.0).
+    input_scales_missing: list[str] = field(default_factory=list)
+    # The plan module by module (--json): quantized modules by kind, unquantized by reason, fused groups.
+    plan: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
     def lines(self) -> list[str]:
         gb = 1e9
@@ -84,9 +95,16 @@ class Summary:
                 f"all-zero weights: {len(self.zero_weights)}, written as exact zeros with weight_scale_2 "
                 f"{nvfp4.ZERO_WEIGHT_SCALE_2} (ModelOpt would write NaN scales): {shown}"
             )
+        if self.input_scales_missing:
+            shown = ", ".join(self.input_scales_missing[:6]) + (" ..." if len(self.input_scales_missing) > 6 else "")
+            out.append(
+                f"input scales: {len(self.input_scales_missing)} quantized modules not in the reference keep 1.0: "
+                f"{shown}"
+            )
         if self.exclude_modules:
+            key = "ignore" if self.format == COMPRESSED_TENSORS else "exclude_modules"
             shown = ", ".join(self.exclude_modules[:12]) + (" ..." if len(self.exclude_modules) > 12 else "")
-            out.append(f"exclude_modules ({len(self.exclude_modules)} entries): {shown}")
+            out.append(f"{key} ({len(self.exclude_modules)} entries): {shown}")
         out.append(
             f"output: {self.shards} shard(s), {self.output_bytes / gb:.3f} GB (input {self.input_bytes / gb:.3f} GB)"
         )
@@ -127,7 +145,29 @@ def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
         output_bytes=plan.output_bytes,
         shards=len(plan.shards),
         warnings=list(plan.warnings),
+        format=plan.recipe.format,
+        plan=plan_details(plan),
     )
+
+
+def plan_details(plan: Plan) -> dict:
+    """Every module of the plan by what happens to it, and the shards (what --json prints)."""
+    quantized: dict[str, list[str]] = {}
+    for module, kind in sorted(plan.quantized.items()):
+        quantized.setdefault(kind, []).append(module)
+    unquantized: dict[str, list[str]] = {}
+    for module, reason in plan.unquantized.items():
+        unquantized.setdefault(reason, []).append(module)
+    fused: dict[str, list[list[str]]] = {}
+    for unit in plan.units:
+        if isinstance(unit, QuantizeUnit) and unit.fusion:
+            fused.setdefault(unit.fusion, []).append(list(unit.modules))
+    return {
+        "quantized_by_kind": quantized,
+        "unquantized_by_reason": unquantized,
+        "fused_groups": fused,
+        "shards": [{"file": s.file, "bytes": s.nbytes, "tensors": len(s.outputs)} for s in plan.shards],
+    }
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -172,6 +212,9 @@ def fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> dict:
 def _recipe_dict(recipe: Recipe) -> dict:
     d = asdict(recipe)
     d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
+    # Thousands of values on a large model: their digest changes when any of them does.
+    scales = json.dumps(list(recipe.input_scales)).encode()
+    d["input_scales"] = {"count": len(recipe.input_scales), "sha256": hashlib.sha256(scales).hexdigest()}
     return d
 
 
@@ -212,6 +255,10 @@ def _encode_unit(
     weight_scale_2 = nvfp4.weight_scale_2_from_amax(
         torch.stack([a.float().cpu() for a in amaxes]).max(), recipe.scale_math
     )
+    # A reference checkpoint's input scales (--input_scales_from): a fused group takes the largest of its
+    # members', as ModelOpt's export unifies them; a module the reference lacks keeps 1.0.
+    known = [recipe.input_scale_of[m] for m in unit.modules if m in recipe.input_scale_of]
+    input_scale = torch.tensor(max(known) if known else 1.0, dtype=torch.float32)
     out = []
     if unit.layout == "experts_3d":
         (name,), (w,) = unit.modules, members
@@ -219,15 +266,19 @@ def _encode_unit(
         out += [(name, packed.cpu()), (f"{name}_weight_scale", block_scales.cpu())]
         out.append((f"{name}_weight_scale_2", weight_scale_2))
         if unit.with_input_scale:
-            out.append((f"{name}_input_scale", torch.ones((), dtype=torch.float32)))
+            out.append((f"{name}_input_scale", input_scale))
         return out
+    leaf = LEAVES[unit.dialect]
+    global_scale = weight_scale_2
+    if unit.dialect == COMPRESSED_TENSORS:  # divisors, float32 [1] (spec section 5)
+        global_scale, input_scale = (1.0 / weight_scale_2).reshape(1), (1.0 / input_scale).reshape(1)
     for module, w in zip(unit.modules, members):
         packed, block_scales = codec.quantize(w, weight_scale_2)
-        out.append((f"{module}.weight", packed.cpu()))
-        out.append((f"{module}.weight_scale", block_scales.cpu()))
-        out.append((f"{module}.weight_scale_2", weight_scale_2))
+        out.append((f"{module}.{leaf['weight']}", packed.cpu()))
+        out.append((f"{module}.{leaf['weight_scale']}", block_scales.cpu()))
+        out.append((f"{module}.{leaf['global']}", global_scale))
         if unit.with_input_scale:
-            out.append((f"{module}.input_scale", torch.ones((), dtype=torch.float32)))
+            out.append((f"{module}.{leaf['input']}", input_scale))
     return out
 
 
@@ -556,9 +607,13 @@ def quantize(
     verify: bool = False,
     allow_nonfinite: bool = False,
     progress: str = "auto",
+    format: str = "modelopt",
+    input_scales_from: str | os.PathLike | None = None,
     log=print,
 ) -> Summary:
-    """Quantize a safetensors checkpoint to NVFP4 (ModelOpt format), streaming tensor by tensor.
+    """Quantize a safetensors checkpoint to NVFP4 (ModelOpt format, or ``format="compressed-tensors"``),
+    streaming tensor by tensor. ``input_scales_from``: a reference NVFP4 checkpoint of the same model whose
+    ``input_scale`` values are written instead of 1.0.
 
     Returns the summary of the plan (and of the run, unless ``dry_run``). Under ``torchrun`` each rank
     writes a deterministic share of the shards and rank 0 writes the index and configs; the files are the
@@ -572,7 +627,12 @@ def quantize(
         raise UsageError("--max_shard_size must be positive")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if input_scales_from is not None and weight_only:
+        raise UsageError("--input_scales_from and --weight_only exclude each other (weight-only has no input scales)")
     input_dir = resolve_checkpoint_dir(input_dir)
+    input_scales = reference_input_scales(input_scales_from) if input_scales_from is not None else {}
     recipe = Recipe(
         scope="experts" if experts_only else "mlp" if mlp_only else "all",
         exclude=tuple(exclude),
@@ -580,6 +640,8 @@ def quantize(
         weight_only=weight_only,
         scale_math=scale_math,  # type: ignore[arg-type]
         max_shard_size=max_shard_size,
+        format=format,  # type: ignore[arg-type]
+        input_scales=tuple(sorted(input_scales.items())),
     )
     if not dry_run:
         if output_dir is None:
@@ -587,9 +649,20 @@ def quantize(
         _check_paths(input_dir, Path(output_dir))
     index = build_index(input_dir)
     plan = build_plan(index, recipe)
-    exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules, index.config)
+    if format == COMPRESSED_TENSORS:
+        cubes = [u.modules[0] for u in plan.units if isinstance(u, QuantizeUnit) and u.layout == "experts_3d"]
+        if cubes:
+            raise UsageError(
+                f"3-D fused experts ({cubes[0]}) have no compressed-tensors form; use --format modelopt "
+                "or --exclude them"
+            )
+        exclude_modules = compressed_tensors_ignore(plan.unquantized, plan.linear_modules, index.config)
+    else:
+        exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules, index.config)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
+    if input_scales_from is not None:
+        summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
     rank, world = _distributed()
     if rank != 0:
         log = _silent
@@ -677,7 +750,9 @@ def _write_output(
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
             + (" and verified by sha256" if verify else " (sizes checked; --verify also checks sha256)")
         )
-    if not weight_only:
+    if recipe.input_scales:
+        log(f"input scales: from the reference for {len(plan.quantized) - len(summary.input_scales_missing)} modules")
+    elif not weight_only:
         log(
             "note: activation scales are not calibrated: every input_scale is 1.0 (NVIDIA's calibration-free "
             "W4A4 recipe); use --weight_only for W4A16"
@@ -761,7 +836,11 @@ def _export(
     total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
     write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total_size))
     copied = copy_side_files(input_dir, output_dir)
-    write_json_atomic(output_dir / "config.json", model_config(index.config, exclude_modules, recipe.weight_only))
+    if recipe.format == COMPRESSED_TENSORS:
+        config = ct_model_config(index.config, exclude_modules, recipe.weight_only)
+    else:
+        config = model_config(index.config, exclude_modules, recipe.weight_only)
+        write_json_atomic(output_dir / "config.json", config)
     shards = state.finish(fp, [s.file for s in plan.shards])
     summary.zero_weights = zero_weight_modules(plan, output_dir)
     # Nothing here depends on the device, the number of workers or the time: the same input and options
@@ -788,4 +867,8 @@ def _export(
             "warnings": plan.warnings,
         },
     )
-    write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))
+    if recipe.format == COMPRESSED_TENSORS:
+        # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.
+        write_json_atomic(output_dir / "config.json", config)
+    else:
+        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))
