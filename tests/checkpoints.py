@@ -314,3 +314,11 @@ def tied_llama_checkpoint(directory: Path, seed: int = 0, embed_scale: float = 0
             scale = embed_scale if name == "model.embed_tokens.weight" else linear_scale
             tensors[name] = (w.float() * scale).to(torch.bfloat16)
     return write_checkpoint(directory, tensors, cfg, round_robin(2))
+
+
+def make_tied_checkpoint(directory: Path, arch: str, n_shards: int = 2, seed: int = 0) -> Path:
+    """``tie_word_embeddings: true`` and no lm_head tensor, as ``save_pretrained`` writes a tied model."""
+    layout, cfg = checkpoint_layout(arch)
+    layout = {k: v for k, v in layout.items() if not k.startswith("lm_head.")}
+    tied = dict(cfg, tie_word_embeddings=True)
+    return write_checkpoint(directory, make_weights(layout, seed), tied, round_robin(n_shards))

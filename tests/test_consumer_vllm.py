@@ -23,12 +23,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoints import checkpoint_layout, make_model_checkpoint, make_weights, write_checkpoint
+from checkpoints import make_model_checkpoint, make_tied_checkpoint
 from checkpoints_extra import make_gpt_oss_checkpoint
 from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
 from modelopt_streaming import quantize
-from modelopt_streaming.consumer import VllmExclusion, consumer_layers, family_of
+from modelopt_streaming.consumer import PartlyExcludedFusedLayer, VllmExclusion, consumer_layers, family_of
 from modelopt_streaming.validate import validate
 
 _EXPERTS_3D = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")  # 3-D fused experts: no ".weight"
@@ -51,13 +51,6 @@ VARIANTS = {
 }
 # Classes that tie lm_head to the embedding when the config says so (and still ask about lm_head).
 TIED = ["llama", "qwen3_moe", "qwen2_moe", "mixtral"]
-
-
-def tied_checkpoint(directory: Path, arch: str) -> Path:
-    """``tie_word_embeddings: true`` and no lm_head tensor, as save_pretrained writes a tied model."""
-    layout, cfg = checkpoint_layout(arch)
-    layout = {k: v for k, v in layout.items() if not k.startswith("lm_head.")}
-    return write_checkpoint(directory, make_weights(layout), dict(cfg, tie_word_embeddings=True))
 
 
 def rewrite_exclusions(directory: Path, edit) -> None:
@@ -85,7 +78,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
             out[f"{arch}/{name}"] = base / f"{arch}-{name}"
             quantize(src, out[f"{arch}/{name}"], **kwargs, **quiet)
     for arch in TIED:
-        src = tied_checkpoint(base / f"{arch}-tied-src", arch)
+        src = make_tied_checkpoint(base / f"{arch}-tied-src", arch)
         out[f"{arch}/tied"] = base / f"{arch}-tied"
         quantize(src, out[f"{arch}/tied"], **quiet)
     # Earlier outputs: the lists this tool wrote before it knew vLLM's names.
@@ -93,9 +86,17 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         "llama/tied": lambda ex: [e for e in ex if e != "lm_head"],
         "llama/exclude_k_proj": lambda ex: [e for e in ex if not e.endswith("qkv_proj")],
         "deepseek_v3/exclude_q_a_proj": lambda ex: [e for e in ex if not e.endswith("fused_qkv_a_proj")],
+        # One shard named exactly, its partners only by wildcard: vLLM refuses to load.
+        "llama/exclude_k_proj/exact": lambda ex: [
+            *(e for e in ex if "self_attn" not in e),
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.*.self_attn.[qv]_proj",
+            "model.layers.1.self_attn.k_proj",
+        ],
     }.items():
+        source = key.removesuffix("/exact")
         old = base / f"{key.replace('/', '-')}-old"
-        shutil.copytree(out[key], old)
+        shutil.copytree(out[source], old)
         rewrite_exclusions(old, edit)
         out[f"{key}/old"] = old
     return out
@@ -180,6 +181,13 @@ def test_earlier_outputs_fail_in_vllm_and_in_validate(outputs, vllm_answers):
         assert any(m.startswith(f"{layer}") and "vLLM builds it NVFP4" in m for m in messages), (key, messages)
 
 
+def test_one_shard_named_exactly_makes_vllm_refuse_and_validate_says_so(outputs, vllm_answers):
+    key, layer = "llama/exclude_k_proj/exact/old", "model.layers.0.self_attn.qkv_proj"
+    assert vllm_decisions(vllm_answers[key])[layer] == "refused"
+    messages = [f.message for f in validate(outputs[key]).findings if f.check == "consumer"]
+    assert any(m.startswith(layer) and "vLLM refuses to load" in m for m in messages), messages
+
+
 def test_validate_accepts_every_current_output(outputs):
     for key in current(outputs):
         report = validate(outputs[key], block_scales=False)
@@ -210,4 +218,8 @@ def test_consumer_table_matches_the_classes(outputs, vllm_answers):
         exclusion = VllmExclusion(config["quantization_config"]["ignore"], family, config)
         assert sorted(exclusion.entries) == sorted(answer["exclude_modules"]), key
         for prefix in asked:
-            assert ("nvfp4" if exclusion.quantizes(ours[prefix]) else "unquantized") == vllm[prefix], (key, prefix)
+            try:
+                decision = "nvfp4" if exclusion.quantizes(ours[prefix]) else "unquantized"
+            except PartlyExcludedFusedLayer:
+                decision = "refused"
+            assert decision == vllm[prefix], (key, prefix)

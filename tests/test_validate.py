@@ -6,7 +6,14 @@ import sys
 
 import pytest
 import torch
-from checkpoints import compressed_tensors_nvfp4a16, load_dir, make_model_checkpoint, modelopt_export, rewrite_tensor
+from checkpoints import (
+    compressed_tensors_nvfp4a16,
+    load_dir,
+    make_model_checkpoint,
+    make_tied_checkpoint,
+    modelopt_export,
+    rewrite_tensor,
+)
 
 from modelopt_streaming import quantize
 from modelopt_streaming.validate import validate
@@ -210,3 +217,73 @@ def test_example_scripts_take_paths(moe, tmp_path):
     assert r.returncode == 0 and "32/32" in r.stdout
     r = subprocess.run([sys.executable, examples / "compare_scales.py", moe[2]], capture_output=True, text=True)
     assert r.returncode == 0 and "weight_scale_2" in r.stdout
+
+
+# Outputs of this tool before its exclusions followed vLLM's names: the list it wrote then, and the layer
+# vLLM builds NVFP4 for bf16 tensors (tests/test_consumer_vllm.py shows vLLM itself doing so).
+EARLIER_OUTPUTS = {
+    "tied embedding": ("llama", True, {}, lambda ex: [e for e in ex if e != "lm_head"], "lm_head"),
+    "llama --exclude '*.k_proj'": (
+        "llama",
+        False,
+        {"exclude": ["*.k_proj"]},
+        lambda ex: [e for e in ex if not e.endswith("qkv_proj")],
+        "model.layers.0.self_attn.qkv_proj",
+    ),
+    "deepseek --exclude '*.q_a_proj'": (
+        "deepseek_v3",
+        False,
+        {"exclude": ["*.q_a_proj"]},
+        lambda ex: [e for e in ex if not e.endswith("fused_qkv_a_proj")],
+        "model.layers.0.self_attn.fused_qkv_a_proj",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLIER_OUTPUTS))
+def test_earlier_outputs_fail_validate_naming_the_layer(case, tmp_path):
+    arch, tied, kwargs, edit, layer = EARLIER_OUTPUTS[case]
+    make = make_tied_checkpoint if tied else make_model_checkpoint
+    src = make(tmp_path / "src", arch)
+    out = tmp_path / "out"
+    quantize(src, out, progress="none", log=lambda *_: None, **kwargs)
+    assert validate(out).ok  # today's list
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["exclude_modules"] != edit(hf["quantization"]["exclude_modules"])
+    hf["quantization"]["exclude_modules"] = edit(hf["quantization"]["exclude_modules"])
+    (out / "hf_quant_config.json").write_text(json.dumps(hf))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = hf["quantization"]["exclude_modules"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    r = cli("validate", out)
+    assert r.returncode == 1
+    assert f"[consumer] {layer}" in r.stdout and "vLLM builds it NVFP4" in r.stdout, r.stdout
+    assert "add '" in r.stdout  # the fix
+    doctor = cli("doctor", out)
+    assert "INVALID" in doctor.stdout and layer in doctor.stdout
+
+
+def test_unknown_architecture_gets_a_list_exact_with_and_without_fusion(tmp_path):
+    """No consumer rule for the class: the list must hold whether vLLM fuses q/k/v or not."""
+    from modelopt_streaming.consumer import GENERIC, UNFUSED, VllmExclusion, consumer_layers
+
+    src = make_model_checkpoint(tmp_path / "src", "llama")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"], config["model_type"] = ["SomethingNewForCausalLM"], "something_new"
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    quantize(src, out, exclude=["*.layers.0.self_attn.k_proj"], progress="none", log=lambda *_: None)
+    exclude = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    # Hand-computed: layer 0's q/k/v stay bf16 (one member excluded), named both ways; lm_head listed.
+    assert "model.layers.0.self_attn.qkv_proj" in exclude and "lm_head" in exclude
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert VllmExclusion(exclude, UNFUSED).excluded(f"model.layers.0.self_attn.{name}")
+    fused = VllmExclusion(exclude, GENERIC, config)
+    assert fused.excluded("model.layers.0.self_attn.qkv_proj")
+    assert not fused.excluded("model.layers.1.self_attn.qkv_proj")
+    assert not fused.excluded("model.layers.0.self_attn.o_proj")
+    names = [k.removesuffix(".weight") for k in load_dir(src) if k.endswith("proj.weight")]
+    assert {lay.prefix for lay in consumer_layers(names, config, GENERIC)} >= {"model.layers.0.self_attn.qkv_proj"}
+    report = validate(out)
+    assert report.ok
+    assert any(f.check == "consumer" and "not in the consumer table" in f.message for f in report.findings)

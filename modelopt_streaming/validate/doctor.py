@@ -136,6 +136,8 @@ def doctor(checkpoint: str | Path | None = None) -> dict:
             "format": rep.format,
             "vllm_path_on_this_machine": path,
             "tp_ok": tps,
+            # Layers where vLLM's reading of the exclude list disagrees with the tensors (checks.py).
+            "vllm_disagreements": [f.message for f in rep.findings if f.check == "consumer" and f.level == "error"],
         }
     return report
 
@@ -164,6 +166,8 @@ def text(report: dict) -> str:
             f"{ck['format']} {ck['quant_algo']}"
         )
         lines.append(f"  vLLM path on this machine: {ck['vllm_path_on_this_machine']}")
+        for message in ck["vllm_disagreements"]:
+            lines.append(f"  ❌ {message}")
         tp_line = ", ".join(f"tp {k}: {'ok' if ok else 'no' if ok is False else '?'}" for k, ok in ck["tp_ok"].items())
         lines.append(f"  tensor-parallel sizes that split cleanly: {tp_line}")
     return "\n".join(lines)
