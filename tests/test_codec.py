@@ -50,10 +50,6 @@ def _cases():
 CASES = _cases()
 
 
-def test_at_least_twenty_cases():
-    assert len(CASES) >= 20
-
-
 def _fused_cpu(weight, scale_math):
     assert cpu_kernel.available(), "the fused CPU kernel was not built (no C compiler at install?)"
     scale_2 = nvfp4.weight_scale_2_from_amax(cpu_kernel.tensor_amax(weight), scale_math)
@@ -95,9 +91,10 @@ def test_shared_global_scale_matches_modelopt(name, weight):
 
 
 def test_cuda_scale_math_is_reciprocal_multiply():
-    """The formulas and the spec's "about a fifth differ" fact; that ModelOpt on a CUDA tensor gives the
-    cuda form is checked on the GPU by bench/gpu_codec.py (recorded in docs/benchmarks.md)."""
-    amax = torch.rand(10000, dtype=torch.float32) * 100
+    """The two forms, written out here independently, and the spec's "about a fifth differ" fact; that
+    ModelOpt on a CUDA tensor gives the cuda form is checked on the GPU by bench/gpu_codec.py (recorded in
+    docs/benchmarks.md), and our bytes for it against NVFP4QTensor below. amax > 0: zero has its own rule."""
+    amax = torch.rand(10000, dtype=torch.float32, generator=torch.Generator().manual_seed(7)) * 100 + 2.0**-10
     inv = torch.tensor(1 / 2688, dtype=torch.float32)
     cuda_form = torch.stack([nvfp4.weight_scale_2_from_amax(a, "cuda") for a in amax])
     cpu_form = torch.stack([nvfp4.weight_scale_2_from_amax(a, "cpu") for a in amax])
