@@ -322,9 +322,7 @@ def _run_interchange(args, argv: list[str] | None) -> int:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         print(f"wrote {args.output_dir}\n" + "\n".join(f"  {line}" for line in summary.lines()))
-    # A converted checkpoint that does not validate is a failure, unless --force asked for exactly that.
-    findings = getattr(summary, "output_findings", [])
-    return 1 if findings and not getattr(summary, "forced_groups", []) else 0
+    return 1 if getattr(summary, "failed", False) else 0
 
 
 if __name__ == "__main__":

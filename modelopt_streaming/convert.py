@@ -15,6 +15,7 @@ those groups; ``force`` converts it unchanged, and ``validate`` of the output re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -101,7 +102,16 @@ class ConvertSummary:
     forced_groups: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     output_findings: list[str] = field(default_factory=list)
+    # Errors validate found in the source that do not stop a conversion (its exclude list, say): the output
+    # may repeat them, and that alone is no failure of the conversion.
+    source_errors: int = 0
+    restored_configs: bool = False
     seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        """The output does not validate although the source did (apart from groups converted with force)."""
+        return bool(self.output_findings) and not self.source_errors and not self.forced_groups
 
     def lines(self) -> list[str]:
         out = [
@@ -195,6 +205,35 @@ def plan_conversion(
     return {f: shards[f] for f in index.files}
 
 
+SOURCE_CONFIGS_KEY = "source_configs"
+
+
+def source_configs(input_dir: Path, config: dict, fmt: str, quantized: set[str], weight_only: bool) -> dict:
+    """The source's quantization configs, kept in the output's provenance: converting back to ``fmt`` restores
+    them as they were (another producer's exclude list and metadata) instead of deriving new ones, as long as
+    the same modules are quantized the same way."""
+    hf_path = input_dir / FINISHED_MARKER
+    return {
+        "format": fmt,
+        "quantized_sha256": hashlib.sha256(json.dumps([sorted(quantized), weight_only]).encode()).hexdigest(),
+        "quantization_config": config.get("quantization_config"),
+        "config_keys": list(config),
+        "hf_quant_config": json.loads(hf_path.read_text(encoding="utf-8")) if hf_path.is_file() else None,
+    }
+
+
+def restorable_configs(input_dir: Path, to: str, quantized_sha256: str) -> dict | None:
+    """The configs recorded by the conversion that made ``input_dir``, if they describe ``to`` and these tensors."""
+    path = input_dir / PROVENANCE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")).get(SOURCE_CONFIGS_KEY) if path.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != to or record.get("quantized_sha256") != quantized_sha256:
+        return None
+    return record
+
+
 def _fused_scale_groups(report) -> list[str]:
     groups = []
     for kind, g in sorted(report.groups.items()):
@@ -267,6 +306,12 @@ def convert(
         exclusions = compact_exclusions(unquantized, linear, index.config)
     else:
         exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
+    configs = source_configs(input_dir, index.config, source, quantized, weight_only)
+    restored = restorable_configs(input_dir, to, configs["quantized_sha256"])
+    if restored is not None:
+        qc = restored["quantization_config"] or {}
+        hf = (restored["hf_quant_config"] or {}).get("quantization") or {}
+        exclusions = list(hf.get("exclude_modules") or qc.get("ignore") or [])
     outputs = [o for outs in shards.values() for o in outs]
     summary = ConvertSummary(
         input_dir=str(input_dir),
@@ -282,6 +327,8 @@ def convert(
         exclusions=exclusions,
         forced_groups=forced,
         warnings=warnings,
+        source_errors=len(errors),
+        restored_configs=restored is not None,
     )
     planned = {f: [o.name for o in outs] for f, outs in shards.items()}
     layout = [[f, [(o.name, o.reciprocal) for o in outs]] for f, outs in shards.items()]
@@ -301,7 +348,7 @@ def convert(
         state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=input_dir)
         done = state.records()
         _write_shards({f: o for f, o in shards.items() if f not in done}, input_dir, state)
-        _export(index, input_dir, output_dir, state, fingerprint, shards, summary, reciprocals)
+        _export(index, input_dir, output_dir, state, fingerprint, shards, summary, reciprocals, configs, restored)
     except OutputStateError as e:
         raise UsageError(str(e)) from None
     except IncompleteShardError as e:
@@ -356,6 +403,8 @@ def _export(
     shards: dict[str, list[Output]],
     summary: ConvertSummary,
     reciprocals: ExactReciprocals,
+    configs: dict,
+    restored: dict | None,
 ) -> None:
     """Index, side files, provenance, then the config the consumers read: written last, so that an
     unfinished directory never looks loadable."""
@@ -374,11 +423,22 @@ def _export(
             "source": {"format": summary.source_format, "files": index.file_sizes},
             "forced_groups": summary.forced_groups,
             RECORD_KEY: reciprocals.as_json(),
+            SOURCE_CONFIGS_KEY: configs,
             "side_files": copied,
             "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in records],
         },
     )
-    if summary.target_format == MODELOPT:
+    if restored is not None:
+        # Converting back: the configs the checkpoint had in this format, as they were.
+        config = copy.deepcopy(index.config)
+        config.pop("quantization_config", None)
+        if restored["quantization_config"] is not None:
+            config["quantization_config"] = restored["quantization_config"]
+        config = {k: config[k] for k in restored["config_keys"] if k in config} | config
+        write_json_atomic(output_dir / "config.json", config)
+        if restored["hf_quant_config"] is not None:
+            write_json_atomic(output_dir / FINISHED_MARKER, restored["hf_quant_config"])
+    elif summary.target_format == MODELOPT:
         config = modelopt_model_config(index.config, summary.exclusions, summary.weight_only)
         write_json_atomic(output_dir / "config.json", config)
         write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(summary.exclusions, summary.weight_only))
