@@ -244,12 +244,35 @@ def module_kind(module: str) -> str:
     return "other"
 
 
-def _num_hidden_layers(config: dict) -> int | None:
+def _config_int(config: dict, key: str) -> int | None:
+    """An integer of the language model's config, at the top level or nested (multimodal configs)."""
     for cfg in (config, config.get("text_config") or {}, config.get("language_config") or {}):
-        n = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+        n = cfg.get(key) if isinstance(cfg, dict) else None
         if isinstance(n, int):
             return n
     return None
+
+
+def _num_hidden_layers(config: dict) -> int | None:
+    return _config_int(config, "num_hidden_layers")
+
+
+def _check_experts_layout(index: CheckpointIndex, experts_3d: dict[str, TensorInfo | DecodedWeight]) -> None:
+    """3-D experts must keep the input dimension in the middle, as GPT-OSS and Llama-4 store them
+    (``gate_up_proj`` [E, hidden, 2 * inter], ``down_proj`` [E, inter, hidden]); an [E, out, in] tensor of the
+    same name would get its blocks along the wrong dimension, so it is refused rather than guessed at."""
+    hidden = _config_int(index.config, "hidden_size")
+    if hidden is None:
+        return
+    for name, info in experts_3d.items():
+        leaf = name.rpartition(".")[2]
+        dim = 1 if leaf == "gate_up_proj" else 2
+        if info.shape[dim] != hidden:
+            expected = "[experts, hidden, 2 * intermediate]" if dim == 1 else "[experts, intermediate, hidden]"
+            raise CheckpointError(
+                f"{index.root / info.file}, tensor {name!r}: shape {list(info.shape)} is not {expected} with "
+                f"hidden_size {hidden} (the input dimension in the middle, as GPT-OSS and Llama-4 store experts)"
+            )
 
 
 def default_exclusion(module: str, num_layers: int | None) -> str | None:
@@ -301,6 +324,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         for name, info in {**index.tensors, **decoded}.items()
         if _FUSED_EXPERTS.match(name) and len(info.shape) == 3
     }
+    _check_experts_layout(index, experts_3d)
     weights.update(experts_3d)
     # Other float tensors of two or more dims without the ``.weight`` name (DBRX keeps its experts as 2-D
     # ``ffn.experts.mlp.w1``): copied unquantized, and listed like any unquantized Linear, never left out.

@@ -168,3 +168,17 @@ def test_non_float_experts_are_refused_at_plan_time(tmp_path):
     src = write_checkpoint(tmp_path / "src", tensors, {"num_hidden_layers": 1})
     with pytest.raises(CheckpointError, match=r"model\.safetensors, tensor 'model\.layers\.0\.mlp\.experts\.gate_up"):
         build_plan(build_index(src), Recipe())
+
+
+def test_experts_with_the_input_dim_last_are_refused(tmp_path):
+    """[E, out, in] under GPT-OSS's names would be blocked along the wrong dim: refused by name, not guessed."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 64, 32, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(2, 32, 32, generator=g).to(torch.bfloat16),
+    }
+    src = write_checkpoint(tmp_path / "src", tensors, {"num_hidden_layers": 1, "hidden_size": 32})
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.experts\.gate_up_proj': shape \[2, 64, 32\]"
+    ):
+        build_plan(build_index(src), Recipe())
