@@ -1,0 +1,336 @@
+"""Interchange (issue 11): compressed-tensors output, lossless convert, decompress, a reference's input scales,
+JSON. Oracles: the compressed-tensors library's own decompressor and config schema, a hand-written spec
+dequantization, NVIDIA ModelOpt's calibrated export, transformers' plain models; nothing is downloaded."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import pytest
+import torch
+from checkpoints import compressed_tensors_nvfp4a16, load_dir, make_model_checkpoint, rewrite_tensor
+from checkpoints_extra import calibrated_modelopt_export, deepseek_fp8_checkpoint, kimi_int4_checkpoint
+
+from modelopt_streaming import quantize
+from modelopt_streaming.cli import main
+from modelopt_streaming.convert import ConversionRefused, convert
+from modelopt_streaming.decompress import decompress
+from modelopt_streaming.validate import validate
+
+QUIET = dict(progress="none", log=lambda *_: None)
+ARCHS = ["llama", "qwen3_moe", "deepseek_v3"]
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def spec_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
+    """Spec section 1.6-1.7, written here independently of the codec: low nibble first, E2M1 value times
+    (fp32 block scale * global scale), float32."""
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).long()
+    values = E2M1[codes].reshape(packed.shape[0], -1, 16)
+    return (values * (weight_scale.float() * weight_scale_2.float()).unsqueeze(-1)).reshape(packed.shape[0], -1)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+
+
+def same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(raw(a[k]), raw(b[k])), k
+
+
+def modelopt_modules(tensors: dict) -> list[str]:
+    return sorted(k[: -len(".weight_scale_2")] for k in tensors if k.endswith(".weight_scale_2"))
+
+
+def assert_loaded(model, tensors: dict[str, torch.Tensor], modules: list[str]) -> None:
+    """transformers loaded these tensors: every module's weight is a parameter of the model, or a slice of
+    the 3-D expert parameters transformers 5 fuses routed experts into (``experts.gate_up_proj`` [E, 2I, H]
+    = gate then up, ``experts.down_proj`` [E, H, I])."""
+    params = dict(model.named_parameters())
+    mtp = f"layers.{model.config.num_hidden_layers}."  # DeepSeek's MTP layer: not part of transformers' model
+    for m in modules:
+        if mtp in m:
+            continue
+        weight = tensors[f"{m}.weight"]
+        if f"{m}.weight" in params:
+            assert torch.equal(params[f"{m}.weight"], weight), m
+            continue
+        experts, index, leaf = m.rsplit(".", 2)
+        if leaf == "down_proj":
+            got = params[f"{experts}.down_proj"][int(index)]
+        else:
+            halves = params[f"{experts}.gate_up_proj"][int(index)].chunk(2, dim=0)
+            got = halves[0 if leaf == "gate_proj" else 1]
+        assert torch.equal(got, weight), m
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def outputs(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp(request.param)
+    src = make_model_checkpoint(base / "src", request.param, n_shards=3)
+    quantize(src, base / "mo", **QUIET)
+    quantize(src, base / "ct", format="compressed-tensors", **QUIET)
+    return base, src, base / "mo", base / "ct"
+
+
+def ct_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """The compressed-tensors reading of the same codes: the block scale divided by the stored divisor."""
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).long()
+    values = E2M1[codes].reshape(packed.shape[0], -1, 16)
+    return (values * (weight_scale.float() / global_scale.float()).unsqueeze(-1)).reshape(packed.shape[0], -1)
+
+
+def test_compressed_tensors_library_decompresses_to_the_spec_values(outputs):
+    """Our --format compressed-tensors output, read by that library (its config schema, its decompressor),
+    gives our ModelOpt output's values. Exactly wherever the two formats' block scales agree; they can
+    disagree, since compressed-tensors divides by ``1/weight_scale_2`` where ModelOpt multiplies by
+    ``weight_scale_2`` and the float32 reciprocal is rounded: there, by one bf16 rounding at most, in under
+    0.2% of the values. No choice of the stored float32 divisor avoids that for every scale (checked
+    over every global scale a bf16 weight can have): it is the format's, not the writer's."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    _, _, mo_dir, ct_dir = outputs
+    qc = QuantizationConfig.model_validate(json.loads((ct_dir / "config.json").read_text())["quantization_config"])
+    assert qc.format == "nvfp4-pack-quantized" and qc.quantization_status == "compressed"
+    (scheme,) = qc.config_groups.values()
+    assert scheme.input_activations is not None and scheme.input_activations.dynamic == "local"
+    mo, ct = load_dir(mo_dir), load_dir(ct_dir)
+    modules = modelopt_modules(mo)
+    values = differing = 0
+    for m in modules:
+        got = NVFP4PackedCompressor.decompress(
+            {k: ct[f"{m}.{k}"] for k in ("weight_packed", "weight_scale", "weight_global_scale")}, scheme
+        )["weight"]
+        ws, ws2, gs = mo[f"{m}.weight_scale"], mo[f"{m}.weight_scale_2"], ct[f"{m}.weight_global_scale"]
+        assert torch.equal(got, ct_dequantize(ct[f"{m}.weight_packed"], ct[f"{m}.weight_scale"], gs).to(torch.bfloat16))
+        want = spec_dequantize(mo[f"{m}.weight"], ws, ws2).to(torch.bfloat16)
+        agree = (ws.float() * ws2 == ws.float() / gs).repeat_interleave(16, dim=1)
+        assert got.dtype == torch.bfloat16 and torch.equal(got[agree], want[agree]), m
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
+        assert ((got.float() - want.float()).abs() <= ulp).all(), m
+        values += got.numel()
+        differing += int((got != want).sum())
+        # The same bytes under other names; global scales as float32 [1] reciprocals.
+        assert torch.equal(ct[f"{m}.weight_packed"], mo[f"{m}.weight"])
+        assert torch.equal(raw(ct[f"{m}.weight_scale"]), raw(mo[f"{m}.weight_scale"]))
+        for c, o in (("weight_global_scale", "weight_scale_2"), ("input_global_scale", "input_scale")):
+            assert ct[f"{m}.{c}"].shape == (1,) and ct[f"{m}.{c}"].dtype == torch.float32
+            assert torch.equal(ct[f"{m}.{c}"], (torch.ones(1) / mo[f"{m}.{o}"].reshape(1)))
+    print(f"{differing} of {values} values differ by one bf16 rounding")
+    assert len(modules) >= 14 and differing <= values // 500
+    leaves = (".weight_scale_2", ".input_scale", ".weight_global_scale", ".input_global_scale", ".weight_packed")
+    assert {k for k in mo if k.rpartition(".")[0] not in modules} == {k for k in ct if not k.endswith(leaves)} - {
+        f"{m}.weight_scale" for m in modules
+    }
+    report = validate(ct_dir)
+    assert report.ok, report.text()
+    assert report.format == "compressed-tensors" and report.quantized_modules == len(modules)
+
+
+def test_compressed_tensors_ignore_names_every_unquantized_linear(outputs):
+    """vLLM's compressed-tensors path matches ``ignore`` exactly or by ``re:`` only: every unquantized Linear
+    (and lm_head) by its exact name, no quantized module."""
+    _, _, mo_dir, ct_dir = outputs
+    ignore = json.loads((ct_dir / "config.json").read_text())["quantization_config"]["ignore"]
+    mo = load_dir(mo_dir)
+    quantized = set(modelopt_modules(mo))
+    unquantized = {
+        k[: -len(".weight")]
+        for k, t in mo.items()
+        if k.endswith(".weight") and t.dim() == 2 and t.dtype == torch.bfloat16 and "embed_tokens" not in k
+    }
+    assert set(ignore) == unquantized | {"lm_head"} and not quantized & set(ignore)
+    assert not (ct_dir / "hf_quant_config.json").exists()
+
+
+def test_convert_round_trip_is_byte_identical(outputs, tmp_path):
+    base, _, mo_dir, ct_dir = outputs
+    s1 = convert(mo_dir, tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
+    s2 = convert(tmp_path / "ct", tmp_path / "mo", "modelopt", log=lambda *_: None)
+    assert s1.reciprocals == s2.reciprocals >= 28 and not s1.output_findings and not s2.output_findings
+    names = sorted(p.name for p in mo_dir.iterdir() if p.suffix == ".safetensors") + [
+        "config.json",
+        "hf_quant_config.json",
+        "model.safetensors.index.json",
+    ]
+    assert all(filecmp.cmp(mo_dir / n, tmp_path / "mo" / n, shallow=False) for n in names)
+    # convert(quantize --format modelopt) is quantize --format compressed-tensors, tensor for tensor.
+    same_tensors(load_dir(tmp_path / "ct"), load_dir(ct_dir))
+
+
+def test_reciprocals_that_do_not_invert_back_are_restored_exactly(tmp_path):
+    """1/(1/x) != x in float32 for about one global scale in six: the conversion keeps those source values
+    in its provenance. Calibrated input scales (NVIDIA ModelOpt's export) and another producer's configs
+    come back exactly too."""
+    src = make_model_checkpoint(tmp_path / "src", "llama", n_shards=2)
+    export = calibrated_modelopt_export(src, tmp_path / "modelopt")
+    start = load_dir(export)
+    scalars = [k for k in start if k.endswith(("weight_scale_2", "input_scale"))]
+    lossy = [k for k in scalars if not torch.equal(1 / (1 / start[k]), start[k])]
+    assert lossy, "the test needs scales whose float32 reciprocal does not invert back"
+    assert len({float(start[k]) for k in scalars if k.endswith("input_scale")}) > 4  # calibrated, not 1.0
+    convert(export, tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
+    record = json.loads((tmp_path / "ct" / "modelopt_streaming.json").read_text())["exact_reciprocals"]
+    assert len(record) == len(lossy)
+    convert(tmp_path / "ct", tmp_path / "back", "modelopt", log=lambda *_: None)
+    same_tensors(load_dir(tmp_path / "back"), start)
+    for name in ("config.json", "hf_quant_config.json"):
+        assert json.loads((tmp_path / "back" / name).read_text()) == json.loads((export / name).read_text()), name
+
+
+def _unequal_groups(ct: dict) -> set[str]:
+    """Fused groups whose members' weight_global_scale differ, found here from the tensors."""
+    groups: dict[tuple[str, str], list[bytes]] = {}
+    kinds = {"q_proj": "q/k/v", "k_proj": "q/k/v", "v_proj": "q/k/v", "gate_proj": "gate/up", "up_proj": "gate/up"}
+    for k, t in ct.items():
+        if k.endswith(".weight_global_scale"):
+            parent, _, leaf = k[: -len(".weight_global_scale")].rpartition(".")
+            if leaf in kinds:
+                groups.setdefault((kinds[leaf], parent), []).append(t.numpy().tobytes())
+    return {f"{kind} {parent}" for (kind, parent), bits in groups.items() if len(set(bits)) > 1}
+
+
+def test_unequal_fused_scales_refused_then_forced(tmp_path, capsys):
+    """llm-compressor's model-free path quantizes each Linear on its own global scale: convert refuses and
+    lists every such group; --force converts unchanged, and validate then reports exactly those groups."""
+    src = make_model_checkpoint(tmp_path / "src", "qwen3_moe", n_shards=2)
+    ct_dir = compressed_tensors_nvfp4a16(src, tmp_path / "llmc")
+    ct = load_dir(ct_dir)
+    unequal = _unequal_groups(ct)
+    assert len(unequal) >= 8
+    with pytest.raises(ConversionRefused) as refused:
+        convert(ct_dir, tmp_path / "refused", "modelopt", log=lambda *_: None)
+    listed = {line.strip().split(":")[0] for line in str(refused.value).splitlines()[1:]}
+    assert listed == unequal
+    assert not (tmp_path / "refused").exists()
+    assert main(["convert", str(ct_dir), str(tmp_path / "refused"), "--to", "modelopt"]) == 1
+    assert "fused group(s)" in capsys.readouterr().err
+    out = tmp_path / "forced"
+    assert main(["convert", str(ct_dir), str(out), "--to", "modelopt", "--force"]) == 0
+    mo = load_dir(out)
+    for m in modelopt_modules(mo):  # unchanged: the same codes, block scales and (inverted) global scales
+        assert torch.equal(mo[f"{m}.weight"], ct[f"{m}.weight_packed"])
+        assert torch.equal(raw(mo[f"{m}.weight_scale"]), raw(ct[f"{m}.weight_scale"]))
+        assert torch.equal(mo[f"{m}.weight_scale_2"].reshape(1), torch.ones(1) / ct[f"{m}.weight_global_scale"])
+    report = validate(out)
+    reported = {
+        f"{kind} {line.split(':')[0]}" for kind, g in report.groups.items() for line in g.mismatched if g.mismatched
+    }
+    assert reported == unequal and not report.ok
+    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+
+
+def test_decompress_nvfp4_equals_the_spec_in_both_dialects(outputs, tmp_path):
+    import transformers as tf
+
+    _, src, mo_dir, ct_dir = outputs
+    decompress(mo_dir, tmp_path / "from_mo", log=lambda *_: None)
+    decompress(ct_dir, tmp_path / "from_ct", log=lambda *_: None)
+    mo, source = load_dir(mo_dir), load_dir(src)
+    modules = modelopt_modules(mo)
+    want = {
+        f"{m}.weight": spec_dequantize(mo[f"{m}.weight"], mo[f"{m}.weight_scale"], mo[f"{m}.weight_scale_2"]).to(
+            torch.bfloat16
+        )
+        for m in modules
+    }
+    want.update({k: v for k, v in source.items() if k not in want})
+    same_tensors(load_dir(tmp_path / "from_mo"), want)
+    # The compressed-tensors dialect by its own definition (the divisor), as that library decompresses it.
+    ct = load_dir(ct_dir)
+    want_ct = dict(want)
+    for m in modules:
+        packed, scale, divisor = (ct[f"{m}.{k}"] for k in ("weight_packed", "weight_scale", "weight_global_scale"))
+        want_ct[f"{m}.weight"] = ct_dequantize(packed, scale, divisor).to(torch.bfloat16)
+    same_tensors(load_dir(tmp_path / "from_ct"), want_ct)
+    for out in ("from_mo", "from_ct"):
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        assert "quantization_config" not in config and not (tmp_path / out / "hf_quant_config.json").exists()
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "from_ct", dtype=torch.bfloat16)
+    assert_loaded(model, want_ct, modules)
+
+
+def test_decompress_fp32_keeps_the_spec_value_unrounded(outputs, tmp_path):
+    _, _, mo_dir, _ = outputs
+    decompress(mo_dir, tmp_path / "fp32", "fp32", log=lambda *_: None)
+    mo, dense = load_dir(mo_dir), load_dir(tmp_path / "fp32")
+    for m in modelopt_modules(mo):
+        assert torch.equal(
+            dense[f"{m}.weight"], spec_dequantize(mo[f"{m}.weight"], mo[f"{m}.weight_scale"], mo[f"{m}.weight_scale_2"])
+        )
+
+
+@pytest.mark.parametrize("make", [deepseek_fp8_checkpoint, kimi_int4_checkpoint], ids=["deepseek_fp8", "kimi_int4"])
+def test_decompress_vendor_formats(make, tmp_path):
+    """DeepSeek's block FP8 equals DeepSeek's own formula, Kimi's INT4 equals compressed-tensors' own
+    decompressor; transformers loads the result as a plain DeepSeek-V3."""
+    import transformers as tf
+
+    src, expected = make(tmp_path / "src")
+    summary = decompress(src, tmp_path / "dense", log=lambda *_: None)
+    dense = load_dir(tmp_path / "dense")
+    assert sum(summary.dequantized.values()) == len(expected) >= 8
+    for name, value in expected.items():
+        assert torch.equal(dense[name], value), name
+    assert not any(k.endswith(("_scale_inv", "weight_packed", "weight_shape")) for k in dense)
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16)
+    assert_loaded(model, {**load_dir(tmp_path / "dense"), **expected}, [k[: -len(".weight")] for k in expected])
+
+
+def test_input_scales_from_a_calibrated_modelopt_export(tmp_path):
+    """With NVIDIA ModelOpt's calibrated export as the reference, every tensor of ours is that export's,
+    input_scale included; the same through its compressed-tensors conversion; a module the reference lacks
+    is reported and keeps 1.0."""
+    src = make_model_checkpoint(tmp_path / "src", "llama", n_shards=3)
+    export = calibrated_modelopt_export(src, tmp_path / "modelopt")
+    ref = load_dir(export)
+    summary = quantize(src, tmp_path / "ours", scale_math="cpu", input_scales_from=export, **QUIET)
+    assert summary.input_scales_missing == []
+    same_tensors(load_dir(tmp_path / "ours"), ref)
+    convert(export, tmp_path / "ref_ct", "compressed-tensors", log=lambda *_: None)
+    quantize(src, tmp_path / "ours2", scale_math="cpu", input_scales_from=tmp_path / "ref_ct", **QUIET)
+    same_tensors(load_dir(tmp_path / "ours2"), ref)
+    # A reference without one module's input scale.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for p in export.iterdir():
+        if p.is_file():
+            (cut / p.name).write_bytes(p.read_bytes())
+
+    gone = "model.layers.1.mlp.down_proj.input_scale"
+    rewrite_tensor(cut, gone, None)
+    index_file = cut / "model.safetensors.index.json"
+    if index_file.exists():  # ModelOpt writes one file for a model this small
+        index = json.loads(index_file.read_text())
+        del index["weight_map"][gone]
+        index_file.write_text(json.dumps(index))
+    summary = quantize(src, tmp_path / "ours3", scale_math="cpu", input_scales_from=cut, **QUIET)
+    assert summary.input_scales_missing == ["model.layers.1.mlp.down_proj"]
+    ours3 = load_dir(tmp_path / "ours3")
+    assert float(ours3[gone]) == 1.0 and any("not in the reference" in line for line in summary.lines())
+    same_tensors({k: v for k, v in ours3.items() if k != gone}, {k: v for k, v in ref.items() if k != gone})
+
+
+def test_json_summary_and_plan(tmp_path, capsys):
+    src = make_model_checkpoint(tmp_path / "src", "deepseek_v3", n_shards=2)
+    assert main(["quantize", "--input_dir", str(src), "--dry_run", "--json", "--mlp_only"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = data["plan"]
+    assert data["dry_run"] and data["quantized_weights"] == sum(len(v) for v in plan["quantized_by_kind"].values())
+    by_reason = plan["unquantized_by_reason"]
+    assert "model.layers.0.self_attn.q_a_proj" in by_reason["outside --mlp_only scope"]
+    assert by_reason["lm_head"] == ["lm_head"] and "model.layers.3.mlp.experts.0.up_proj" in by_reason["MTP layer"]
+    assert ["model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.mlp.experts.0.up_proj"] in [
+        sorted(g) for g in plan["fused_groups"]["gate/up"]
+    ]
+    assert len(plan["fused_groups"]["gate/up"]) == data["fused_groups"]["gate/up"]
+    out = tmp_path / "out"
+    assert main(["quantize", "--input_dir", str(src), "--output_dir", str(out), "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert not data["dry_run"] and data["output_dir"] == str(out) and data["format"] == "modelopt"
