@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +335,71 @@ def test_json_summary_and_plan(tmp_path, capsys):
     assert main(["quantize", "--input_dir", str(src), "--output_dir", str(out), "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert not data["dry_run"] and data["output_dir"] == str(out) and data["format"] == "modelopt"
+
+
+def test_transformers_runs_the_dense_compressed_tensors_output(tmp_path):
+    """transformers with compressed-tensors loads our weight-only (NVFP4A16) dense output and its logits are
+    those of a plain bf16 Llama holding the spec's dequantization of our ModelOpt output, bit for bit. (For
+    W4A4 transformers also quantizes activations on the fly, which no bf16 reference reproduces; the W4A4
+    output's weights are checked against the library above.)"""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    src = make_model_checkpoint(tmp_path / "src", "llama", n_shards=2)
+    quantize(src, tmp_path / "mo", weight_only=True, **QUIET)
+    quantize(src, tmp_path / "ct", weight_only=True, format="compressed-tensors", **QUIET)
+    mo = load_dir(tmp_path / "mo")
+    modules = modelopt_modules(mo)
+    dense = load_dir(src)
+    for m in modules:
+        value = spec_dequantize(mo[f"{m}.weight"], mo[f"{m}.weight_scale"], mo[f"{m}.weight_scale_2"])
+        dense[f"{m}.weight"] = value.to(torch.bfloat16)
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    save_file(dense, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    (ref_dir / "config.json").write_text((src / "config.json").read_text())
+    ids = torch.tensor([[1, 5, 9, 33, 70, 100, 3, 250, 17]])
+    with torch.no_grad():
+        want = tf.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.bfloat16).eval()(ids).logits
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16).eval()
+        got = model(ids).logits
+    assert torch.equal(got, want)
+    assert_loaded(model, dense, modules)
+    # Logits that depend on the quantized weights: the source model's differ.
+    with torch.no_grad():
+        source = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()(ids).logits
+    assert not torch.equal(source, want)
+
+
+def test_vllm_serves_the_compressed_tensors_output(tmp_path, vllm_python):
+    """vLLM's CPU build (with its NVFP4 emulation kernel) loads our dense W4A4 compressed-tensors output through
+    its compressed-tensors path, builds every quantized layer as CompressedTensorsW4A4Fp4 and lm_head
+    unquantized, and decodes the tokens it decodes from our ModelOpt output of the same source."""
+    import subprocess
+
+    from checkpoints import tied_llama_checkpoint
+
+    src = tied_llama_checkpoint(tmp_path / "src")
+    quantize(src, tmp_path / "mo", **QUIET)
+    quantize(src, tmp_path / "ct", format="compressed-tensors", **QUIET)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[1, 5, 9, 33], [70, 100, 3, 250], [12, 200, 45], [300, 2, 77, 150, 8]]))
+    script = Path(__file__).parent / "vllm_oracle" / "load_checkpoint.py"
+    results = {}
+    for name in ("mo", "ct"):
+        out = tmp_path / f"{name}.json"
+        run = subprocess.run(
+            [str(vllm_python), str(script), str(tmp_path / name), str(prompts), "6", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = json.loads(out.read_text())
+    ct = results["ct"]
+    assert ct["quantization"] == "compressed-tensors" and results["mo"]["quantization"] == "modelopt_fp4"
+    linear = {k: v for k, v in ct["layers"].items() if k.rpartition(".")[2] in ("qkv_proj", "o_proj", "gate_up_proj")}
+    linear.update({k: v for k, v in ct["layers"].items() if k.endswith("down_proj")})
+    assert len(linear) == 8 and all(v["scheme"] == "CompressedTensorsW4A4Fp4" for v in linear.values())
+    assert ct["layers"]["lm_head"]["scheme"] is None
+    assert ct["tokens"] == results["mo"]["tokens"] and len(ct["tokens"]) == 4
