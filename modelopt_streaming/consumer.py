@@ -109,6 +109,8 @@ class Family:
     # Routers built with the quant config (so asked about); other classes build them with quant_config=None.
     routers_asked: bool = False
     lm_head_asked: bool = True
+    # Towers the class builds with quant_config=None: never asked about, always unquantized.
+    unasked_prefixes: tuple[str, ...] = ()
     source: str = ""
 
 
@@ -238,6 +240,22 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+FAMILIES += (
+    Family(
+        "llama4",
+        ("Llama4ForConditionalGeneration", "Llama4ForCausalLM"),
+        ("llama4", "llama4_text"),
+        _fixed({**_QKV, **_GATE_UP}),
+        # The language model is a Llama4ForCausalLM (a SupportsQuant LlamaForCausalLM): its
+        # hf_to_vllm_mapper (stacked maps only) makes apply_vllm_mapper run.
+        _NO_RENAMES,
+        # Llama4MoE builds its router as GateLinear without the quant config; experts are 3-D (FusedMoE).
+        unasked_prefixes=("vision_model.", "multi_modal_projector."),
+        source="models/mllama4.py Llama4ForConditionalGeneration.__init__ (vision_model and "
+        "multi_modal_projector with quant_config=None), models/llama4.py Llama4ForCausalLM, Llama4MoE",
+    ),
+)
+
 # A class not in the table: vLLM's usual naming (the fused names above, FusedMoE ``...experts``, an asked
 # lm_head). Export then makes the list exact under both the fused and the unfused reading, so it holds
 # whether or not the class fuses; validate says it could not confirm the class.
@@ -334,10 +352,10 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
         if group and all(x in by_parent[parent] for x in group[0]):
             fused[(parent, group[1])].append(m)
             continue
-        layers[m] = ConsumerLayer(rename(m), m, (m,), "linear")
+        layers[m] = ConsumerLayer(rename(m), m, (m,), "linear", not m.startswith(family.unasked_prefixes))
     for (parent, name), members in fused.items():
         ck = f"{parent}.{name}"
-        layers[ck] = ConsumerLayer(rename(ck), ck, tuple(members), "fused")
+        layers[ck] = ConsumerLayer(rename(ck), ck, tuple(members), "fused", not ck.startswith(family.unasked_prefixes))
     for ck, members in experts.items():
         layers[ck] = ConsumerLayer(rename(ck), ck, tuple(sorted(members)), "experts")
     # lm_head is built (and asked about) even when tied to the embedding and absent from the checkpoint

@@ -322,3 +322,50 @@ def make_tied_checkpoint(directory: Path, arch: str, n_shards: int = 2, seed: in
     layout = {k: v for k, v in layout.items() if not k.startswith("lm_head.")}
     tied = dict(cfg, tie_word_embeddings=True)
     return write_checkpoint(directory, make_weights(layout, seed), tied, round_robin(n_shards))
+
+
+def make_llama4_checkpoint(directory: Path, n_shards: int = 2, seed: int = 0) -> Path:
+    """A tiny Llama-4 (Llama4ForConditionalGeneration, as the Hub ships it): a dense layer, a MoE layer with
+    3-D fused experts (``feed_forward.experts.gate_up_proj`` [E, H, 2I]) and a shared expert, a vision
+    model and its projector, names exactly as ``save_pretrained`` writes them."""
+    import transformers as tf
+
+    text = dict(
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        max_position_embeddings=128,
+        no_rope_layers=[1, 1],
+        attention_chunk_size=64,
+    )
+    vision = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+        vision_output_dim=64,
+        projector_input_dim=64,
+        projector_output_dim=64,
+    )
+    config = tf.Llama4Config(text_config=text, vision_config=vision)
+    with torch.device("meta"):
+        model = tf.Llama4ForConditionalGeneration(config)
+    with tempfile.TemporaryDirectory() as d:
+        model.to_empty(device="cpu").to(torch.bfloat16).save_pretrained(d)
+        layout = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(f, "pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
+                    layout[k] = (tuple(sf.get_slice(k).get_shape()), torch.bfloat16)
+        cfg = json.loads((Path(d) / "config.json").read_text())
+    return write_checkpoint(directory, make_weights(layout, seed), cfg, round_robin(n_shards))

@@ -19,13 +19,15 @@ _EXPERTS_3D = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
 
 
 class VllmOracle:
-    def __init__(self, python: Path):
+    def __init__(self, python: Path, torchvision_stub: bool = False):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-oracle-", suffix=".log", delete=False)  # noqa: SIM115
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": tempfile.gettempdir(),
         }
+        if torchvision_stub:  # Llama-4's class imports torchvision (see stubs/torchvision)
+            env["PYTHONPATH"] = str(Path(__file__).parent / "stubs")
         self.proc = subprocess.Popen(
             [str(python), str(ORACLE), "--serve"],
             stdin=subprocess.PIPE,
@@ -55,11 +57,11 @@ class VllmOracle:
         os.unlink(self.log.name)
 
 
-def oracle(python: Path) -> VllmOracle:
+def oracle(python: Path, torchvision_stub: bool = False) -> VllmOracle:
     """The session's oracle process for this interpreter, started on first use."""
-    key = str(python)
+    key = f"{python}:{torchvision_stub}"
     if key not in _SERVERS:
-        _SERVERS[key] = VllmOracle(python)
+        _SERVERS[key] = VllmOracle(python, torchvision_stub)
         atexit.register(_SERVERS[key].close)
     return _SERVERS[key]
 
