@@ -403,3 +403,37 @@ def test_vllm_serves_the_compressed_tensors_output(tmp_path, vllm_python):
     assert len(linear) == 8 and all(v["scheme"] == "CompressedTensorsW4A4Fp4" for v in linear.values())
     assert ct["layers"]["lm_head"]["scheme"] is None
     assert ct["tokens"] == results["mo"]["tokens"] and len(ct["tokens"]) == 4
+
+
+@pytest.fixture(scope="module")
+def sharded_output(tmp_path_factory):
+    """Our ModelOpt output of a tiny Qwen3-MoE in several shards."""
+    base = tmp_path_factory.mktemp("sharded")
+    src = make_model_checkpoint(base / "src", "qwen3_moe", n_shards=2)
+    quantize(src, base / "mo", max_shard_size=30_000, **QUIET)
+    assert len(list((base / "mo").glob("*.safetensors"))) >= 3
+    return base / "mo"
+
+
+@pytest.mark.parametrize("fault", ["mid_tensor:3", "after_rename:2", "json:3"])
+@pytest.mark.parametrize("command", ["convert", "decompress"])
+def test_killed_run_resumes_to_the_same_bytes(sharded_output, tmp_path, command, fault):
+    """SIGKILL at a step where a crash matters: the directory never looks loadable (no config.json), and
+    --resume finishes it byte-identical to an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    extra = ["--to", "compressed-tensors"] if command == "convert" else ["--max_shard_size", "150000"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main([command, str(sharded_output), str(whole), *extra]) == 0
+    cmd = [sys.executable, "-m", "modelopt_streaming", command, str(sharded_output), str(broken), *extra]
+    env = dict(os.environ, MODELOPT_STREAMING_FAULT=fault)
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (broken / "config.json").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    names = sorted(p.name for p in whole.iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in broken.iterdir() if not p.name.startswith("."))
+    assert all(filecmp.cmp(whole / n, broken / n, shallow=False) for n in names)
