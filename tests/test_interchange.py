@@ -437,3 +437,42 @@ def test_killed_run_resumes_to_the_same_bytes(sharded_output, tmp_path, command,
     names = sorted(p.name for p in whole.iterdir() if not p.name.startswith("."))
     assert names == sorted(p.name for p in broken.iterdir() if not p.name.startswith("."))
     assert all(filecmp.cmp(whole / n, broken / n, shallow=False) for n in names)
+
+
+def test_refusals_are_one_line_and_write_nothing(outputs, tmp_path, capsys):
+    base, src, mo_dir, ct_dir = outputs
+    cases = [
+        (["convert", str(src), str(tmp_path / "a"), "--to", "compressed-tensors"], 1, "not an NVFP4 checkpoint"),
+        (["convert", str(ct_dir), str(tmp_path / "b"), "--to", "compressed-tensors"], 2, "already in"),
+        (["decompress", str(mo_dir), str(mo_dir / "inside")], 2, "inside"),
+        (["decompress", str(mo_dir), str(ct_dir)], 2, "not empty"),
+    ]
+    for argv, code, words in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (mo_dir / "inside").exists()
+
+
+def test_compressed_tensors_has_no_form_for_3d_experts(tmp_path):
+    from checkpoints_extra import make_gpt_oss_checkpoint
+
+    from modelopt_streaming.runner import UsageError
+
+    src = make_gpt_oss_checkpoint(tmp_path / "src")
+    with pytest.raises(UsageError, match="3-D fused experts"):
+        quantize(src, tmp_path / "out", format="compressed-tensors", **QUIET)
+    assert not (tmp_path / "out").exists()
+    quantize(src, tmp_path / "mo", **QUIET)
+    with pytest.raises(ConversionRefused, match="3-D fused experts"):
+        convert(tmp_path / "mo", tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
+    # Their ModelOpt form decompresses, expert by expert, to the spec's values.
+    decompress(tmp_path / "mo", tmp_path / "dense", log=lambda *_: None)
+    mo, dense = load_dir(tmp_path / "mo"), load_dir(tmp_path / "dense")
+    cubes = [k for k in mo if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert cubes
+    for name in cubes:
+        packed, scale, s2 = mo[name], mo[f"{name}_weight_scale"], mo[f"{name}_weight_scale_2"]
+        for e in range(packed.shape[0]):
+            want = spec_dequantize(packed[e].t().contiguous(), scale[e].t().contiguous(), s2).t()
+            assert torch.equal(dense[name][e], want.to(torch.bfloat16)), (name, e)
