@@ -125,6 +125,8 @@ class ConvertSummary:
                 f"{self.exact_reciprocals} inverted scales do not invert back in float32: their source values "
                 f"are kept in {PROVENANCE_FILE} ({RECORD_KEY}), so converting back is exact"
             )
+        if self.restored_configs:
+            out.append(f"configs: the {self.target_format} configs this checkpoint was converted from, restored")
         if self.forced_groups:
             out.append(f"converted with --force: {len(self.forced_groups)} fused group(s) with different scales:")
             out += [f"  {g}" for g in self.forced_groups]
@@ -213,12 +215,16 @@ def source_configs(input_dir: Path, config: dict, fmt: str, quantized: set[str],
     them as they were (another producer's exclude list and metadata) instead of deriving new ones, as long as
     the same modules are quantized the same way."""
     hf_path = input_dir / FINISHED_MARKER
+    try:
+        hf_quant = json.loads(hf_path.read_text(encoding="utf-8")) if hf_path.is_file() else None
+    except (OSError, ValueError):
+        hf_quant = None  # validate has said why; nothing to restore
     return {
         "format": fmt,
         "quantized_sha256": hashlib.sha256(json.dumps([sorted(quantized), weight_only]).encode()).hexdigest(),
         "quantization_config": config.get("quantization_config"),
         "config_keys": list(config),
-        "hf_quant_config": json.loads(hf_path.read_text(encoding="utf-8")) if hf_path.is_file() else None,
+        "hf_quant_config": hf_quant,
     }
 
 
@@ -291,6 +297,12 @@ def convert(
             f"  {shown}"
         )
     warnings = [f"source: {f.message}" for f in errors if f.check not in _BLOCKING_CHECKS and f.check != "fused"]
+    quant = source_configs(input_dir, index.config, source, set(), False)["hf_quant_config"]
+    quant = quant.get("quantization") if isinstance(quant, dict) else None
+    kv = quant.get("kv_cache_quant_algo") if isinstance(quant, dict) else None
+    if kv and to == COMPRESSED_TENSORS:
+        # Not converted: compressed-tensors describes KV-cache quantization with its own kv_cache_scheme.
+        warnings.append(f"source declares KV-cache quantization {kv!r}: its k/v scales are copied, not described")
     for w in warnings:
         log(f"warning: {w}")
 
