@@ -369,3 +369,51 @@ def make_llama4_checkpoint(directory: Path, n_shards: int = 2, seed: int = 0) ->
                     layout[k] = (tuple(sf.get_slice(k).get_shape()), torch.bfloat16)
         cfg = json.loads((Path(d) / "config.json").read_text())
     return write_checkpoint(directory, make_weights(layout, seed), cfg, round_robin(n_shards))
+
+
+def make_kimi_k25_checkpoint(directory: Path, n_shards: int = 2, seed: int = 0) -> Path:
+    """Kimi-K2.5 as published: the DeepSeek-V3 language model under ``language_model.``, a MoonViT vision
+    tower (``vision_tower.encoder.blocks.N.{wqkv,wo,mlp.fc0,mlp.fc1}``) and the ``mm_projector.proj.{0,2}``
+    projector, with a one-block ``vision_config`` in config.json (Kimi_K25VisionConfig's fields)."""
+    layout, cfg = checkpoint_layout("kimi_k2")
+    h, v = 64, 64
+    bf16 = torch.bfloat16
+    vision = {
+        "vision_tower.patch_embed.proj.weight": ((v, 3, 14, 14), bf16),
+        "vision_tower.patch_embed.proj.bias": ((v,), bf16),
+        "vision_tower.patch_embed.pos_emb.weight": ((64, 64, v), bf16),
+        "vision_tower.encoder.blocks.0.norm0.weight": ((v,), bf16),
+        "vision_tower.encoder.blocks.0.norm0.bias": ((v,), bf16),
+        "vision_tower.encoder.blocks.0.wqkv.weight": ((3 * v, v), bf16),
+        "vision_tower.encoder.blocks.0.wqkv.bias": ((3 * v,), bf16),
+        "vision_tower.encoder.blocks.0.wo.weight": ((v, v), bf16),
+        "vision_tower.encoder.blocks.0.wo.bias": ((v,), bf16),
+        "vision_tower.encoder.blocks.0.norm1.weight": ((v,), bf16),
+        "vision_tower.encoder.blocks.0.norm1.bias": ((v,), bf16),
+        "vision_tower.encoder.blocks.0.mlp.fc0.weight": ((2 * v, v), bf16),
+        "vision_tower.encoder.blocks.0.mlp.fc0.bias": ((2 * v,), bf16),
+        "vision_tower.encoder.blocks.0.mlp.fc1.weight": ((v, 2 * v), bf16),
+        "vision_tower.encoder.blocks.0.mlp.fc1.bias": ((v,), bf16),
+        "vision_tower.encoder.final_layernorm.weight": ((v,), bf16),
+        "vision_tower.encoder.final_layernorm.bias": ((v,), bf16),
+        "mm_projector.pre_norm.weight": ((v,), bf16),
+        "mm_projector.pre_norm.bias": ((v,), bf16),
+        "mm_projector.proj.0.weight": ((4 * v, 4 * v), bf16),
+        "mm_projector.proj.0.bias": ((4 * v,), bf16),
+        "mm_projector.proj.2.weight": ((h, 4 * v), bf16),
+        "mm_projector.proj.2.bias": ((h,), bf16),
+    }
+    cfg = dict(
+        cfg,
+        vision_config={
+            "patch_size": 14,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 1,
+            "hidden_size": v,
+            "intermediate_size": 2 * v,
+            "mm_hidden_size": v,
+            "text_hidden_size": h,
+        },
+        tie_word_embeddings=False,
+    )
+    return write_checkpoint(directory, make_weights({**layout, **vision}, seed), cfg, round_robin(n_shards))

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoints import make_llama4_checkpoint, make_model_checkpoint, make_tied_checkpoint
+from checkpoints import make_kimi_k25_checkpoint, make_llama4_checkpoint, make_model_checkpoint, make_tied_checkpoint
 from checkpoints_extra import make_gpt_oss_checkpoint
 from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
@@ -45,7 +45,8 @@ VARIANTS = {
     "qwen2_moe": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.2.*"]}), LAYER],
     "mixtral": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.0.block_sparse_moe.experts.1.w2"]}), LAYER],
     "deepseek_v3": [*SCOPES, MLA, ("exclude_expert", {"exclude": ["*.layers.2.mlp.experts.3.*"]}), LAYER],
-    "kimi_k2": [*SCOPES, MLA, ("exclude_expert", {"exclude": ["*.layers.2.mlp.experts.3.*"]}), LAYER],
+    # Kimi-K2.5: the language model under "language_model.", a vision tower and projector.
+    "kimi_k25": [*SCOPES, MLA, ("exclude_expert", {"exclude": ["*.layers.2.mlp.experts.3.*"]}), LAYER],
     # GPT-OSS keeps each MoE layer's experts in two 3-D tensors: "one expert" is one of them.
     "gpt_oss": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.down_proj"]}), LAYER],
     "llama4": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.feed_forward.experts.down_proj"]}), LAYER],
@@ -77,6 +78,8 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
             make_gpt_oss_checkpoint(src, n_shards=2)
         elif arch == "llama4":
             make_llama4_checkpoint(src)
+        elif arch == "kimi_k25":
+            make_kimi_k25_checkpoint(src)
         else:
             make_model_checkpoint(src, arch, n_shards=2)
         for name, kwargs in variants:
@@ -86,6 +89,12 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         src = make_tied_checkpoint(base / f"{arch}-tied-src", arch)
         out[f"{arch}/tied"] = base / f"{arch}-tied"
         quantize(src, out[f"{arch}/tied"], **quiet)
+    # A list naming the projector by its checkpoint names: vLLM renames them (mm_projector.proj.0 -> linear_1).
+    exact = base / "kimi_k25-projector_exact"
+    shutil.copytree(out["kimi_k25/default"], exact)
+    projector = ["mm_projector.proj.0", "mm_projector.proj.2"]
+    rewrite_exclusions(exact, lambda ex: [e for e in ex if e != "mm_projector*"] + projector)
+    out["kimi_k25/projector_exact"] = exact
     # Earlier outputs: the lists this tool wrote before it knew vLLM's names.
     for key, edit in {
         "llama/tied": lambda ex: [e for e in ex if e != "lm_head"],
@@ -134,14 +143,6 @@ def test_vllm_decision_agrees_with_tensors_for_every_layer_it_builds(outputs, vl
         assert vllm, key
         for prefix, decision in vllm.items():
             held = tensors[prefix]
-            if held == "absent":
-                # Kimi-K2.5's class builds a vision tower and projector from its default vision config; the
-                # synthetic checkpoint has no tensors for them (a real one does, and we exclude them).
-                assert key.startswith("kimi_k2/") and prefix.startswith(("vision_tower.", "mm_projector.")), (
-                    key,
-                    prefix,
-                )
-                continue
             if decision != held:
                 failures.append(f"{key}: {prefix}: vLLM {decision}, tensors {held}")
     assert not failures, "\n".join(failures)
@@ -163,7 +164,7 @@ def test_every_case_quantizes_something_and_leaves_something(outputs, vllm_answe
     qkv = vllm_decisions(vllm_answers["llama/exclude_k_proj"])
     assert qkv["model.layers.0.self_attn.qkv_proj"] == "unquantized"
     assert qkv["model.layers.0.self_attn.o_proj"] == "nvfp4"
-    mla = vllm_decisions(vllm_answers["kimi_k2/exclude_q_a_proj"])
+    mla = vllm_decisions(vllm_answers["kimi_k25/exclude_q_a_proj"])
     assert mla["language_model.model.layers.0.self_attn.fused_qkv_a_proj"] == "unquantized"
     gpt = vllm_decisions(vllm_answers["gpt_oss/default"])
     # GPT-OSS 3-D experts: NVFP4 once quantized (ModelOpt 0.47 layout), and vLLM sees them so.
@@ -214,13 +215,12 @@ def test_consumer_table_matches_the_classes(outputs, vllm_answers):
         modules = {
             t.removesuffix(".weight") if t.endswith(".weight") else t
             for t, shape in names.items()
-            if (t.endswith(".weight") and len(shape) >= 2) or _EXPERTS_3D.search(t)
+            if (t.endswith(".weight") and len(shape) == 2) or _EXPERTS_3D.search(t)  # Linear weights
         }
         ours = {lay.prefix: lay for lay in consumer_layers(modules, config, family)}
         vllm = vllm_decisions(answer)
         asked = {p for p, lay in ours.items() if lay.asked}
-        built_without_tensors = {p for p in vllm if p.startswith(("vision_tower.", "mm_projector."))}
-        assert asked == set(vllm) - built_without_tensors, (key, asked ^ (set(vllm) - built_without_tensors))
+        assert asked == set(vllm), (key, asked ^ set(vllm))
         assert family.packed(config.get("text_config") or config) == answer["packed_modules_mapping"], key
         exclusion = VllmExclusion(config["quantization_config"]["ignore"], family, config)
         assert sorted(exclusion.entries) == sorted(answer["exclude_modules"]), key

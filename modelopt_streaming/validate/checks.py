@@ -287,7 +287,10 @@ def _check_consumer(ck: NVFP4Checkpoint, hf_exclude: list[str], modules: list[Mo
             f"architecture {archs} is not in the consumer table: exclusions judged under both the fused and "
             "the unfused reading of vLLM's usual layer names",
         )
-    state = {v.name: v.quantized for v in modules if v.weight is not None and len(v.weight.shape) >= 2}
+    # Linear weights (2-D) and 3-D fused experts: what vLLM builds as layers that can be NVFP4.
+    state = {
+        v.name: v.quantized for v in modules if v.weight is not None and (len(v.weight.shape) == 2 or v.experts_3d)
+    }
     reported: set[str] = set()
     for fam in readings:
         layers = consumer_layers(state, config, fam)
