@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); bytes are identical")
     _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
     _add(q, "dry_run", action="store_true", help="print the plan, write nothing")
-    _add(q, "overwrite", action="store_true", help="replace a non-empty output directory")
+    _add(
+        q,
+        "overwrite",
+        action="store_true",
+        help="replace an earlier output of this tool (refused if the directory holds files it did not write)",
+    )
     _add(q, "resume", action="store_true", help="continue an interrupted run in the same output directory")
     _add(q, "verify", action="store_true", help="with --resume, check finished shards by sha256 (not only size)")
     _add(q, "allow_nonfinite", action="store_true", help="quantize weights that hold NaN/Inf instead of refusing")
