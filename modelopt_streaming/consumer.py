@@ -323,7 +323,6 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
     layers: dict[str, ConsumerLayer] = {}
     experts: dict[str, list[str]] = defaultdict(list)
     fused: dict[tuple[str, str], list[str]] = defaultdict(list)
-    head_prefix = ""
     for m in modules:
         parent, _, leaf = m.rpartition(".")
         parts = m.split(".")
@@ -339,7 +338,6 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
             experts[expert.group(1)].append(m)
             continue
         if leaf in ("lm_head", "embed_out") or m == "output":
-            head_prefix = m[: -len(leaf)] if leaf in ("lm_head", "embed_out") else ""
             layers[m] = ConsumerLayer(rename(m), m, (m,), "lm_head", family.lm_head_asked)
             continue
         router = leaf in ("router", "shared_expert_gate") or (
@@ -361,9 +359,8 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
     # lm_head is built (and asked about) even when tied to the embedding and absent from the checkpoint
     # (models/llama.py LlamaForCausalLM.__init__: ParallelLMHead(..., quant_config) before tie_weights).
     if not any(lay.kind == "lm_head" for lay in layers.values()) and modules:
-        if "language_model" in {m.split(".")[0] for m in modules}:
-            head_prefix = "language_model."
-        ck = f"{head_prefix}lm_head"
+        # A multimodal class builds its language model under "language_model." (models/kimi_k25.py).
+        ck = "language_model.lm_head" if any(m.startswith("language_model.") for m in modules) else "lm_head"
         layers[ck] = ConsumerLayer(rename(ck), ck, (), "lm_head", family.lm_head_asked)
     return sorted(layers.values(), key=lambda lay: lay.prefix)
 
@@ -445,19 +442,6 @@ class VllmExclusion:
         if self.excluded(layer.prefix):
             return False
         return not any(s in layer.prefix for s in _ALWAYS_UNQUANTIZED_SUBSTRINGS)
-
-    def matching_entries(self, prefix: str) -> list[str]:
-        """The raw entries that make vLLM exclude ``prefix`` (for messages)."""
-        out = []
-        for raw in self.raw:
-            one = VllmExclusion([raw], self.family)
-            one.packed = self.packed
-            try:
-                if one.excluded(prefix):
-                    out.append(raw)
-            except PartlyExcludedFusedLayer:
-                out.append(raw)
-        return out
 
 
 @dataclass(frozen=True)
