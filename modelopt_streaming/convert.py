@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .consumer import ConsumerError
 from .export import compact_exclusions, hf_quant_config, safetensors_index
 from .export import model_config as modelopt_model_config
 from .export.compressed_tensors_format import compressed_tensors_ignore
@@ -314,10 +315,13 @@ def convert(
     quantized = set(modules) | set(experts_3d)
     linear = linear_modules(index.tensors)
     unquantized = sorted(set(linear) - quantized)
-    if to == MODELOPT:
-        exclusions = compact_exclusions(unquantized, linear, index.config)
-    else:
-        exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
+    try:
+        if to == MODELOPT:
+            exclusions = compact_exclusions(unquantized, linear, index.config)
+        else:
+            exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
+    except ConsumerError as e:  # a fused layer with quantized and unquantized members: no list describes it
+        raise ConversionRefused(f"{input_dir}: cannot be converted: {e}") from None
     configs = source_configs(input_dir, index.config, source, quantized, weight_only)
     restored = restorable_configs(input_dir, to, configs["quantized_sha256"])
     if restored is not None:
