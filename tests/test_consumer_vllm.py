@@ -23,8 +23,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoints import make_kimi_k25_checkpoint, make_llama4_checkpoint, make_model_checkpoint, make_tied_checkpoint
-from checkpoints_extra import make_gpt_oss_checkpoint
+from checkpoints import (
+    TINY,
+    make_kimi_k25_checkpoint,
+    make_llama4_checkpoint,
+    make_model_checkpoint,
+    make_tied_checkpoint,
+    make_weights,
+    round_robin,
+    write_checkpoint,
+)
+from checkpoints_extra import layout_of_config, make_gpt_oss_checkpoint
 from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
 from modelopt_streaming import quantize
@@ -50,11 +59,29 @@ VARIANTS = {
     # GPT-OSS keeps each MoE layer's experts in two 3-D tensors: "one expert" is one of them.
     "gpt_oss": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.mlp.experts.down_proj"]}), LAYER],
     "llama4": [*SCOPES, QKV, ("exclude_expert", {"exclude": ["*.layers.1.feed_forward.experts.down_proj"]}), LAYER],
+    # Dense classes that share Llama's rules in the consumer table.
+    "qwen2": [("default", {}), QKV, LAYER],
+    "qwen3": [("default", {}), QKV, LAYER],
+    "mistral": [("default", {}), QKV],
 }
+DENSE_CONFIGS = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}
 # vLLM's Llama-4 class imports torchvision, absent from its environment: its oracle runs beside a stand-in.
 NEEDS_TORCHVISION_STUB = ("llama4/",)
 # Classes that tie lm_head to the embedding when the config says so (and still ask about lm_head).
-TIED = ["llama", "qwen3_moe", "qwen2_moe", "mixtral"]
+TIED = ["llama", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2", "qwen3"]
+
+
+def dense_checkpoint(directory: Path, arch: str, tied: bool = False) -> Path:
+    """A tiny Qwen2 / Qwen3 / Mistral from transformers' config class (tied: no lm_head tensor)."""
+    import transformers as tf
+
+    config = getattr(tf, DENSE_CONFIGS[arch])(
+        intermediate_size=128, num_hidden_layers=2, head_dim=16, tie_word_embeddings=tied, **TINY
+    )
+    layout, cfg = layout_of_config(config)
+    if tied:
+        layout = {k: v for k, v in layout.items() if not k.startswith("lm_head.")}
+    return write_checkpoint(directory, make_weights(layout), dict(cfg, tie_word_embeddings=tied), round_robin(2))
 
 
 def rewrite_exclusions(directory: Path, edit) -> None:
@@ -80,13 +107,19 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
             make_llama4_checkpoint(src)
         elif arch == "kimi_k25":
             make_kimi_k25_checkpoint(src)
+        elif arch in DENSE_CONFIGS:
+            dense_checkpoint(src, arch)
         else:
             make_model_checkpoint(src, arch, n_shards=2)
         for name, kwargs in variants:
             out[f"{arch}/{name}"] = base / f"{arch}-{name}"
             quantize(src, out[f"{arch}/{name}"], **kwargs, **quiet)
     for arch in TIED:
-        src = make_tied_checkpoint(base / f"{arch}-tied-src", arch)
+        tied_src = base / f"{arch}-tied-src"
+        if arch in DENSE_CONFIGS:
+            src = dense_checkpoint(tied_src, arch, tied=True)
+        else:
+            src = make_tied_checkpoint(tied_src, arch)
         out[f"{arch}/tied"] = base / f"{arch}-tied"
         quantize(src, out[f"{arch}/tied"], **quiet)
     # A list naming the projector by its checkpoint names: vLLM renames them (mm_projector.proj.0 -> linear_1).
