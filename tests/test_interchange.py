@@ -224,6 +224,12 @@ def test_unequal_fused_scales_refused_then_forced(tmp_path, capsys):
     }
     assert reported == unequal and not report.ok
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+    # Another producer's compressed-tensors checkpoint decompresses as that library decompresses it.
+    decompress(ct_dir, tmp_path / "dense", log=lambda *_: None)
+    dense = load_dir(tmp_path / "dense")
+    for m in modelopt_modules(mo):
+        packed, scale, divisor = (ct[f"{m}.{k}"] for k in ("weight_packed", "weight_scale", "weight_global_scale"))
+        assert torch.equal(dense[f"{m}.weight"], ct_dequantize(packed, scale, divisor).to(torch.bfloat16)), m
 
 
 def test_decompress_nvfp4_equals_the_spec_in_both_dialects(outputs, tmp_path):
