@@ -112,7 +112,7 @@ def _fold_layers(
             )
             for f in readings
         )
-        ok = ok and not any(ExclusionMatcher([general])(m) for m in quantized)
+        ok = ok and not any(map(ExclusionMatcher([general]), quantized))
         out.add(general if ok else name)
     return out
 
