@@ -30,7 +30,7 @@ from .index import (
     read_header,
     resolve_checkpoint_dir,
 )
-from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, reference_input_scales
+from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, RECORD_KEY, ExactReciprocals, reference_input_scales
 from .output_dir import (
     FINISHED_MARKER,
     PROVENANCE_FILE,
@@ -241,7 +241,13 @@ def select_codec(device: torch.device) -> _Codec:
 
 
 def _encode_unit(
-    unit: QuantizeUnit, members: list[torch.Tensor], codec: _Codec, recipe: Recipe, allow_nonfinite: bool, root: Path
+    unit: QuantizeUnit,
+    members: list[torch.Tensor],
+    codec: _Codec,
+    recipe: Recipe,
+    allow_nonfinite: bool,
+    root: Path,
+    reciprocals: ExactReciprocals | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """The output tensors of one unit, in the plan's order; the group shares one weight_scale_2."""
     amaxes = [codec.tensor_amax(w) for w in members]
@@ -269,17 +275,27 @@ def _encode_unit(
             out.append((f"{name}_input_scale", input_scale))
         return out
     leaf = LEAVES[unit.dialect]
-    global_scale = weight_scale_2
-    if unit.dialect == COMPRESSED_TENSORS:  # divisors, float32 [1] (spec section 5)
-        global_scale, input_scale = (1.0 / weight_scale_2).reshape(1), (1.0 / input_scale).reshape(1)
     for module, w in zip(unit.modules, members):
         packed, block_scales = codec.quantize(w, weight_scale_2)
+        global_scale, member_input_scale = weight_scale_2, input_scale
+        if unit.dialect == COMPRESSED_TENSORS:
+            # Divisors, float32 [1] (spec section 5); the values they do not invert back to are remembered
+            # (interchange.ExactReciprocals) so that convert --to modelopt gives ModelOpt's bytes.
+            reciprocals = reciprocals if reciprocals is not None else ExactReciprocals()
+            global_scale = _divisor(reciprocals, weight_scale_2, f"{module}.{leaf['global']}")
+            if unit.with_input_scale:
+                member_input_scale = _divisor(reciprocals, input_scale, f"{module}.{leaf['input']}")
         out.append((f"{module}.{leaf['weight']}", packed.cpu()))
         out.append((f"{module}.{leaf['weight_scale']}", block_scales.cpu()))
         out.append((f"{module}.{leaf['global']}", global_scale))
         if unit.with_input_scale:
-            out.append((f"{module}.{leaf['input']}", input_scale))
+            out.append((f"{module}.{leaf['input']}", member_input_scale))
     return out
+
+
+def _divisor(reciprocals: ExactReciprocals, scale: torch.Tensor, name: str) -> torch.Tensor:
+    """compressed-tensors' float32 [1] divisor for a ModelOpt scale (its correctly rounded reciprocal)."""
+    return torch.tensor([reciprocals.convert("", float(scale), name)], dtype=torch.float32)
 
 
 # Collectives that follow a _checkpoint (everyone is there) and the start-up rendezvous; every wait for a
@@ -456,6 +472,7 @@ def _stream_units(
     allow_nonfinite: bool,
     meter: Progress,
     stats: Throughput,
+    reciprocals: ExactReciprocals | None = None,
 ) -> None:
     """Read, encode and hand to ``sink_of(unit)`` (a writer: begin / write_bytes / write) every unit, with
     reading, computing and writing overlapped."""
@@ -497,7 +514,7 @@ def _stream_units(
             if device.type == "cuda":
                 for member in data:  # made on the copy stream, used and freed on this one
                     member.record_stream(torch.cuda.current_stream(device))
-            encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root)
+            encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root, reciprocals)
             del data
             stats.compute_s += time.perf_counter() - t
             for name, tensor in encoded:
@@ -520,7 +537,7 @@ def _write_shards_streaming(todo: list[Shard], state: OutputState, reader: Tenso
         writer = ShardWriter(state.dir, shard.file, _specs(shard))
         try:
             _stream_units(list(shard.units), lambda _unit, w=writer: w, reader, **kw)
-            state.record(writer.close())
+            state.record(_with_reciprocals(writer.close(), kw["reciprocals"].record))
         except BaseException:
             writer.abort()
             raise
@@ -556,13 +573,22 @@ def _write_shards_distributed(
     # What every rank completed: a shard is renamed only when all its planned bytes were written.
     mine_done = {f: w.written() for f, w in writers.items()}
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine_done)
+    dist.all_gather_object(everyone, (mine_done, kw["reciprocals"].record))
+    records = {k: v for _, theirs in everyone for k, v in theirs.items()}
     for i, shard in enumerate(todo):  # hashing and renaming is shared out too
         if i % world == rank:
-            written = set().union(*(done[shard.file] for done in everyone))
-            state.record(writers[shard.file].finish(written))
+            written = set().union(*(done[shard.file] for done, _ in everyone))
+            state.record(_with_reciprocals(writers[shard.file].finish(written), records))
     hashed = sum(s.nbytes for s in todo) / world
     _checkpoint(rank, world, "hash and rename shards", GROUP_TIMEOUT_S + hashed / SLOWEST_RATE)
+
+
+def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> dict:
+    """A shard's record with the exact-reciprocal entries of its tensors: kept with the shard, so that a
+    resumed run still knows those of the shards a previous run finished."""
+    mine = ExactReciprocals()
+    mine.record = {n: reciprocals[n] for n in record["tensors"] if n in reciprocals}
+    return {**record, RECORD_KEY: mine.as_json()} if mine.record else record
 
 
 def _contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -766,6 +792,7 @@ def _write_output(
     try:
         with TensorReader(input_dir) as reader:
             kw = dict(device=dev, codec=codec, recipe=recipe, allow_nonfinite=allow_nonfinite, meter=meter, stats=stats)
+            kw["reciprocals"] = ExactReciprocals()
             if world == 1:
                 _write_shards_streaming(todo, state, reader, **kw)
             else:
@@ -842,6 +869,7 @@ def _export(
         config = model_config(index.config, exclude_modules, recipe.weight_only)
         write_json_atomic(output_dir / "config.json", config)
     shards = state.finish(fp, [s.file for s in plan.shards])
+    ct = recipe.format == COMPRESSED_TENSORS
     summary.zero_weights = zero_weight_modules(plan, output_dir)
     # Nothing here depends on the device, the number of workers or the time: the same input and options
     # give the same bytes in this file too.
@@ -865,7 +893,8 @@ def _export(
             "side_files": copied,
             "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
             "warnings": plan.warnings,
-        },
+        }
+        | ({RECORD_KEY: dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))} if ct else {}),
     )
     if recipe.format == COMPRESSED_TENSORS:
         # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.

@@ -160,8 +160,12 @@ def test_convert_round_trip_is_byte_identical(outputs, tmp_path):
         "model.safetensors.index.json",
     ]
     assert all(filecmp.cmp(mo_dir / n, tmp_path / "mo" / n, shallow=False) for n in names)
-    # convert(quantize --format modelopt) is quantize --format compressed-tensors, tensor for tensor.
+    # convert(quantize --format modelopt) is quantize --format compressed-tensors, tensor for tensor, and the
+    # other way round, file for file: quantize keeps its exact-reciprocal record as convert does.
     same_tensors(load_dir(tmp_path / "ct"), load_dir(ct_dir))
+    assert json.loads((ct_dir / "modelopt_streaming.json").read_text())["exact_reciprocals"]
+    convert(ct_dir, tmp_path / "mo_from_ct", "modelopt", log=lambda *_: None)
+    assert all(filecmp.cmp(mo_dir / n, tmp_path / "mo_from_ct" / n, shallow=False) for n in names)
 
 
 def test_reciprocals_that_do_not_invert_back_are_restored_exactly(tmp_path):
@@ -424,22 +428,31 @@ def sharded_output(tmp_path_factory):
     src = make_model_checkpoint(base / "src", "qwen3_moe", n_shards=2)
     quantize(src, base / "mo", max_shard_size=30_000, **QUIET)
     assert len(list((base / "mo").glob("*.safetensors"))) >= 3
-    return base / "mo"
+    return src, base / "mo"
 
 
 @pytest.mark.parametrize("fault", ["mid_tensor:3", "after_rename:2", "json:3"])
-@pytest.mark.parametrize("command", ["convert", "decompress"])
+@pytest.mark.parametrize("command", ["convert", "decompress", "quantize"])
 def test_killed_run_resumes_to_the_same_bytes(sharded_output, tmp_path, command, fault):
     """SIGKILL at a step where a crash matters: the directory never looks loadable (no config.json), and
-    --resume finishes it byte-identical to an uninterrupted run."""
+    --resume finishes it byte-identical to an uninterrupted run, provenance included (quantize
+    --format compressed-tensors keeps its exact-reciprocal record with each finished shard)."""
     import os
     import subprocess
     import sys
 
-    extra = ["--to", "compressed-tensors"] if command == "convert" else ["--max_shard_size", "150000"]
+    src, mo = sharded_output
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert main([command, str(sharded_output), str(whole), *extra]) == 0
-    cmd = [sys.executable, "-m", "modelopt_streaming", command, str(sharded_output), str(broken), *extra]
+    args = {
+        "convert": lambda out: [str(mo), str(out), "--to", "compressed-tensors"],
+        "decompress": lambda out: [str(mo), str(out), "--max_shard_size", "150000"],
+        "quantize": lambda out: (
+            ["--input_dir", str(src), "--output_dir", str(out), "--quiet"]
+            + ["--format", "compressed-tensors", "--max_shard_size", "30000", "--device", "cpu"]
+        ),
+    }[command]
+    assert main([command, *args(whole)]) == 0
+    cmd = [sys.executable, "-m", "modelopt_streaming", command, *args(broken)]
     env = dict(os.environ, MODELOPT_STREAMING_FAULT=fault)
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -488,3 +501,27 @@ def test_compressed_tensors_has_no_form_for_3d_experts(tmp_path):
         for e in range(packed.shape[0]):
             want = spec_dequantize(packed[e].t().contiguous(), scale[e].t().contiguous(), s2).t()
             assert torch.equal(dense[name][e], want.to(torch.bfloat16)), (name, e)
+
+
+def test_torchrun_compressed_tensors_output_is_the_single_process_output(sharded_output, tmp_path):
+    """Two ranks write the same files as one process, the exact-reciprocal record (gathered from the ranks
+    that computed the scales) included."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    src, _ = sharded_output
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    trees = []
+    for name, launcher in (("one", []), ("two", torchrun)):
+        out = tmp_path / name
+        args = ["--input_dir", str(src), "--output_dir", str(out), "--format", "compressed-tensors", "--quiet"]
+        args += ["--max_shard_size", "30000", "--device", "cpu"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        cmd = [sys.executable, *launcher, "-m", "modelopt_streaming", "quantize", *args]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        trees.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()})
+    assert trees[0] == trees[1]
+    assert json.loads((tmp_path / "two" / "modelopt_streaming.json").read_text())["exact_reciprocals"]
