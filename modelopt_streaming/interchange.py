@@ -11,7 +11,8 @@ A float32 reciprocal does not always come back: ``1/(1/x) != x`` for about 15% o
 values a bf16 weight can give (and no float32 ``y`` has ``1/y == x`` for most of those), so a format
 conversion cannot be undone from the tensors alone. Each conversion therefore keeps, in the provenance file
 of what it writes, the value every reciprocal came from when the reciprocal alone would not give it back
-(``exact_reciprocals``: tensor name -> [source bits, written bits], hexadecimal float32). Converting back
+(``exact_reciprocals``: tensor name -> [source bits, written bits], hexadecimal float32); quantize
+``--format compressed-tensors`` keeps the same record for the ModelOpt values it inverted. Converting back
 reads that record and restores the source value exactly, but only while the tensor still holds the bits it
 was written with.
 """
