@@ -67,14 +67,27 @@ def src(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(src, tmp_path_factory):
+def reference_dir(src, tmp_path_factory) -> Path:
     """The uninterrupted run, as a user starts it."""
     out = tmp_path_factory.mktemp("ref") / "out"
     r = run(*quantize_args(src, out))
     assert r.returncode == 0, r.stderr
-    files = tree_hashes(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> dict[str, str]:
+    files = tree_hashes(reference_dir)
     assert sum(f.startswith("model-") for f in files) >= 4
     return files
+
+
+@pytest.fixture
+def finished(reference_dir, tmp_path) -> Path:
+    """A finished output directory of `src` (a copy of the uninterrupted run's)."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_dir, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +255,11 @@ def test_disk_full_is_a_clean_error_then_resume_finishes(src, reference, tmp_pat
     assert tree_hashes(out) == reference
 
 
-def test_resume_refuses_changed_options_and_source(src, tmp_path):
+def test_resume_refuses_changed_options_and_source(src, finished, tmp_path):
     source = tmp_path / "src"
     shutil.copytree(src, source)
-    out = tmp_path / "out"
-    assert run(*quantize_args(source, out)).returncode == 0
-    finished = tree_hashes(out)
+    out = finished
+    before = tree_hashes(out)
     r = run(*quantize_args(source, out, "--resume", "--mlp_only"))
     assert r.returncode == 2 and "options changed" in r.stderr and "scope" in r.stderr
     r = run("quantize", "--input_dir", source, "--output_dir", out, "--max_shard_size", "500KB", "--resume")
@@ -261,12 +273,11 @@ def test_resume_refuses_changed_options_and_source(src, tmp_path):
     save_file(tensors, str(shard))
     r = run(*quantize_args(source, out, "--resume"))
     assert r.returncode == 2 and "source" in r.stderr and "model-00002-of-00003.safetensors" in r.stderr, r.stderr
-    assert tree_hashes(out) == finished  # refused before anything was deleted
+    assert tree_hashes(out) == before  # refused before anything was deleted
 
 
-def test_resume_discards_corrupt_shard_with_verify(src, reference, tmp_path):
-    out = tmp_path / "out"
-    assert run(*quantize_args(src, out)).returncode == 0
+def test_resume_discards_corrupt_shard_with_verify(src, reference, finished):
+    out = finished
     shard = sorted(out.glob("model-*.safetensors"))[2]
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF  # same size, different bytes: only the hash sees it
@@ -321,14 +332,14 @@ def test_overwrite_replaces_our_own_output(case, src, reference, steps, tmp_path
 
 
 @pytest.mark.parametrize("where", ["top", "subfolder", "no_manifest"])
-def test_overwrite_refuses_a_directory_holding_files_we_did_not_write(where, src, tmp_path):
+def test_overwrite_refuses_a_directory_holding_files_we_did_not_write(where, src, reference_dir, tmp_path):
     out = tmp_path / "out"
     if where == "no_manifest":
         out.mkdir()
         (out / "config.json").write_text("{}")
         (out / "model-00001-of-00002.safetensors").write_bytes(b"user's own")
     else:
-        assert run(*quantize_args(src, out)).returncode == 0
+        shutil.copytree(reference_dir, out)
         if where == "top":
             (out / "notes.txt").write_text("mine")
         else:
