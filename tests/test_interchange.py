@@ -525,3 +525,50 @@ def test_torchrun_compressed_tensors_output_is_the_single_process_output(sharded
         trees.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()})
     assert trees[0] == trees[1]
     assert json.loads((tmp_path / "two" / "modelopt_streaming.json").read_text())["exact_reciprocals"]
+
+
+def test_vllm_reads_our_compressed_tensors_ignore_exactly(tmp_path, vllm_python):
+    """vLLM's own CompressedTensorsConfig, on each model class built as vLLM builds it (meta device): every
+    layer it asks about is quantized exactly when our tensors are, fused and MoE layers included, and it
+    refuses none (tests/vllm_oracle/ct_asked_layers.py)."""
+    import subprocess
+
+    cases = {
+        "qwen3_moe": {},
+        "deepseek_v3": {"mlp_only": True},
+        "llama": {"exclude": ["model.layers.1.self_attn.*", "model.layers.0.mlp.down_proj"]},
+    }
+    dirs = []
+    for arch, options in cases.items():
+        src = make_model_checkpoint(tmp_path / arch / "src", arch, n_shards=2)
+        quantize(src, tmp_path / arch / "ct", format="compressed-tensors", **options, **QUIET)
+        dirs.append(tmp_path / arch / "ct")
+    script = Path(__file__).parent / "vllm_oracle" / "ct_asked_layers.py"
+    out = tmp_path / "asked.json"
+    run = subprocess.run(
+        [str(vllm_python), str(script), str(out), *map(str, dirs)], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for ckpt in dirs:
+        result = results[str(ckpt)]
+        assert "error" not in result, result["error"]
+        assert result["quantization"] == "compressed-tensors"
+        packed = result["packed_modules_mapping"]
+        names = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+        quantized = {n[: -len(".weight_packed")] for n in names if n.endswith(".weight_packed")}
+        kinds = set()
+        for layer in result["layers"]:
+            assert "error" not in layer, layer
+            prefix = layer["prefix"]
+            if layer["layer"] == "RoutedExperts":
+                want = [n in quantized for n in layer["asked"]]
+            else:
+                parent, _, leaf = prefix.rpartition(".")
+                members = [f"{parent}.{m}" for m in packed.get(leaf, [leaf])]
+                states = {m in quantized for m in members}
+                assert len(states) == 1, prefix
+                want = states.pop()
+            assert layer["quantized"] == want, (ckpt.parent.name, prefix)
+            kinds.add((layer["layer"], str(want)))
+        assert ("ParallelLMHead", "False") in kinds and any(w == "True" for _, w in kinds)
