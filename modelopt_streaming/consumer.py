@@ -449,20 +449,27 @@ class Disagreement:
     layer: ConsumerLayer
     tensors_quantized: bool | None  # None: members disagree among themselves
     vllm: str  # "NVFP4", "unquantized" or "refuses to load: ..."
+    entries: tuple[str, ...] = ()  # the list's entries that exclude the layer, when vLLM excludes it
 
     def message(self, tensors: str = "") -> str:
         lay = self.layer
-        what = f"{lay.prefix}" + (f" (checkpoint {', '.join(lay.members)})" if lay.members != (lay.prefix,) else "")
+        members = ", ".join(lay.members[:3]) + (f", ... ({len(lay.members)} modules)" if len(lay.members) > 3 else "")
+        what = f"{lay.prefix}" + (f" (checkpoint {members})" if lay.members != (lay.prefix,) else "")
         if lay.kind == "lm_head" and not lay.members:
             what = f"{lay.prefix} (no tensor of its own: vLLM ties it to the bf16 embedding)"
             tensors = "never loaded"
         if self.vllm.startswith("refuses"):
             return f"{what}: vLLM {self.vllm}; list every shard or the fused name '{lay.checkpoint_name}'"
         if self.tensors_quantized:
-            return (
-                f"{what}: vLLM builds it unquantized (the exclude list matches it) but its tensors are NVFP4; "
-                "remove or narrow the matching entry"
-            )
+            if not lay.asked:
+                why, fix = "it is built without the quantization config", "leave it unquantized"
+            elif self.entries:
+                why = f"{', '.join(repr(e) for e in self.entries)} matches the name vLLM asks about"
+                fix = "remove or narrow that entry"
+            else:
+                why = f"vLLM never quantizes names containing {' or '.join(_ALWAYS_UNQUANTIZED_SUBSTRINGS)}"
+                fix = "leave it unquantized"
+            return f"{what}: vLLM builds it unquantized ({why}) but its tensors are NVFP4; {fix}"
         held = tensors or "absent (the tensors are unquantized)"
         return (
             f"{what}: vLLM builds it NVFP4 (no exclude entry matches the name vLLM asks about) but its NVFP4 "
@@ -485,8 +492,23 @@ def disagreements(
             out.append(Disagreement(lay, held, f"refuses to load: {e}"))
             continue
         if held is None or vllm_q != held:
-            out.append(Disagreement(lay, held, verdict))
+            entries = _entries_excluding(exclusion, lay.prefix) if held and not vllm_q else ()
+            out.append(Disagreement(lay, held, verdict, entries))
     return out
+
+
+def _entries_excluding(exclusion: VllmExclusion, prefix: str) -> tuple[str, ...]:
+    """The raw list entries that, each on its own, make vLLM exclude ``prefix`` (for messages)."""
+    found = []
+    for raw in exclusion.raw:
+        one = VllmExclusion([raw], exclusion.family)
+        one.packed = exclusion.packed
+        try:
+            if one.excluded(prefix):
+                found.append(raw)
+        except PartlyExcludedFusedLayer:
+            found.append(raw)
+    return tuple(found)
 
 
 class ExclusionMatcher:

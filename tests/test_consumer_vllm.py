@@ -133,6 +133,9 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         "llama/tied": lambda ex: [e for e in ex if e != "lm_head"],
         "llama/exclude_k_proj": lambda ex: [e for e in ex if not e.endswith("qkv_proj")],
         "deepseek_v3/exclude_q_a_proj": lambda ex: [e for e in ex if not e.endswith("fused_qkv_a_proj")],
+        # One expert named: vLLM's FusedMoE prefix is a substring of the entry, so the whole MoE layer
+        # is read as excluded although its experts are NVFP4 (is_layer_skipped's "experts" rule).
+        "qwen3_moe/default/one_expert": lambda ex: [*ex, "model.layers.0.mlp.experts.1.down_proj"],
         # One shard named exactly, its partners only by wildcard: vLLM refuses to load.
         "llama/exclude_k_proj/exact": lambda ex: [
             *(e for e in ex if "self_attn" not in e),
@@ -141,7 +144,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
             "model.layers.1.self_attn.k_proj",
         ],
     }.items():
-        source = key.removesuffix("/exact")
+        source = key.removesuffix("/exact").removesuffix("/one_expert")
         old = base / f"{key.replace('/', '-')}-old"
         shutil.copytree(out[source], old)
         rewrite_exclusions(old, edit)
@@ -220,6 +223,15 @@ def test_earlier_outputs_fail_in_vllm_and_in_validate(outputs, vllm_answers):
         assert not report.ok, key
         messages = [f.message for f in report.findings if f.level == "error" and f.check == "consumer"]
         assert any(m.startswith(f"{layer}") and "vLLM builds it NVFP4" in m for m in messages), (key, messages)
+
+
+def test_one_listed_expert_unquantizes_the_moe_layer_in_vllm_and_validate_says_so(outputs, vllm_answers):
+    key, layer = "qwen3_moe/default/one_expert/old", "model.layers.0.mlp.experts"
+    answer = vllm_answers[key]
+    assert vllm_decisions(answer)[layer] == "unquantized"
+    assert tensor_decisions(answer, outputs[key])[layer] == "nvfp4"
+    messages = [f.message for f in validate(outputs[key]).findings if f.check == "consumer"]
+    assert any(m.startswith(layer) and "vLLM builds it unquantized" in m for m in messages), messages
 
 
 def test_one_shard_named_exactly_makes_vllm_refuse_and_validate_says_so(outputs, vllm_answers):

@@ -109,8 +109,15 @@ def find_cublaslt_header() -> str | None:
 
 def doctor(checkpoint: str | Path | None = None) -> dict:
     vllm = _installed_version("vllm")
+    from ..consumer import VLLM_VERSION
+
     report: dict = {
-        "vllm": {"version": vllm, "known_issues": [i.__dict__ for i in known_issues_for("vllm", vllm)] if vllm else []},
+        "vllm": {
+            "version": vllm,
+            "known_issues": [i.__dict__ for i in known_issues_for("vllm", vllm)] if vllm else [],
+            # validate judges exclusions by this vLLM release's rules (consumer.py)
+            "consumer_rules_of": VLLM_VERSION,
+        },
         "gpus": gpu_report(),
         "cublasLt_h": find_cublaslt_header(),
     }
@@ -153,6 +160,11 @@ def text(report: dict) -> str:
             lines.append(f"  ❌ known bad: {issue['symptom']} (source: {issue['source']})")
         if not v["known_issues"]:
             lines.append("  ✅ no known NVFP4 regression in this version")
+        if v["version"].split("+")[0] != v["consumer_rules_of"]:
+            lines.append(
+                f"  ⚠️ validate reads exclude lists by vLLM {v['consumer_rules_of']}'s rules; this version may "
+                "match layer names differently (vllm/model_executor/layers/quantization/modelopt.py)"
+            )
     if not report["gpus"]:
         lines.append("GPU: none visible (NVFP4 serving needs an NVIDIA GPU: SM100/SM120 native, SM80-SM90 Marlin)")
     for g in report["gpus"]:
