@@ -109,7 +109,7 @@ def answer(paths: list[str], state: dict) -> dict:
                         world_size=1,
                         rank=0,
                         local_rank=0,
-                        distributed_init_method=f"file://{tempfile.mktemp()}",
+                        distributed_init_method=f"file://{tempfile.mkdtemp()}/rendezvous",
                         backend="gloo",
                     )
                 state["distributed"] = True
