@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from .convert import convert  # noqa: E402
+from .decompress import decompress  # noqa: E402
 from .runner import Summary, UsageError, quantize  # noqa: E402
 
-__all__ = ["Summary", "UsageError", "__version__", "quantize"]
+__all__ = ["Summary", "UsageError", "__version__", "convert", "decompress", "quantize"]
