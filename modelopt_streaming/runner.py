@@ -15,6 +15,7 @@ import torch
 
 from . import __version__, faults
 from .codec import cpu_kernel, cuda_kernel, nvfp4
+from .consumer import family_of
 from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
 from .export.compressed_tensors_format import compressed_tensors_ignore
 from .export.compressed_tensors_format import model_config as ct_model_config
@@ -694,6 +695,12 @@ def quantize(
         log = _silent
     for w in plan.warnings:
         log(f"warning: {w}")
+    if family_of(index.config) is None:
+        archs = ", ".join(index.config.get("architectures") or []) or index.config.get("model_type") or "unknown"
+        log(
+            f"note: architecture {archs} is not in the vLLM consumer table (modelopt_streaming/consumer.py): "
+            "the exclude list is written exact both with and without vLLM's usual fused layer names"
+        )
     if dry_run:
         return summary
     if world == 1 and _world_size_env() > 1:

@@ -271,8 +271,9 @@ def test_unknown_architecture_gets_a_list_exact_with_and_without_fusion(tmp_path
     config = json.loads((src / "config.json").read_text())
     config["architectures"], config["model_type"] = ["SomethingNewForCausalLM"], "something_new"
     (src / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    quantize(src, out, exclude=["*.layers.0.self_attn.k_proj"], progress="none", log=lambda *_: None)
+    out, logs = tmp_path / "out", []
+    quantize(src, out, exclude=["*.layers.0.self_attn.k_proj"], progress="none", log=logs.append)
+    assert any("SomethingNewForCausalLM is not in the vLLM consumer table" in line for line in logs)
     exclude = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     # Hand-computed: layer 0's q/k/v stay bf16 (one member excluded), named both ways; lm_head listed.
     assert "model.layers.0.self_attn.qkv_proj" in exclude and "lm_head" in exclude
