@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import copy
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 
@@ -121,6 +122,8 @@ def _compact_names(unquantized: set[str], linear_modules: set[str]) -> list[str]
     """Every unquantized module, compacted with ``prefix*`` wildcards where exact on the checkpoint's names."""
     quantized = sorted(set(linear_modules) - unquantized)
 
+    # Every layer's entry folds to the same ``layers.*`` pattern: judge each pattern once.
+    @functools.cache
     def safe(pattern: str) -> bool:
         if pattern.endswith("*") and "*" not in pattern[:-1]:
             prefix = pattern[:-1]
