@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,10 @@ import torch
 
 from . import __version__
 from .consumer import ConsumerError
-from .export import compact_exclusions, hf_quant_config, safetensors_index
+from .export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
 from .export import model_config as modelopt_model_config
 from .export.compressed_tensors_format import compressed_tensors_ignore
 from .export.compressed_tensors_format import model_config as ct_model_config
-from .export.side_files import side_files
 from .index import (
     FLOAT_DTYPES,
     INDEX_FILE,
@@ -59,13 +57,11 @@ from .interchange import (
 from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError
 from .reader import TensorReader
 from .validate import validate
-from .writer import MANIFEST_FILE, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+from .writer import IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
 _BLOCKING_CHECKS = ("format", "shards", "index", "tensors")
-# Files of ours in a source directory that describe that directory only: never copied.
-OWN_FILES = {PROVENANCE_FILE, MANIFEST_FILE, FINISHED_MARKER, "config.json", INDEX_FILE}
 
 
 class ConversionRefused(Exception):
@@ -396,20 +392,6 @@ def _write_shards(shards: dict[str, list[Output]], input_dir: Path, state: Outpu
                 raise
 
 
-def copy_own_side_files(source: Path, destination: Path) -> list[str]:
-    """The source's side files (tokenizers, templates, code), without the files that describe the source
-    checkpoint itself (its configs, index, provenance and manifest: the output gets its own)."""
-    copied = []
-    for rel in side_files(source):
-        if str(rel) in OWN_FILES:
-            continue
-        target = destination / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / rel, target)
-        copied.append(str(rel))
-    return copied
-
-
 def _export(
     index: CheckpointIndex,
     input_dir: Path,
@@ -427,7 +409,7 @@ def _export(
     weight_map = {o.name: f for f, outs in shards.items() for o in outs}
     total = sum(TensorSpec(o.name, o.dtype, o.shape).nbytes for outs in shards.values() for o in outs)
     write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total))
-    copied = copy_own_side_files(input_dir, output_dir)
+    copied = copy_side_files(input_dir, output_dir)
     records = state.finish(fingerprint, list(shards))
     write_json_atomic(
         output_dir / PROVENANCE_FILE,

@@ -29,8 +29,8 @@ import torch
 
 from . import __version__
 from .codec import nvfp4
-from .convert import copy_own_side_files, quantized_experts_3d
-from .export import safetensors_index
+from .convert import quantized_experts_3d
+from .export import copy_side_files, safetensors_index
 from .formats import BLOCK_SIZE
 from .index import (
     DTYPE_NAMES,
@@ -273,7 +273,7 @@ def decompress(
         _write(input_dir, [(f, us) for f, us in shards if f not in done], state, OUTPUT_DTYPES[dtype])
         weight_map = {u.name: f for f, us in shards for u in us}
         write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, summary.output_bytes))
-        copied = copy_own_side_files(input_dir, output_dir)
+        copied = copy_side_files(input_dir, output_dir)
         records = state.finish(fingerprint, [f for f, _ in shards])
         write_json_atomic(
             output_dir / PROVENANCE_FILE,

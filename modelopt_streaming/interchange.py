@@ -24,7 +24,7 @@ import math
 import struct
 from pathlib import Path
 
-from .index import CheckpointError, TensorInfo
+from .index import PROVENANCE_FILE, CheckpointError, TensorInfo
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -42,7 +42,6 @@ LEAVES = {
 # Shape of the scalar scales: ModelOpt exports 0-dim tensors, compressed-tensors [1]
 # (compressed_tensors/quantization/lifecycle/initialize.py registers ``*_global_scale`` as shape (1,)).
 SCALAR_SHAPE = {MODELOPT: (), COMPRESSED_TENSORS: (1,)}
-PROVENANCE_FILE = "modelopt_streaming.json"
 RECORD_KEY = "exact_reciprocals"
 
 

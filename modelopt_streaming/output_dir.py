@@ -22,14 +22,13 @@ import socket
 from pathlib import Path
 
 from . import faults
-from .index import INDEX_FILE
+from .index import INDEX_FILE, PROVENANCE_FILE
 from .writer import MANIFEST_FILE, partial_name, write_json_atomic
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.
 FINISHED_MARKER = "hf_quant_config.json"
 CONFIG_FILE = "config.json"
-PROVENANCE_FILE = "modelopt_streaming.json"
 # Held (flock) by the one run that may write the directory; names that run (pid, host) for any other.
 LOCK_FILE = ".modelopt_streaming.lock"
 _SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")

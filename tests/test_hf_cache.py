@@ -102,3 +102,22 @@ def test_index_names_are_judged_not_where_they_resolve(plain, tmp_path, name):
     r = run_cli("quantize", "--input_dir", str(src), "--output_dir", str(tmp_path / "out"))
     assert r.returncode != 0
     assert "model.safetensors.index.json" in r.stderr and name in r.stderr, r.stderr
+
+
+def test_side_files_skip_the_files_that_describe_the_source(tmp_path):
+    """One of our outputs as input (a decompressed checkpoint re-quantized): its provenance and manifest
+    describe that directory, and a copy would sit in the new output as if it described it."""
+    from modelopt_streaming.export.side_files import side_files
+
+    names = [
+        "tokenizer.json",
+        "modelopt_streaming.json",
+        "modelopt_streaming.manifest.json",
+        "hf_quant_config.json",
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    assert [str(p) for p in side_files(tmp_path)] == ["tokenizer.json"]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# Written by export from what was written; never copied from the source.
-GENERATED = {"config.json", "hf_quant_config.json", "model.safetensors.index.json"}
+from ..index import INDEX_FILE, PROVENANCE_FILE
+from ..writer import MANIFEST_FILE
+
+# Written by export from what was written, or describing the source directory alone (when the source is
+# one of our outputs): never copied from the source.
+GENERATED = {"config.json", "hf_quant_config.json", INDEX_FILE, PROVENANCE_FILE, MANIFEST_FILE}
 # Pickled weights are never copied: the output's weights are the safetensors we wrote.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
