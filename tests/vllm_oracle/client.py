@@ -25,6 +25,11 @@ class VllmOracle:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": tempfile.gettempdir(),
+            # Tests never download, nor report usage.
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
         }
         if torchvision_stub:  # Llama-4's class imports torchvision (see stubs/torchvision)
             env["PYTHONPATH"] = str(Path(__file__).parent / "stubs")
