@@ -571,14 +571,19 @@ def _write_shards_distributed(
         sum(sum(s.nbytes for s in unit_sources(u)) for u in _contiguous_share(units, r, world)) for r in range(world)
     )
     _checkpoint(rank, world, "write shares", GROUP_TIMEOUT_S + largest / SLOWEST_RATE)
-    # What every rank completed: a shard is renamed only when all its planned bytes were written.
-    mine_done = {f: w.written() for f, w in writers.items()}
+    # What every rank completed: a shard is renamed only when all its planned bytes were written. One bit
+    # per planned tensor (an int), not names: a DeepSeek-sized plan gathers kilobytes, not megabytes.
+    names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
+    mine_done = {f: _bitmask(names[f], w.written()) for f, w in writers.items()}
     everyone: list = [None] * world
     dist.all_gather_object(everyone, (mine_done, kw["reciprocals"].record))
     records = {k: v for _, theirs in everyone for k, v in theirs.items()}
     for i, shard in enumerate(todo):  # hashing and renaming is shared out too
         if i % world == rank:
-            written = set().union(*(done[shard.file] for done, _ in everyone))
+            mask = 0
+            for done, _ in everyone:
+                mask |= done[shard.file]
+            written = _chosen(names[shard.file], mask)
             state.record(_with_reciprocals(writers[shard.file].finish(written), records))
     hashed = sum(s.nbytes for s in todo) / world
     _checkpoint(rank, world, "hash and rename shards", GROUP_TIMEOUT_S + hashed / SLOWEST_RATE)
@@ -590,6 +595,19 @@ def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> 
     mine = ExactReciprocals()
     mine.record = {n: reciprocals[n] for n in record["tensors"] if n in reciprocals}
     return {**record, RECORD_KEY: mine.as_json()} if mine.record else record
+
+
+def _bitmask(names: list[str], chosen: set[str]) -> int:
+    bits = bytearray((len(names) + 7) // 8)
+    for j, n in enumerate(names):
+        if n in chosen:
+            bits[j >> 3] |= 1 << (j & 7)
+    return int.from_bytes(bits, "little")
+
+
+def _chosen(names: list[str], mask: int) -> set[str]:
+    bits = mask.to_bytes((len(names) + 7) // 8, "little")
+    return {n for j, n in enumerate(names) if bits[j >> 3] >> (j & 7) & 1}
 
 
 def _contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
