@@ -304,6 +304,16 @@ def _divisor(reciprocals: ExactReciprocals, scale: torch.Tensor, name: str) -> t
 GROUP_TIMEOUT_S = 600
 # A rank that moves fewer bytes per second than this through its share is treated as stuck.
 SLOWEST_RATE = 20e6
+# Seconds a rank may lag at the end of its share beyond SLOWEST_RATE (default GROUP_TIMEOUT_S): lower it
+# to learn sooner of a node that vanished without closing its connections.
+RANK_SLACK_ENV = "MODELOPT_STREAMING_RANK_SLACK_S"
+
+
+def _rank_slack_s() -> float:
+    try:
+        return float(os.environ.get(RANK_SLACK_ENV, GROUP_TIMEOUT_S))
+    except ValueError:
+        raise UsageError(f"{RANK_SLACK_ENV}={os.environ[RANK_SLACK_ENV]!r} is not a number of seconds") from None
 
 
 def init_distributed(device: str | None) -> tuple[str | None, bool]:
@@ -375,29 +385,34 @@ def _checkpoint(rank: int, world: int, step: str, timeout_s: float) -> None:
 
     import torch.distributed as dist
 
-    limit = datetime.timedelta(seconds=timeout_s)
+    def failure(e: RuntimeError) -> str:
+        return "timed out" if "imed out" in str(e) else "stopped"
+
     why = {}
     if rank == 0:
+        deadline = time.monotonic() + timeout_s  # one deadline for all ranks, not timeout_s each
         for r in range(1, world):
+            left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
             try:
-                dist.irecv(torch.zeros(1), src=r).wait(timeout=limit)
+                dist.irecv(torch.zeros(1), src=r).wait(timeout=left)
             except RuntimeError as e:
-                why[r] = "timed out" if "imed out" in str(e) else "stopped"
+                why[r] = failure(e)
         verdict = torch.zeros(world)
         for r in why:
             verdict[r] = 1
         for r in range(1, world):
             if r not in why:
-                dist.send(verdict, dst=r)
+                with contextlib.suppress(RuntimeError):  # a rank that cannot be told finds out itself
+                    dist.send(verdict, dst=r)
         lost = sorted(why)
     else:
         verdict = torch.zeros(world)
         try:
             dist.send(torch.zeros(1), dst=0)
             # Rank 0 may wait up to timeout_s for the slowest rank before it answers.
-            dist.irecv(verdict, src=0).wait(timeout=2 * limit + datetime.timedelta(seconds=60))
-        except RuntimeError:
-            why[0] = "stopped"
+            dist.irecv(verdict, src=0).wait(timeout=datetime.timedelta(seconds=2 * timeout_s + 60))
+        except RuntimeError as e:
+            why[0] = failure(e)
         lost = sorted(why) or [r for r in range(world) if verdict[r]]
     if lost:
         names = ", ".join(f"rank {r}" for r in lost)
@@ -570,7 +585,7 @@ def _write_shards_distributed(
     largest = max(
         sum(sum(s.nbytes for s in unit_sources(u)) for u in _contiguous_share(units, r, world)) for r in range(world)
     )
-    _checkpoint(rank, world, "write shares", GROUP_TIMEOUT_S + largest / SLOWEST_RATE)
+    _checkpoint(rank, world, "write shares", _rank_slack_s() + largest / SLOWEST_RATE)
     # What every rank completed: a shard is renamed only when all its planned bytes were written. One bit
     # per planned tensor (an int), not names: a DeepSeek-sized plan gathers kilobytes, not megabytes.
     names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
@@ -586,7 +601,7 @@ def _write_shards_distributed(
             written = _chosen(names[shard.file], mask)
             state.record(_with_reciprocals(writers[shard.file].finish(written), records))
     hashed = sum(s.nbytes for s in todo) / world
-    _checkpoint(rank, world, "hash and rename shards", GROUP_TIMEOUT_S + hashed / SLOWEST_RATE)
+    _checkpoint(rank, world, "hash and rename shards", _rank_slack_s() + hashed / SLOWEST_RATE)
 
 
 def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> dict:

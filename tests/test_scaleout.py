@@ -32,9 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(src: Path, outs: tuple[Path, Path], *extra: str, env_extra: dict | None = None):
+def start_ranks(src: Path, outs: tuple[Path, Path], *extra: str, env_extra: dict | None = None):
     """Two ranks started by hand, as on two nodes: no torchrun agent stops one when the other dies, so
-    what a survivor does is the tool's own doing. Returns the finished processes' (returncode, stderr)."""
+    what a survivor does is the tool's own doing."""
     port = free_port()
     procs = []
     for rank, out in enumerate(outs):
@@ -47,6 +47,12 @@ def two_ranks(src: Path, outs: tuple[Path, Path], *extra: str, env_extra: dict |
                 [sys.executable, "-m", "modelopt_streaming", *args], env=env, stderr=subprocess.PIPE, text=True
             )
         )
+    return procs
+
+
+def two_ranks(src: Path, outs: tuple[Path, Path], *extra: str, env_extra: dict | None = None):
+    """``start_ranks``, then each finished process's (returncode, stderr)."""
+    procs = start_ranks(src, outs, *extra, env_extra=env_extra)
     errors = [p.communicate()[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, errors)]
 
@@ -120,6 +126,28 @@ def test_a_rank_that_dies_is_named_and_the_run_resumes_identically(src, single, 
     assert "rank 1 stopped before the 'write shares' step" in err0 and "--resume" in err0
     assert "Traceback" not in err0
     assert not (out / "hf_quant_config.json").exists() and not (out / ".modelopt_streaming.lock").exists()
+    quantize_cli(src, out, "--max_shard_size", "30KB", "--resume", "--verify", "--quiet")
+    assert tree(out) == single
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_once_its_share_should_have_been_done(src, single, tmp_path):
+    """Rank 1 stops making progress (paused by the hook at its first unit, alive, connections open, as a
+    hung node); rank 0 finishes its share and waits the slack it was given plus its share's time at the
+    slowest rate, then stops naming rank 1. The resume gives the single process's files."""
+    out, marker = tmp_path / "out", tmp_path / "rank1-paused"
+    env = {
+        "MODELOPT_STREAMING_FAULT": "unit:1:pause:rank=1",
+        "MODELOPT_STREAMING_FAULT_MARKER": str(marker),
+        "MODELOPT_STREAMING_RANK_SLACK_S": "2",
+    }
+    rank0, rank1 = start_ranks(src, (out, out), "--max_shard_size", "30KB", env_extra=env)
+    _, err0 = rank0.communicate()
+    rank1.kill()  # it never goes on by itself: paused, or stopped at the next step without rank 0
+    rank1.communicate()
+    assert rank0.returncode == 1, err0
+    assert "rank 1 did not reach the 'write shares' step within 2 s" in err0 and "--resume" in err0
+    assert "Traceback" not in err0
     quantize_cli(src, out, "--max_shard_size", "30KB", "--resume", "--verify", "--quiet")
     assert tree(out) == single
 
