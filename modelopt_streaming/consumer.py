@@ -136,9 +136,12 @@ def _deepseek_packed(config: dict) -> dict[str, list[str]]:
     return packed
 
 
-def _qwen3_moe_packed(config: dict) -> dict[str, list[str]]:
-    # models/qwen3_moe.py Qwen3MoeForCausalLM.__init__: gate_up_proj only when mlp_only_layers is set.
-    return {**_QKV, **(_GATE_UP if config.get("mlp_only_layers") else {})}
+def _qwen3_moe_packed(_config: dict) -> dict[str, list[str]]:
+    # models/qwen3_moe.py: Qwen3MoeForCausalLM.__init__ adds gate_up_proj when mlp_only_layers is set, but
+    # the class is SupportsQuant, whose __new__ (models/interfaces.py) has already copied the mapping into
+    # the quant config: in a fresh vLLM process the quant config only knows qkv_proj. A dense layer's
+    # gate_up_proj is then matched by its own name only, which the export lists.
+    return dict(_QKV)
 
 
 def _qwen2_moe_packed(config: dict) -> dict[str, list[str]]:

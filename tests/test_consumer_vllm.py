@@ -63,8 +63,49 @@ VARIANTS = {
     "qwen2": [("default", {}), QKV, LAYER],
     "qwen3": [("default", {}), QKV, LAYER],
     "mistral": [("default", {}), QKV],
+    # Config-dependent packed_modules_mapping: a dense layer in Qwen3-MoE (mlp_only_layers) adds gate_up_proj;
+    # DeepSeek-V2-Lite (no q_lora_rank) has a lone q_proj and no fused_qkv_a_proj.
+    "qwen3_moe_mlp_only_layers": [("default", {}), ("exclude_up_proj", {"exclude": ["*.layers.0.mlp.up_proj"]})],
+    "deepseek_v2_lite": [("default", {}), ("mlp_only", {"mlp_only": True}), LAYER],
 }
 DENSE_CONFIGS = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}
+MOE_CONFIGS = {
+    "qwen3_moe_mlp_only_layers": lambda tf: tf.Qwen3MoeConfig(
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        **TINY,
+    ),
+    "deepseek_v2_lite": lambda tf: tf.DeepseekV2Config(
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+        **{**TINY, "num_key_value_heads": 4},
+    ),
+}
+
+
+def config_checkpoint(directory: Path, arch: str) -> Path:
+    import transformers as tf
+
+    layout, cfg = layout_of_config(MOE_CONFIGS[arch](tf))
+    cfg.setdefault("architectures", [type(tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch](tf))).__name__])
+    return write_checkpoint(directory, make_weights(layout), cfg, round_robin(2))
 # vLLM's Llama-4 class imports torchvision, absent from its environment: its oracle runs beside a stand-in.
 NEEDS_TORCHVISION_STUB = ("llama4/",)
 # Classes that tie lm_head to the embedding when the config says so (and still ask about lm_head).
@@ -109,6 +150,8 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
             make_kimi_k25_checkpoint(src)
         elif arch in DENSE_CONFIGS:
             dense_checkpoint(src, arch)
+        elif arch in MOE_CONFIGS:
+            config_checkpoint(src, arch)
         else:
             make_model_checkpoint(src, arch, n_shards=2)
         for name, kwargs in variants:

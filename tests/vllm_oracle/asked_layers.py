@@ -16,6 +16,7 @@ unquantized method so the model builds on a CPU (the CPU build has no NVFP4 kern
 class is swapped for a marker, since constructing the NVFP4 MoE method selects a GPU backend.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -29,11 +30,10 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from vllm.config import set_current_vllm_config  # noqa: E402
 from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
-from vllm.distributed.parallel_state import destroy_model_parallel, model_parallel_is_initialized  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod  # noqa: E402
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead  # noqa: E402
-from vllm.model_executor.model_loader.utils import initialize_model  # noqa: E402
+from vllm.model_executor.model_loader.utils import get_model_architecture, initialize_model  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
 # Kimi-K2.5 moves its vision tower to current_platform.current_device() with .to(): on the meta device
@@ -76,8 +76,13 @@ def record_layers(path: str) -> dict:
     quant_config.__class__ = Recording
     quant_config.FusedMoEMethodCls = MoEMethodMarker
     with set_current_vllm_config(vllm_config):
-        if model_parallel_is_initialized():
-            destroy_model_parallel()
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"file://{tempfile.mkdtemp()}/rendezvous",
+            backend="gloo",
+        )
         initialize_model_parallel(1, 1)  # the expert-parallel group exists only for a MoE config
         with torch.device("meta"):
             model = initialize_model(vllm_config)
@@ -98,43 +103,56 @@ def record_layers(path: str) -> dict:
     }
 
 
-def answer(paths: list[str], state: dict) -> dict:
+def record_in_fresh_process(path: str) -> dict:
+    """record_layers in a forked child, so that each checkpoint sees vLLM as a fresh ``vllm serve`` process
+    does, with the imports already paid: model classes keep state between builds (Qwen3MoeForCausalLM.__init__
+    adds gate_up_proj to its class-level packed_modules_mapping, which the next build would hand to the
+    quant config), and the distributed groups are made for one model."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            result = record_layers(path)
+        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+            result = {"error": traceback.format_exc()}
+        with os.fdopen(write, "w") as f:
+            json.dump(result, f)
+        os._exit(0)  # no atexit handlers, no flushing of the parent's buffers
+    os.close(write)
+    with os.fdopen(read) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    return json.loads(data) if data else {"error": f"the oracle's child process died (wait status {status})"}
+
+
+def answer(paths: list[str]) -> dict:
     results = {}
     for path in paths:
         started = time.monotonic()
-        try:
-            if not state.get("distributed"):
-                with set_current_vllm_config(EngineArgs(model=path, load_format="dummy").create_engine_config()):
-                    init_distributed_environment(
-                        world_size=1,
-                        rank=0,
-                        local_rank=0,
-                        distributed_init_method=f"file://{tempfile.mkdtemp()}/rendezvous",
-                        backend="gloo",
-                    )
-                state["distributed"] = True
-            results[path] = record_layers(path)
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with it
-            results[path] = {"error": traceback.format_exc()}
+        # Import the model class's module here once, not in every child (importing changes no state); a
+        # failure is reported by the child with its traceback.
+        with contextlib.suppress(Exception):
+            get_model_architecture(EngineArgs(model=path, load_format="dummy").create_model_config())
+        results[path] = record_in_fresh_process(path)
         results[path]["seconds"] = round(time.monotonic() - started, 2)
     return results
 
 
 def main() -> None:
-    state: dict = {}
     if sys.argv[1:] == ["--serve"]:
         # One request per line on stdin (a JSON list of directories), one JSON answer per line on the
         # original stdout; everything vLLM prints goes to stderr. Import and start-up are paid once.
         protocol = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
         for line in sys.stdin:
-            protocol.write(json.dumps(answer(json.loads(line), state)) + "\n")
+            protocol.write(json.dumps(answer(json.loads(line))) + "\n")
             protocol.flush()
         return
     with open(sys.argv[1]) as f:
         paths = json.load(f)
     with open(sys.argv[2], "w") as f:
-        json.dump(answer(paths, state), f, indent=1)
+        json.dump(answer(paths), f, indent=1)
 
 
 if __name__ == "__main__":
