@@ -207,8 +207,10 @@ def _resume_command(argv: list[str] | None) -> str:
 
 
 def _run_quantize(args, argv: list[str] | None) -> int:
+    from .distributed import init_distributed
+    from .errors import OutputError, UsageError
     from .output_dir import OutputStateError
-    from .runner import OutputError, UsageError, init_distributed, quantize
+    from .runner import quantize
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -282,7 +284,7 @@ def _run_interchange(args, argv: list[str] | None) -> int:
 
     from .convert import ConversionRefused, convert
     from .decompress import decompress
-    from .runner import UsageError
+    from .errors import UsageError
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt

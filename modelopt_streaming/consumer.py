@@ -23,10 +23,14 @@ Two readings matter:
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .index import CheckpointError, load_json
 
 VLLM_VERSION = "0.32.0"
 
@@ -530,3 +534,18 @@ class ExclusionMatcher:
         return bool(
             (self._substring and self._substring.search(module)) or (self._wildcard and self._wildcard.match(module))
         )
+
+
+def load_reference_exclusions(path: str | os.PathLike) -> tuple[str, ...]:
+    """``exclude_modules`` of an hf_quant_config.json, or ``ignore`` of a config.json's quantization_config
+    (read with ``ExclusionMatcher``, as vLLM reads a list it does not fuse or rename)."""
+    data = load_json(Path(path))
+    quant = data.get("quantization")
+    if isinstance(quant, dict) and "exclude_modules" in quant:
+        return tuple(quant["exclude_modules"] or ())
+    qc = data.get("quantization_config")
+    if isinstance(qc, dict) and "ignore" in qc:
+        return tuple(qc["ignore"] or ())
+    if "exclude_modules" in data or "ignore" in data:
+        return tuple(data.get("exclude_modules") or data.get("ignore") or ())
+    raise CheckpointError(f"{path}: no exclude_modules or quantization_config.ignore list")

@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .consumer import ConsumerError
+from .errors import UsageError
 from .export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
 from .export import model_config as modelopt_model_config
 from .export.compressed_tensors_format import compressed_tensors_ignore
@@ -54,7 +55,7 @@ from .interchange import (
     load_exact_reciprocals,
     nvfp4_modules,
 )
-from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError
+from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError, check_paths
 from .reader import TensorReader
 from .validate import validate
 from .writer import IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
@@ -259,15 +260,13 @@ def convert(
     """Convert an NVFP4 checkpoint (ModelOpt or compressed-tensors ``nvfp4-pack-quantized``) to the other
     dialect: same codes and block scales, renamed tensors, reciprocal global and input scales, the other
     config. Refuses (ConversionRefused) what it cannot convert exactly unless ``force``."""
-    from .runner import UsageError, _check_paths
-
     if to not in FORMATS:
         raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     input_dir = resolve_checkpoint_dir(input_dir)
     output_dir = Path(output_dir)
-    _check_paths(input_dir, output_dir)
+    check_paths(input_dir, output_dir)
     started = time.monotonic()
     before = validate(input_dir, block_scales=False)
     errors = [f for f in before.findings if f.level == "error"]

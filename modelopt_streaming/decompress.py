@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .codec import nvfp4
 from .convert import quantized_experts_3d
+from .errors import UsageError
 from .export import copy_side_files, safetensors_index
 from .formats import BLOCK_SIZE
 from .index import (
@@ -46,7 +47,7 @@ from .index import (
     resolve_checkpoint_dir,
 )
 from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
-from .output_dir import OutputDirLock, OutputState, OutputStateError
+from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths
 from .reader import TensorReader
 from .writer import IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
 
@@ -221,8 +222,6 @@ def decompress(
     log=print,
 ) -> DecompressSummary:
     """Write a plain safetensors checkpoint with every quantized weight dequantized to ``dtype``."""
-    from .runner import UsageError, _check_paths
-
     if dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     if resume and overwrite:
@@ -231,7 +230,7 @@ def decompress(
         raise UsageError("--max_shard_size must be positive")
     input_dir = resolve_checkpoint_dir(input_dir)
     output_dir = Path(output_dir)
-    _check_paths(input_dir, output_dir)
+    check_paths(input_dir, output_dir)
     started = time.monotonic()
     index = build_index(input_dir)
     units, dropped = plan_units(index, dtype)

@@ -19,10 +19,13 @@ import os
 import re
 import shutil
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
-from . import faults
-from .index import INDEX_FILE, PROVENANCE_FILE
+from . import __version__, faults
+from .errors import UsageError
+from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, header_digest
+from .plan import Plan, Recipe
 from .writer import MANIFEST_FILE, partial_name, write_json_atomic
 
 RECORDS_DIR = ".modelopt_streaming"
@@ -315,3 +318,41 @@ def is_writable_location(path: Path) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{path}: {probe} is not writable"
     return None
+
+
+def check_paths(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output directory that is, holds or sits inside the input, or that cannot be written."""
+    src, dst = input_dir.resolve(), output_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise UsageError(f"output directory {output_dir} is the input directory or inside it")
+    if dst in src.parents:
+        raise UsageError(f"output directory {output_dir} contains the input directory")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"output path {output_dir} exists and is not a directory")
+    why = is_writable_location(dst)
+    if why:
+        raise UsageError(why)
+
+
+def quantize_fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> dict:
+    """What a quantize run's output depends on: tool version, source layout, options and the planned shards
+    (the manifest keeps it; a resumed run with another one is refused)."""
+    layout = hashlib.sha256(json.dumps([[s.file, [t.name for t in s.outputs]] for s in plan.shards]).encode())
+    return {
+        "tool_version": __version__,
+        "source": {
+            f: {"size": index.file_sizes[f], "header_sha256": header_digest(index.root / f)} for f in index.files
+        },
+        "options": recipe_dict(recipe),
+        "plan_sha256": layout.hexdigest(),
+    }
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as JSON (fingerprint and provenance)."""
+    d = asdict(recipe)
+    d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
+    # Thousands of values on a large model: their digest changes when any of them does.
+    scales = json.dumps(list(recipe.input_scales)).encode()
+    d["input_scales"] = {"count": len(recipe.input_scales), "sha256": hashlib.sha256(scales).hexdigest()}
+    return d

@@ -1,174 +1,43 @@
-"""Runner: composes index -> plan -> reader -> codec -> writer -> export for one quantize job."""
+"""Runner: composes index -> plan -> reader -> codec -> writer -> export for one quantize job: checks the
+options, reads, encodes and writes the plan's units with reading, computing and writing overlapped, and
+hands the scheduling across torchrun ranks to ``distributed``."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__, faults
-from .codec import cpu_kernel, cuda_kernel, nvfp4
-from .consumer import family_of
-from .export import compact_exclusions, copy_side_files, hf_quant_config, model_config, safetensors_index
+from . import faults
+from .codec import Codec, cpu_kernel, nvfp4, select_codec
+from .consumer import family_of, load_reference_exclusions
+from .distributed import (
+    GROUP_TIMEOUT_S,
+    SLOWEST_RATE,
+    barrier,
+    check_shared_output,
+    init_distributed,  # noqa: F401 - public here: quantize's WORLD_SIZE error tells callers to use it
+    on_rank0,
+    rank_and_world,
+    world_size_env,
+    write_shards_distributed,
+)
+from .errors import OutputError, UsageError
+from .export import compact_exclusions
+from .export.checkpoint import export_checkpoint
 from .export.compressed_tensors_format import compressed_tensors_ignore
-from .export.compressed_tensors_format import model_config as ct_model_config
-from .index import (
-    INDEX_FILE,
-    CheckpointError,
-    CheckpointIndex,
-    DecodedWeight,
-    TensorInfo,
-    build_index,
-    header_digest,
-    load_json,
-    read_header,
-    resolve_checkpoint_dir,
-)
+from .index import CheckpointError, CheckpointIndex, DecodedWeight, build_index, resolve_checkpoint_dir
 from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, RECORD_KEY, ExactReciprocals, reference_input_scales
-from .output_dir import (
-    FINISHED_MARKER,
-    PROVENANCE_FILE,
-    OutputDirLock,
-    OutputState,
-    OutputStateError,
-    is_writable_location,
-)
+from .output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
 from .pipeline import BackgroundWriter, Throughput, read_ahead
 from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
 from .progress import Progress
 from .reader import TensorReader
-from .writer import IncompleteShardError, PositionalShardWriter, ShardWriter, TensorSpec, write_json_atomic
-
-
-class UsageError(Exception):
-    """The command cannot run as asked (paths, options); nothing was written."""
-
-
-@dataclass
-class Summary:
-    input_dir: str
-    output_dir: str | None
-    quantized_weights: int
-    quantized_by_kind: dict[str, int]
-    fused_groups: dict[str, int]
-    copied_tensors: int
-    unquantized_modules: int
-    unquantized_by_reason: dict[str, int]
-    input_bytes: int
-    output_bytes: int
-    shards: int
-    exclude_modules: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    stages: str = ""
-    warnings: list[str] = field(default_factory=list)
-    # Quantized modules whose weight (or whole fused group) was all zeros: written as exact zeros with a
-    # finite global scale, where ModelOpt writes NaN (docs/codec.md). Known after the run.
-    zero_weights: list[str] = field(default_factory=list)
-    format: str = "modelopt"
-    # --input_scales_from: quantized modules the reference gives no input scale for (they keep 1.0).
-    input_scales_missing: list[str] = field(default_factory=list)
-    # The plan module by module (--json): quantized modules by kind, unquantized by reason, fused groups.
-    plan: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        gb = 1e9
-        kinds = ", ".join(f"{k} {v}" for k, v in self.quantized_by_kind.items())
-        out = [
-            f"quantize: {self.quantized_weights} weights" + (f" ({kinds})" if kinds else ""),
-            "fused groups: " + (", ".join(f"{k}: {v}" for k, v in self.fused_groups.items()) or "none"),
-            f"copy: {self.copied_tensors} tensors unchanged",
-            f"unquantized Linear modules: {self.unquantized_modules}",
-        ]
-        out += [f"  {reason}: {n}" for reason, n in self.unquantized_by_reason.items()]
-        if self.zero_weights:
-            shown = ", ".join(self.zero_weights[:6]) + (" ..." if len(self.zero_weights) > 6 else "")
-            out.append(
-                f"all-zero weights: {len(self.zero_weights)}, written as exact zeros with weight_scale_2 "
-                f"{nvfp4.ZERO_WEIGHT_SCALE_2} (ModelOpt would write NaN scales): {shown}"
-            )
-        if self.input_scales_missing:
-            shown = ", ".join(self.input_scales_missing[:6]) + (" ..." if len(self.input_scales_missing) > 6 else "")
-            out.append(
-                f"input scales: {len(self.input_scales_missing)} quantized modules not in the reference keep 1.0: "
-                f"{shown}"
-            )
-        if self.exclude_modules:
-            key = "ignore" if self.format == COMPRESSED_TENSORS else "exclude_modules"
-            shown = ", ".join(self.exclude_modules[:12]) + (" ..." if len(self.exclude_modules) > 12 else "")
-            out.append(f"{key} ({len(self.exclude_modules)} entries): {shown}")
-        out.append(
-            f"output: {self.shards} shard(s), {self.output_bytes / gb:.3f} GB (input {self.input_bytes / gb:.3f} GB)"
-        )
-        if self.seconds:
-            rate = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
-            out.append(
-                f"time: {self.seconds:.1f} s, {rate:.0f} MB/s of input"
-                + (f" (busy stages: {self.stages})" if self.stages else "")
-            )
-        return out
-
-
-def load_reference_exclusions(path: str | os.PathLike) -> tuple[str, ...]:
-    """``exclude_modules`` of an hf_quant_config.json, or ``ignore`` of a config.json's quantization_config."""
-    data = load_json(Path(path))
-    quant = data.get("quantization")
-    if isinstance(quant, dict) and "exclude_modules" in quant:
-        return tuple(quant["exclude_modules"] or ())
-    qc = data.get("quantization_config")
-    if isinstance(qc, dict) and "ignore" in qc:
-        return tuple(qc["ignore"] or ())
-    if "exclude_modules" in data or "ignore" in data:
-        return tuple(data.get("exclude_modules") or data.get("ignore") or ())
-    raise CheckpointError(f"{path}: no exclude_modules or quantization_config.ignore list")
-
-
-def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
-    return Summary(
-        input_dir=str(input_dir),
-        output_dir=str(output_dir) if output_dir else None,
-        quantized_weights=len(plan.quantized),
-        quantized_by_kind=plan.quantized_kind_counts(),
-        fused_groups=plan.fused_group_counts(),
-        copied_tensors=sum(isinstance(u, CopyUnit) for u in plan.units),
-        unquantized_modules=len(plan.unquantized),
-        unquantized_by_reason=plan.unquantized_reason_counts(),
-        input_bytes=plan.input_bytes,
-        output_bytes=plan.output_bytes,
-        shards=len(plan.shards),
-        warnings=list(plan.warnings),
-        format=plan.recipe.format,
-        plan=plan_details(plan),
-    )
-
-
-def plan_details(plan: Plan) -> dict:
-    """Every module of the plan by what happens to it, and the shards (what --json prints)."""
-    quantized: dict[str, list[str]] = {}
-    for module, kind in sorted(plan.quantized.items()):
-        quantized.setdefault(kind, []).append(module)
-    unquantized: dict[str, list[str]] = {}
-    for module, reason in plan.unquantized.items():
-        unquantized.setdefault(reason, []).append(module)
-    fused: dict[str, list[list[str]]] = {}
-    for unit in plan.units:
-        if isinstance(unit, QuantizeUnit) and unit.fusion:
-            fused.setdefault(unit.fusion, []).append(list(unit.modules))
-    return {
-        "quantized_by_kind": quantized,
-        "unquantized_by_reason": unquantized,
-        "fused_groups": fused,
-        "shards": [{"file": s.file, "bytes": s.nbytes, "tensors": len(s.outputs)} for s in plan.shards],
-    }
+from .summary import Summary, summarize
+from .writer import IncompleteShardError, ShardWriter, TensorSpec
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -180,71 +49,16 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-class OutputError(Exception):
-    """Writing the output failed (disk full, I/O error); finished shards are kept for --resume."""
-
-
-def _check_paths(input_dir: Path, output_dir: Path) -> None:
-    src, dst = input_dir.resolve(), output_dir.resolve()
-    if dst == src or src in dst.parents:
-        raise UsageError(f"output directory {output_dir} is the input directory or inside it")
-    if dst in src.parents:
-        raise UsageError(f"output directory {output_dir} contains the input directory")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"output path {output_dir} exists and is not a directory")
-    why = is_writable_location(dst)
-    if why:
-        raise UsageError(why)
-
-
-def fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> dict:
-    """What the output depends on: tool version, source layout, options and the planned shards."""
-    layout = hashlib.sha256(json.dumps([[s.file, [t.name for t in s.outputs]] for s in plan.shards]).encode())
-    return {
-        "tool_version": __version__,
-        "source": {
-            f: {"size": index.file_sizes[f], "header_sha256": header_digest(index.root / f)} for f in index.files
-        },
-        "options": _recipe_dict(recipe),
-        "plan_sha256": layout.hexdigest(),
-    }
-
-
-def _recipe_dict(recipe: Recipe) -> dict:
-    d = asdict(recipe)
-    d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
-    # Thousands of values on a large model: their digest changes when any of them does.
-    scales = json.dumps(list(recipe.input_scales)).encode()
-    d["input_scales"] = {"count": len(recipe.input_scales), "sha256": hashlib.sha256(scales).hexdigest()}
-    return d
-
-
 # Source bytes read ahead of the codec: a dense DeepSeek-V3 gate/up group (528 MB) and the weight after
 # it fit, and peak memory stays under 1.5 GB; a group larger than this still runs, one at a time.
 READ_AHEAD_BYTES = 640 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class _Codec:
-    tensor_amax: Callable[[torch.Tensor], torch.Tensor]
-    quantize: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    name: str
-
-
-def select_codec(device: torch.device) -> _Codec:
-    """The fused C kernel on the CPU when it was built, else the reference torch codec (CPU or CUDA)."""
-    if device.type == "cpu" and cpu_kernel.available():
-        return _Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
-    if device.type == "cuda" and cuda_kernel.available():
-        return _Codec(nvfp4.tensor_amax, cuda_kernel.quantize, "fused CUDA kernel (Triton)")
-    return _Codec(nvfp4.tensor_amax, nvfp4.quantize, f"torch reference codec on {device.type}")
-
-
 def _encode_unit(
     unit: QuantizeUnit,
     members: list[torch.Tensor],
-    codec: _Codec,
+    codec: Codec,
     recipe: Recipe,
     allow_nonfinite: bool,
     root: Path,
@@ -301,162 +115,6 @@ def _divisor(reciprocals: ExactReciprocals, scale: torch.Tensor, name: str) -> t
 
 # Collectives that follow a _checkpoint (everyone is there) and the start-up rendezvous; every wait for a
 # rank's real work goes through _checkpoint with a timeout sized to that work instead.
-GROUP_TIMEOUT_S = 600
-# A rank that moves fewer bytes per second than this through its share is treated as stuck.
-SLOWEST_RATE = 20e6
-# Seconds a rank may lag at the end of its share beyond SLOWEST_RATE (default GROUP_TIMEOUT_S): lower it
-# to learn sooner of a node that vanished without closing its connections.
-RANK_SLACK_ENV = "MODELOPT_STREAMING_RANK_SLACK_S"
-
-
-def _rank_slack_s() -> float:
-    try:
-        return float(os.environ.get(RANK_SLACK_ENV, GROUP_TIMEOUT_S))
-    except ValueError:
-        raise UsageError(f"{RANK_SLACK_ENV}={os.environ[RANK_SLACK_ENV]!r} is not a number of seconds") from None
-
-
-def init_distributed(device: str | None) -> tuple[str | None, bool]:
-    """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
-    and, with CUDA, one GPU per rank by LOCAL_RANK."""
-    if _world_size_env() <= 1:
-        return device, False
-    import datetime
-
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, rendezvous failed or timed out
-        raise UsageError(f"WORLD_SIZE={_world_size_env()} but no process group could be formed: {e}") from None
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in (None, "auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    return device, True
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _world_size_env() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
-
-
-def _on_rank0(rank: int, world: int, fn, step: str, timeout_s: float):
-    """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever)."""
-    error = None
-    if rank == 0:
-        try:
-            fn()
-        except (OutputStateError, OSError) as e:
-            error = str(e)
-    if world > 1:
-        import torch.distributed as dist
-
-        _checkpoint(rank, world, step, timeout_s)
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise UsageError(error)
-
-
-class RankLostError(OutputError):
-    """A torchrun rank died, failed or stalled; the message names it. Finished shards are kept."""
-
-
-def _checkpoint(rank: int, world: int, step: str, timeout_s: float) -> None:
-    """A barrier that names the rank that never arrives. Every rank reports to rank 0 over its own
-    connection, so a rank that died (its connection closes at once) or stalls past ``timeout_s`` is
-    known by number; rank 0 then tells the others which ranks were lost. torch's monitored_barrier
-    would only say "connection closed by peer [address]" on rank 0 for a dead rank."""
-    if world <= 1:
-        return
-    import datetime
-
-    import torch.distributed as dist
-
-    def failure(e: RuntimeError) -> str:
-        return "timed out" if "imed out" in str(e) else "stopped"
-
-    why = {}
-    if rank == 0:
-        deadline = time.monotonic() + timeout_s  # one deadline for all ranks, not timeout_s each
-        for r in range(1, world):
-            left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
-            try:
-                dist.irecv(torch.zeros(1), src=r).wait(timeout=left)
-            except RuntimeError as e:
-                why[r] = failure(e)
-        verdict = torch.zeros(world)
-        for r in why:
-            verdict[r] = 1
-        for r in range(1, world):
-            if r not in why:
-                with contextlib.suppress(RuntimeError):  # a rank that cannot be told finds out itself
-                    dist.send(verdict, dst=r)
-        lost = sorted(why)
-    else:
-        verdict = torch.zeros(world)
-        try:
-            dist.send(torch.zeros(1), dst=0)
-            # Rank 0 may wait up to timeout_s for the slowest rank before it answers.
-            dist.irecv(verdict, src=0).wait(timeout=datetime.timedelta(seconds=2 * timeout_s + 60))
-        except RuntimeError as e:
-            why[0] = failure(e)
-        lost = sorted(why) or [r for r in range(world) if verdict[r]]
-    if lost:
-        names = ", ".join(f"rank {r}" for r in lost)
-        stalled = any(v == "timed out" for v in why.values())
-        raise RankLostError(
-            f"{names} {'did not reach' if stalled else 'stopped before'} the '{step}' step"
-            + (f" within {timeout_s:.0f} s" if stalled else " (its process died or failed: see its own error)")
-            + "; finished shards are kept: rerun with --resume"
-        )
-
-
-def _check_shared_output(state: OutputState, rank: int, world: int) -> None:
-    """Every rank must see the files rank 0 writes (ranks write one another's shards): on several nodes
-    that needs a shared file system. Checked with a token file before any work."""
-    if world <= 1:
-        return
-    import secrets
-    import socket
-
-    import torch.distributed as dist
-
-    token_file = state.records_dir / "shared_output_check"
-    box = [None]
-    if rank == 0:
-        box = [secrets.token_hex(16)]
-        token_file.write_text(box[0])
-    _checkpoint(rank, world, "shared output check", GROUP_TIMEOUT_S)
-    dist.broadcast_object_list(box, src=0)
-    try:
-        seen = token_file.read_text() == box[0]
-    except OSError:
-        seen = False
-    views = [None] * world
-    dist.all_gather_object(views, (seen, socket.gethostname()))
-    if rank == 0:
-        token_file.unlink(missing_ok=True)
-    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
-    if blind:
-        raise UsageError(
-            f"{', '.join(blind)} cannot see the files rank 0 writes in {state.dir} (host {views[0][1]}): "
-            "with several nodes the output directory must be on a file system they all share"
-        )
-
-
 def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
     """What to read, in order: quantize units and decoded weights whole, plain copies in bounded chunks."""
     items = []
@@ -483,7 +141,7 @@ def _stream_units(
     sink_of,
     reader: TensorReader,
     device: torch.device,
-    codec: _Codec,
+    codec: Codec,
     recipe: Recipe,
     allow_nonfinite: bool,
     meter: Progress,
@@ -559,85 +217,12 @@ def _write_shards_streaming(todo: list[Shard], state: OutputState, reader: Tenso
             raise
 
 
-def _write_shards_distributed(
-    todo: list[Shard], state: OutputState, reader: TensorReader, rank: int, world: int, **kw
-) -> None:
-    """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
-    the units at their planned offsets, so the work splits evenly whatever the shard count; then the ranks
-    hash, rename and record the shards between them. The bytes are those of a single process."""
-    import torch.distributed as dist
-
-    if rank == 0:
-        for shard in todo:
-            PositionalShardWriter.create(state.dir, shard.file, _specs(shard))
-    _checkpoint(rank, world, "lay out shards", GROUP_TIMEOUT_S)
-    writers = {shard.file: PositionalShardWriter(state.dir, shard.file, _specs(shard)) for shard in todo}
-    shard_of = {id(u): shard.file for shard in todo for u in shard.units}
-    units = [u for shard in todo for u in shard.units]
-    mine = _contiguous_share(units, rank, world)
-    kw["meter"].set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
-    try:
-        _stream_units(mine, lambda unit: writers[shard_of[id(unit)]], reader, **kw)
-    finally:
-        for w in writers.values():
-            w.close()
-    # The slowest rank's share bounds the wait (shares are balanced by bytes, so this is generous).
-    largest = max(
-        sum(sum(s.nbytes for s in unit_sources(u)) for u in _contiguous_share(units, r, world)) for r in range(world)
-    )
-    _checkpoint(rank, world, "write shares", _rank_slack_s() + largest / SLOWEST_RATE)
-    # What every rank completed: a shard is renamed only when all its planned bytes were written. One bit
-    # per planned tensor (an int), not names: a DeepSeek-sized plan gathers kilobytes, not megabytes.
-    names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
-    mine_done = {f: _bitmask(names[f], w.written()) for f, w in writers.items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, (mine_done, kw["reciprocals"].record))
-    records = {k: v for _, theirs in everyone for k, v in theirs.items()}
-    for i, shard in enumerate(todo):  # hashing and renaming is shared out too
-        if i % world == rank:
-            mask = 0
-            for done, _ in everyone:
-                mask |= done[shard.file]
-            written = _chosen(names[shard.file], mask)
-            state.record(_with_reciprocals(writers[shard.file].finish(written), records))
-    hashed = sum(s.nbytes for s in todo) / world
-    _checkpoint(rank, world, "hash and rename shards", _rank_slack_s() + hashed / SLOWEST_RATE)
-
-
 def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> dict:
     """A shard's record with the exact-reciprocal entries of its tensors: kept with the shard, so that a
     resumed run still knows those of the shards a previous run finished."""
     mine = ExactReciprocals()
     mine.record = {n: reciprocals[n] for n in record["tensors"] if n in reciprocals}
     return {**record, RECORD_KEY: mine.as_json()} if mine.record else record
-
-
-def _bitmask(names: list[str], chosen: set[str]) -> int:
-    bits = bytearray((len(names) + 7) // 8)
-    for j, n in enumerate(names):
-        if n in chosen:
-            bits[j >> 3] |= 1 << (j & 7)
-    return int.from_bytes(bits, "little")
-
-
-def _chosen(names: list[str], mask: int) -> set[str]:
-    bits = mask.to_bytes((len(names) + 7) // 8, "little")
-    return {n for j, n in enumerate(names) if bits[j >> 3] >> (j & 7) & 1}
-
-
-def _contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
-    """This rank's run of consecutive units, balanced by source bytes: each rank reads one region of the
-    input front to back, which disks prefer to interleaved reads."""
-    sizes = [sum(src.nbytes for src in unit_sources(u)) for u in units]
-    total = sum(sizes) or 1
-    lo, hi = total * rank / world, total * (rank + 1) / world
-    out, pos = [], 0
-    for unit, size in zip(units, sizes):
-        middle = pos + size / 2
-        if lo <= middle < hi or (rank == world - 1 and middle >= hi):
-            out.append(unit)
-        pos += size
-    return out
 
 
 _COPY_STREAMS: dict = {}
@@ -706,7 +291,7 @@ def quantize(
     if not dry_run:
         if output_dir is None:
             raise UsageError("--output_dir is required (or use --dry_run)")
-        _check_paths(input_dir, Path(output_dir))
+        check_paths(input_dir, Path(output_dir))
     index = build_index(input_dir)
     plan = build_plan(index, recipe)
     if format == COMPRESSED_TENSORS:
@@ -723,7 +308,7 @@ def quantize(
     summary.exclude_modules = exclude_modules
     if input_scales_from is not None:
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if rank != 0:
         log = _silent
     for w in plan.warnings:
@@ -736,16 +321,16 @@ def quantize(
         )
     if dry_run:
         return summary
-    if world == 1 and _world_size_env() > 1:
+    if world == 1 and world_size_env() > 1:
         raise UsageError(
-            f"WORLD_SIZE={_world_size_env()} (torchrun?) but no process group: each process would write the "
+            f"WORLD_SIZE={world_size_env()} (torchrun?) but no process group: each process would write the "
             "whole output; run the modelopt-streaming command under torchrun, or call "
             "modelopt_streaming.runner.init_distributed() before quantize()"
         )
     dev = resolve_device(device)
     output_dir = Path(output_dir)
     state = OutputState(output_dir)
-    fp = fingerprint(index, recipe, plan)
+    fp = quantize_fingerprint(index, recipe, plan)
     planned = {s.file: [t.name for t in s.outputs] for s in plan.shards}
     lock = OutputDirLock(output_dir)  # taken (rank 0) before anything is written, held to the end
     try:
@@ -807,8 +392,8 @@ def _write_output(
 
     # Rank 0 may hash every finished shard (--resume --verify) while the others wait.
     verify_s = plan.output_bytes / SLOWEST_RATE if resume and verify else 0
-    _on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
-    _check_shared_output(state, rank, world)
+    on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
+    check_shared_output(state, rank, world)
     done = state.records()
     todo = [s for s in plan.shards if s.file not in done]
     if done:
@@ -836,7 +421,17 @@ def _write_output(
             if world == 1:
                 _write_shards_streaming(todo, state, reader, **kw)
             else:
-                _write_shards_distributed(todo, state, reader, rank, world, **kw)
+                write_shards_distributed(
+                    todo,
+                    state,
+                    rank,
+                    world,
+                    specs={shard.file: _specs(shard) for shard in todo},
+                    stream=lambda units, sink_of: _stream_units(units, sink_of, reader, **kw),
+                    meter=meter,
+                    reciprocals=kw["reciprocals"],
+                    finished_record=_with_reciprocals,
+                )
     except OSError as e:
         where = e.filename or output_dir
         raise OutputError(
@@ -849,12 +444,14 @@ def _write_output(
         meter.close()
     if rank == 0:
         try:
-            _export(plan, index, input_dir, output_dir, state, fp, exclude_modules, summary, recipe)
+            summary.zero_weights = export_checkpoint(
+                plan, index, input_dir, output_dir, state, fp, exclude_modules, summary, recipe
+            )
         except OSError as e:
             raise OutputError(
                 f"writing {e.filename or output_dir} failed: {e.strerror or e}; rerun with --resume"
             ) from None
-    _checkpoint(rank, world, "export", GROUP_TIMEOUT_S)
+    barrier(rank, world, "export", GROUP_TIMEOUT_S)
     summary.seconds = time.monotonic() - started
     summary.stages = stats.line()
     return summary
@@ -862,82 +459,3 @@ def _write_output(
 
 def _silent(*_args) -> None:
     pass
-
-
-def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
-    """Quantized modules whose source weight, or whole fused group, was all zeros, read back from the written
-    shards (so a resumed or torchrun run reports the same list): the zero-weight global scale, and every
-    code of the unit 0. A group with amax > 0 always has a nonzero code (its largest value encodes as 6)."""
-    zero = []
-    with TensorReader(output_dir) as reader:
-        for shard in plan.shards:
-            header, data_start = read_header(output_dir / shard.file)
-            infos = {}
-            for name, e in header.items():
-                begin, end = (data_start + o for o in e["data_offsets"])
-                infos[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), shard.file, begin, end)
-            for unit in shard.units:
-                if not isinstance(unit, QuantizeUnit):
-                    continue
-                names = unit.encoded_names()
-                if all(reader.read(infos[s2]).item() == nvfp4.ZERO_WEIGHT_SCALE_2 for _, _, s2 in names) and all(
-                    not reader.read(infos[packed]).any() for _, packed, _ in names
-                ):
-                    zero += [module for module, _, _ in names]
-    return sorted(zero)
-
-
-def _export(
-    plan: Plan,
-    index: CheckpointIndex,
-    input_dir: Path,
-    output_dir: Path,
-    state: OutputState,
-    fp: dict,
-    exclude_modules: list[str],
-    summary: Summary,
-    recipe: Recipe,
-) -> None:
-    """Index, side files, configs and provenance, from what was written; the finished marker last."""
-    weight_map = plan.weight_map()
-    total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
-    write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total_size))
-    copied = copy_side_files(input_dir, output_dir)
-    if recipe.format == COMPRESSED_TENSORS:
-        config = ct_model_config(index.config, exclude_modules, recipe.weight_only)
-    else:
-        config = model_config(index.config, exclude_modules, recipe.weight_only)
-        write_json_atomic(output_dir / "config.json", config)
-    shards = state.finish(fp, [s.file for s in plan.shards])
-    ct = recipe.format == COMPRESSED_TENSORS
-    summary.zero_weights = zero_weight_modules(plan, output_dir)
-    # Nothing here depends on the device, the number of workers or the time: the same input and options
-    # give the same bytes in this file too.
-    write_json_atomic(
-        output_dir / PROVENANCE_FILE,
-        {
-            "tool": "modelopt-streaming",
-            "version": __version__,
-            "options": _recipe_dict(recipe),
-            "source": {"files": index.file_sizes},
-            "counts": {
-                "quantized_weights": summary.quantized_weights,
-                "quantized_by_kind": summary.quantized_by_kind,
-                "fused_groups": summary.fused_groups,
-                "copied_tensors": summary.copied_tensors,
-                "unquantized_by_reason": summary.unquantized_by_reason,
-                "zero_weights": len(summary.zero_weights),
-            },
-            "unquantized": plan.unquantized,
-            "zero_weights": summary.zero_weights,
-            "side_files": copied,
-            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
-            "warnings": plan.warnings,
-        }
-        | ({RECORD_KEY: dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))} if ct else {}),
-    )
-    if recipe.format == COMPRESSED_TENSORS:
-        # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.
-        write_json_atomic(output_dir / "config.json", config)
-    else:
-        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))

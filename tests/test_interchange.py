@@ -482,7 +482,7 @@ def test_refusals_are_one_line_and_write_nothing(outputs, tmp_path, capsys):
 def test_compressed_tensors_has_no_form_for_3d_experts(tmp_path):
     from checkpoints_extra import make_gpt_oss_checkpoint
 
-    from modelopt_streaming.runner import UsageError
+    from modelopt_streaming.errors import UsageError
 
     src = make_gpt_oss_checkpoint(tmp_path / "src")
     with pytest.raises(UsageError, match="3-D fused experts"):

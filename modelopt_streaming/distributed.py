@@ -1,0 +1,263 @@
+"""Scheduling across torchrun ranks: the process group, each rank's share of the plan, barriers that name
+a rank that died or stalled, and the exchange that decides which shards are whole. Only coordination
+travels between ranks (gloo: barriers and small objects); the tensors go through the shared output
+directory. The runner hands in the work itself (``stream``), so this module knows ranks, not codecs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from .errors import OutputError, UsageError
+from .interchange import ExactReciprocals
+from .output_dir import OutputState, OutputStateError
+from .plan import Shard, Unit, unit_sources
+from .progress import Progress
+from .writer import PositionalShardWriter, TensorSpec
+
+# Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
+# rank's real work goes through barrier() with a timeout sized to that work instead.
+GROUP_TIMEOUT_S = 600
+# A rank that moves fewer bytes per second than this through its share is treated as stuck.
+SLOWEST_RATE = 20e6
+# Seconds a rank may lag at the end of its share beyond SLOWEST_RATE (default GROUP_TIMEOUT_S): lower it
+# to learn sooner of a node that vanished without closing its connections.
+RANK_SLACK_ENV = "MODELOPT_STREAMING_RANK_SLACK_S"
+
+
+def rank_slack_s() -> float:
+    try:
+        return float(os.environ.get(RANK_SLACK_ENV, GROUP_TIMEOUT_S))
+    except ValueError:
+        raise UsageError(f"{RANK_SLACK_ENV}={os.environ[RANK_SLACK_ENV]!r} is not a number of seconds") from None
+
+
+def init_distributed(device: str | None) -> tuple[str | None, bool]:
+    """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
+    and, with CUDA, one GPU per rank by LOCAL_RANK."""
+    if world_size_env() <= 1:
+        return device, False
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, rendezvous failed or timed out
+        raise UsageError(f"WORLD_SIZE={world_size_env()} but no process group could be formed: {e}") from None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    return device, True
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def world_size_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def on_rank0(rank: int, world: int, fn: Callable[[], None], step: str, timeout_s: float) -> None:
+    """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever)."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except (OutputStateError, OSError) as e:
+            error = str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        barrier(rank, world, step, timeout_s)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UsageError(error)
+
+
+class RankLostError(OutputError):
+    """A torchrun rank died, failed or stalled; the message names it. Finished shards are kept."""
+
+
+def barrier(rank: int, world: int, step: str, timeout_s: float) -> None:
+    """A barrier that names the rank that never arrives. Every rank reports to rank 0 over its own
+    connection, so a rank that died (its connection closes at once) or stalls past ``timeout_s`` is
+    known by number; rank 0 then tells the others which ranks were lost. torch's monitored_barrier
+    would only say "connection closed by peer [address]" on rank 0 for a dead rank."""
+    if world <= 1:
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    def failure(e: RuntimeError) -> str:
+        return "timed out" if "imed out" in str(e) else "stopped"
+
+    why = {}
+    if rank == 0:
+        deadline = time.monotonic() + timeout_s  # one deadline for all ranks, not timeout_s each
+        for r in range(1, world):
+            left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
+            try:
+                dist.irecv(torch.zeros(1), src=r).wait(timeout=left)
+            except RuntimeError as e:
+                why[r] = failure(e)
+        verdict = torch.zeros(world)
+        for r in why:
+            verdict[r] = 1
+        for r in range(1, world):
+            if r not in why:
+                with contextlib.suppress(RuntimeError):  # a rank that cannot be told finds out itself
+                    dist.send(verdict, dst=r)
+        lost = sorted(why)
+    else:
+        verdict = torch.zeros(world)
+        try:
+            dist.send(torch.zeros(1), dst=0)
+            # Rank 0 may wait up to timeout_s for the slowest rank before it answers.
+            dist.irecv(verdict, src=0).wait(timeout=datetime.timedelta(seconds=2 * timeout_s + 60))
+        except RuntimeError as e:
+            why[0] = failure(e)
+        lost = sorted(why) or [r for r in range(world) if verdict[r]]
+    if lost:
+        names = ", ".join(f"rank {r}" for r in lost)
+        stalled = any(v == "timed out" for v in why.values())
+        raise RankLostError(
+            f"{names} {'did not reach' if stalled else 'stopped before'} the '{step}' step"
+            + (f" within {timeout_s:.0f} s" if stalled else " (its process died or failed: see its own error)")
+            + "; finished shards are kept: rerun with --resume"
+        )
+
+
+def check_shared_output(state: OutputState, rank: int, world: int) -> None:
+    """Every rank must see the files rank 0 writes (ranks write one another's shards): on several nodes
+    that needs a shared file system. Checked with a token file before any work."""
+    if world <= 1:
+        return
+    import secrets
+    import socket
+
+    import torch.distributed as dist
+
+    token_file = state.records_dir / "shared_output_check"
+    box = [None]
+    if rank == 0:
+        box = [secrets.token_hex(16)]
+        token_file.write_text(box[0])
+    barrier(rank, world, "shared output check", GROUP_TIMEOUT_S)
+    dist.broadcast_object_list(box, src=0)
+    try:
+        seen = token_file.read_text() == box[0]
+    except OSError:
+        seen = False
+    views = [None] * world
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if rank == 0:
+        token_file.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UsageError(
+            f"{', '.join(blind)} cannot see the files rank 0 writes in {state.dir} (host {views[0][1]}): "
+            "with several nodes the output directory must be on a file system they all share"
+        )
+
+
+def _bitmask(names: list[str], chosen: set[str]) -> int:
+    bits = bytearray((len(names) + 7) // 8)
+    for j, n in enumerate(names):
+        if n in chosen:
+            bits[j >> 3] |= 1 << (j & 7)
+    return int.from_bytes(bits, "little")
+
+
+def _chosen(names: list[str], mask: int) -> set[str]:
+    bits = mask.to_bytes((len(names) + 7) // 8, "little")
+    return {n for j, n in enumerate(names) if bits[j >> 3] >> (j & 7) & 1}
+
+
+def contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """This rank's run of consecutive units, balanced by source bytes: each rank reads one region of the
+    input front to back, which disks prefer to interleaved reads."""
+    sizes = [sum(src.nbytes for src in unit_sources(u)) for u in units]
+    total = sum(sizes) or 1
+    lo, hi = total * rank / world, total * (rank + 1) / world
+    out, pos = [], 0
+    for unit, size in zip(units, sizes):
+        middle = pos + size / 2
+        if lo <= middle < hi or (rank == world - 1 and middle >= hi):
+            out.append(unit)
+        pos += size
+    return out
+
+
+def write_shards_distributed(
+    todo: list[Shard],
+    state: OutputState,
+    rank: int,
+    world: int,
+    *,
+    specs: dict[str, list[TensorSpec]],
+    stream: Callable[[list[Unit], Callable[[Unit], PositionalShardWriter]], None],
+    meter: Progress,
+    reciprocals: ExactReciprocals,
+    finished_record: Callable[[dict, dict[str, tuple[int, int]]], dict],
+) -> None:
+    """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
+    the units at their planned offsets, so the work splits evenly whatever the shard count; then the ranks
+    hash, rename and record the shards between them. The bytes are those of a single process.
+
+    ``specs``: each shard file's planned tensors; ``stream(units, sink_of)`` reads, encodes and writes
+    ``units`` into ``sink_of(unit)``; ``finished_record(record, reciprocals)`` is what ``state`` records
+    for a finished shard, given every rank's exact reciprocals."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        for shard in todo:
+            PositionalShardWriter.create(state.dir, shard.file, specs[shard.file])
+    barrier(rank, world, "lay out shards", GROUP_TIMEOUT_S)
+    writers = {shard.file: PositionalShardWriter(state.dir, shard.file, specs[shard.file]) for shard in todo}
+    shard_of = {id(u): shard.file for shard in todo for u in shard.units}
+    units = [u for shard in todo for u in shard.units]
+    mine = contiguous_share(units, rank, world)
+    meter.set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
+    try:
+        stream(mine, lambda unit: writers[shard_of[id(unit)]])
+    finally:
+        for w in writers.values():
+            w.close()
+    # The slowest rank's share bounds the wait (shares are balanced by bytes, so this is generous).
+    largest = max(
+        sum(sum(s.nbytes for s in unit_sources(u)) for u in contiguous_share(units, r, world)) for r in range(world)
+    )
+    barrier(rank, world, "write shares", rank_slack_s() + largest / SLOWEST_RATE)
+    # What every rank completed: a shard is renamed only when all its planned bytes were written. One bit
+    # per planned tensor (an int), not names: a DeepSeek-sized plan gathers kilobytes, not megabytes.
+    names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
+    mine_done = {f: _bitmask(names[f], w.written()) for f, w in writers.items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (mine_done, reciprocals.record))
+    records = {k: v for _, theirs in everyone for k, v in theirs.items()}
+    for i, shard in enumerate(todo):  # hashing and renaming is shared out too
+        if i % world == rank:
+            mask = 0
+            for done, _ in everyone:
+                mask |= done[shard.file]
+            written = _chosen(names[shard.file], mask)
+            state.record(finished_record(writers[shard.file].finish(written), records))
+    hashed = sum(s.nbytes for s in todo) / world
+    barrier(rank, world, "hash and rename shards", rank_slack_s() + hashed / SLOWEST_RATE)

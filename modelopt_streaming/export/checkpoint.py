@@ -1,0 +1,100 @@
+"""Export of a quantize run: the index, side files, configs and provenance of the output directory, from
+the shards that were written (read back where they hold the answer); the finished marker last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+from ..codec import nvfp4
+from ..index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, TensorInfo, read_header
+from ..interchange import COMPRESSED_TENSORS, RECORD_KEY
+from ..output_dir import FINISHED_MARKER, OutputState, recipe_dict
+from ..plan import Plan, QuantizeUnit, Recipe
+from ..reader import TensorReader
+from ..summary import Summary
+from ..writer import write_json_atomic
+from .compressed_tensors_format import model_config as ct_model_config
+from .modelopt_format import hf_quant_config, model_config, safetensors_index
+from .side_files import copy_side_files
+
+
+def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
+    """Quantized modules whose source weight, or whole fused group, was all zeros, read back from the written
+    shards (so a resumed or torchrun run reports the same list): the zero-weight global scale, and every
+    code of the unit 0. A group with amax > 0 always has a nonzero code (its largest value encodes as 6)."""
+    zero = []
+    with TensorReader(output_dir) as reader:
+        for shard in plan.shards:
+            header, data_start = read_header(output_dir / shard.file)
+            infos = {}
+            for name, e in header.items():
+                begin, end = (data_start + o for o in e["data_offsets"])
+                infos[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), shard.file, begin, end)
+            for unit in shard.units:
+                if not isinstance(unit, QuantizeUnit):
+                    continue
+                names = unit.encoded_names()
+                if all(reader.read(infos[s2]).item() == nvfp4.ZERO_WEIGHT_SCALE_2 for _, _, s2 in names) and all(
+                    not reader.read(infos[packed]).any() for _, packed, _ in names
+                ):
+                    zero += [module for module, _, _ in names]
+    return sorted(zero)
+
+
+def export_checkpoint(
+    plan: Plan,
+    index: CheckpointIndex,
+    input_dir: Path,
+    output_dir: Path,
+    state: OutputState,
+    fp: dict,
+    exclude_modules: list[str],
+    summary: Summary,
+    recipe: Recipe,
+) -> list[str]:
+    """Index, side files, configs and provenance, from what was written; the finished marker last.
+    Returns the all-zero quantized modules (``zero_weight_modules``), which the provenance lists too."""
+    weight_map = plan.weight_map()
+    total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
+    write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total_size))
+    copied = copy_side_files(input_dir, output_dir)
+    if recipe.format == COMPRESSED_TENSORS:
+        config = ct_model_config(index.config, exclude_modules, recipe.weight_only)
+    else:
+        config = model_config(index.config, exclude_modules, recipe.weight_only)
+        write_json_atomic(output_dir / "config.json", config)
+    shards = state.finish(fp, [s.file for s in plan.shards])
+    ct = recipe.format == COMPRESSED_TENSORS
+    zero_weights = zero_weight_modules(plan, output_dir)
+    # Nothing here depends on the device, the number of workers or the time: the same input and options
+    # give the same bytes in this file too.
+    write_json_atomic(
+        output_dir / PROVENANCE_FILE,
+        {
+            "tool": "modelopt-streaming",
+            "version": __version__,
+            "options": recipe_dict(recipe),
+            "source": {"files": index.file_sizes},
+            "counts": {
+                "quantized_weights": summary.quantized_weights,
+                "quantized_by_kind": summary.quantized_by_kind,
+                "fused_groups": summary.fused_groups,
+                "copied_tensors": summary.copied_tensors,
+                "unquantized_by_reason": summary.unquantized_by_reason,
+                "zero_weights": len(zero_weights),
+            },
+            "unquantized": plan.unquantized,
+            "zero_weights": zero_weights,
+            "side_files": copied,
+            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
+            "warnings": plan.warnings,
+        }
+        | ({RECORD_KEY: dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))} if ct else {}),
+    )
+    if recipe.format == COMPRESSED_TENSORS:
+        # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.
+        write_json_atomic(output_dir / "config.json", config)
+    else:
+        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))
+    return zero_weights
