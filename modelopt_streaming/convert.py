@@ -58,7 +58,7 @@ from .interchange import (
 from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError, check_paths
 from .reader import TensorReader
 from .validate import validate
-from .writer import IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
@@ -422,7 +422,8 @@ def _export(
             RECORD_KEY: reciprocals.as_json(),
             SOURCE_CONFIGS_KEY: configs,
             "side_files": copied,
-            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in records],
+            "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in records],
+            "shard_digest": DIGEST_SCHEME,
         },
     )
     if restored is not None:

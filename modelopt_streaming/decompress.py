@@ -49,7 +49,7 @@ from .index import (
 from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
 from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths
 from .reader import TensorReader
-from .writer import IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
@@ -284,7 +284,8 @@ def decompress(
                 "source": {"files": index.file_sizes},
                 "dequantized": summary.dequantized,
                 "side_files": copied,
-                "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in records],
+                "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in records],
+                "shard_digest": DIGEST_SCHEME,
             },
         )
         # Last: what a framework loads first, so an unfinished directory never looks loadable.

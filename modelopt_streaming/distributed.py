@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import time
 from collections.abc import Callable
 
@@ -177,17 +178,18 @@ def check_shared_output(state: OutputState, rank: int, world: int) -> None:
         )
 
 
-def _bitmask(names: list[str], chosen: set[str]) -> int:
-    bits = bytearray((len(names) + 7) // 8)
-    for j, n in enumerate(names):
-        if n in chosen:
-            bits[j >> 3] |= 1 << (j & 7)
-    return int.from_bytes(bits, "little")
+_DIGEST_RECORD = struct.Struct("<I32s")  # a tensor's index in its shard, its sha256
 
 
-def _chosen(names: list[str], mask: int) -> set[str]:
-    bits = mask.to_bytes((len(names) + 7) // 8, "little")
-    return {n for j, n in enumerate(names) if bits[j >> 3] >> (j & 7) & 1}
+def _pack_digests(names: list[str], digests: dict[str, bytes]) -> bytes:
+    """The tensor digests one rank computed for one shard, as (index, sha256) records: 36 bytes a tensor, so a
+    DeepSeek-sized plan sends a few MB to rank 0 in all, not names."""
+    return b"".join(_DIGEST_RECORD.pack(j, digests[n]) for j, n in enumerate(names) if n in digests)
+
+
+def _unpack_digests(names: list[str], blob: bytes, into: dict[str, bytes]) -> None:
+    for j, digest in _DIGEST_RECORD.iter_unpack(blob):
+        into[names[j]] = digest
 
 
 def contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -218,8 +220,9 @@ def write_shards_distributed(
     finished_record: Callable[[dict, dict[str, tuple[int, int]]], dict],
 ) -> None:
     """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
-    the units at their planned offsets, so the work splits evenly whatever the shard count; then the ranks
-    hash, rename and record the shards between them. The bytes are those of a single process.
+    the units at their planned offsets, digesting each tensor as it writes it, so the work splits evenly
+    whatever the shard count; then rank 0 gathers the tensor digests and renames and records each shard whose
+    tensors were all written. No output byte is read back. The bytes are those of a single process.
 
     ``specs``: each shard file's planned tensors; ``stream(units, sink_of)`` reads, encodes and writes
     ``units`` into ``sink_of(unit)``; ``finished_record(record, reciprocals)`` is what ``state`` records
@@ -245,19 +248,17 @@ def write_shards_distributed(
         sum(sum(s.nbytes for s in unit_sources(u)) for u in contiguous_share(units, r, world)) for r in range(world)
     )
     barrier(rank, world, "write shares", rank_slack_s() + largest / SLOWEST_RATE)
-    # What every rank completed: a shard is renamed only when all its planned bytes were written. One bit
-    # per planned tensor (an int), not names: a DeepSeek-sized plan gathers kilobytes, not megabytes.
+    # What every rank completed, as the digests of the tensors it wrote whole: a shard is renamed only when
+    # its tensors were all written, and its digest is derived from theirs.
     names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
-    mine_done = {f: _bitmask(names[f], w.written()) for f, w in writers.items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, (mine_done, reciprocals.record))
-    records = {k: v for _, theirs in everyone for k, v in theirs.items()}
-    for i, shard in enumerate(todo):  # hashing and renaming is shared out too
-        if i % world == rank:
-            mask = 0
+    mine_done = {f: _pack_digests(names[f], w.digests()) for f, w in writers.items()}
+    everyone: list | None = [None] * world if rank == 0 else None
+    dist.gather_object((mine_done, reciprocals.record), everyone, dst=0)
+    if rank == 0:
+        records = {k: v for _, theirs in everyone for k, v in theirs.items()}
+        for shard in todo:
+            digests: dict[str, bytes] = {}
             for done, _ in everyone:
-                mask |= done[shard.file]
-            written = _chosen(names[shard.file], mask)
-            state.record(finished_record(writers[shard.file].finish(written), records))
-    hashed = sum(s.nbytes for s in todo) / world
-    barrier(rank, world, "hash and rename shards", rank_slack_s() + hashed / SLOWEST_RATE)
+                _unpack_digests(names[shard.file], done[shard.file], digests)
+            state.record(finished_record(writers[shard.file].finish(digests), records))
+    barrier(rank, world, "rename shards", rank_slack_s())

@@ -1,6 +1,6 @@
 """The output directory's state: what is finished, provably, so that a run can resume exactly.
 
-Each finished shard gets a record (tensors, byte size, sha256) written atomically after the shard's
+Each finished shard gets a record (tensors, byte size, digest) written atomically after the shard's
 rename; the manifest holds the fingerprint of the source and of the options. A resumed run keeps only
 shards whose record and file agree, removes partial and stale shards of its own plan, and refuses when
 the source or the options changed. One run at a time holds the directory's lock. Knows files and
@@ -26,7 +26,7 @@ from . import __version__, faults
 from .errors import UsageError
 from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, header_digest
 from .plan import Plan, Recipe
-from .writer import MANIFEST_FILE, partial_name, write_json_atomic
+from .writer import MANIFEST_FILE, file_digest, partial_name, write_json_atomic
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.
@@ -41,14 +41,6 @@ _OWN_NAMES = {MANIFEST_FILE, PROVENANCE_FILE, FINISHED_MARKER, INDEX_FILE, CONFI
 
 class OutputStateError(Exception):
     """The output directory cannot be used as asked; the message says why and what to do."""
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -195,7 +187,7 @@ class OutputState:
                 and rec.get("tensors") == planned[name]
                 and path.is_file()
                 and path.stat().st_size == rec.get("size")
-                and (not verify or sha256_file(path) == rec.get("sha256"))
+                and (not verify or file_digest(path) == rec.get("digest"))
             )
             if ok:
                 done[name] = rec

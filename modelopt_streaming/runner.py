@@ -399,7 +399,7 @@ def _write_output(
     if done:
         log(
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
-            + (" and verified by sha256" if verify else " (sizes checked; --verify also checks sha256)")
+            + (" and verified by digest" if verify else " (sizes checked; --verify also checks their digests)")
         )
     if recipe.input_scales:
         log(f"input scales: from the reference for {len(plan.quantized) - len(summary.input_scales_missing)} modules")

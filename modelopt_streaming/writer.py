@@ -12,6 +12,7 @@ import json
 import math
 import os
 import queue
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,27 +57,76 @@ class IncompleteShardError(RuntimeError):
     """A shard is about to be renamed while some of its planned bytes were never written."""
 
 
-class _Sha256Thread:
-    """sha256 of the bytes written, computed on its own thread (hashlib releases the GIL), so hashing and
+# A shard's digest is a digest of digests: sha256 over sha256(header) followed by sha256(each tensor's bytes)
+# in file order. Whoever writes a tensor digests it as it goes, so no output byte is read back to hash a
+# shard, whether one process streamed it or several ranks wrote its tensors at their offsets; and the value
+# is the same in both cases. ``file_digest`` recomputes it from a file (``--resume --verify``, users).
+DIGEST_SCHEME = "sha256 of sha256(header) + sha256(tensor bytes) for each tensor in file order"
+
+
+def shard_digest(header: bytes, tensor_digests: Sequence[bytes]) -> str:
+    return hashlib.sha256(hashlib.sha256(header).digest() + b"".join(tensor_digests)).hexdigest()
+
+
+def file_digest(path: str | Path, chunk: int = 16 << 20) -> str:
+    """The digest of a safetensors file as the writers record it (see DIGEST_SCHEME)."""
+    with open(path, "rb", buffering=0) as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+        digests = []
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        for begin, end in spans:
+            sha = hashlib.sha256()
+            f.seek(8 + n + begin)
+            left = end - begin
+            while left:
+                got = f.readinto(view[: min(chunk, left)])
+                if not got:
+                    break
+                sha.update(view[:got])
+                left -= got
+            digests.append(sha.digest())
+    return shard_digest(struct.pack("<Q", n) + raw, digests)
+
+
+class _DigestThread:
+    """sha256 of each tensor written, computed on its own thread (hashlib releases the GIL), so hashing and
     writing overlap instead of adding up."""
 
+    _NEXT = object()
+
     def __init__(self):
-        self.sha = hashlib.sha256()
+        self.digests: list[bytes] = []
         self.q: queue.Queue = queue.Queue(maxsize=4)
         self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        sha = None
         while (data := self.q.get()) is not None:
-            self.sha.update(data)
+            if data is self._NEXT:
+                if sha is not None:
+                    self.digests.append(sha.digest())
+                sha = hashlib.sha256()
+            else:
+                sha.update(data)
+        if sha is not None:
+            self.digests.append(sha.digest())
+
+    def next_tensor(self) -> None:
+        self.q.put(self._NEXT)
 
     def update(self, data) -> None:
         self.q.put(data)
 
-    def hexdigest(self) -> str:
+    def finish(self) -> list[bytes]:
         self.q.put(None)
         self.thread.join()
-        return self.sha.hexdigest()
+        return self.digests
 
     def stop(self) -> None:
         if self.thread.is_alive():
@@ -93,14 +143,15 @@ class ShardWriter:
         self.tensors = list(tensors)
         self._next = 0
         self._remaining = 0
-        self._sha = _Sha256Thread()
+        self._digests = _DigestThread()
         self._tmp = self.directory / partial_name(file_name)
         self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close/abort
-        self._emit(encode_header(self.tensors))
+        self._header = encode_header(self.tensors)
+        self._f.write(self._header)
 
     def _emit(self, data) -> None:
         self._f.write(data)
-        self._sha.update(data)
+        self._digests.update(data)
 
     def begin(self, name: str) -> None:
         if self._remaining:
@@ -110,6 +161,7 @@ class ShardWriter:
             raise RuntimeError(f"{self.file_name}: got {name}, expected {expected}")
         self._remaining = self.tensors[self._next].nbytes
         self._next += 1
+        self._digests.next_tensor()
 
     def write_bytes(self, data) -> None:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
@@ -150,12 +202,12 @@ class ShardWriter:
         return {
             "file": self.file_name,
             "size": size,
-            "sha256": self._sha.hexdigest(),
+            "digest": shard_digest(self._header, self._digests.finish()),
             "tensors": [t.name for t in self.tensors],
         }
 
     def abort(self) -> None:
-        self._sha.stop()
+        self._digests.stop()
         if not self._f.closed:
             self._f.close()
         self._tmp.unlink(missing_ok=True)
@@ -165,15 +217,16 @@ class PositionalShardWriter:
     """Writes tensors of one shard at their planned offsets, in any order, from several processes.
 
     ``create`` (once) writes the header and sizes the file; each process then opens it and ``write``s its
-    tensors with ``pwrite``; ``finish`` (once, after all) fsyncs, hashes the file and renames it. Same
-    interface as ShardWriter for the tensors (begin / write_bytes / write), same bytes.
+    tensors with ``pwrite``, digesting each tensor as it writes it; ``finish`` (once, after all) takes every
+    process's tensor digests, checks that they cover the plan, and renames the file. Same interface as
+    ShardWriter for the tensors (begin / write_bytes / write), same bytes, same digest.
     """
 
     def __init__(self, directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]):
         self.directory = Path(directory)
         self.file_name = file_name
         self.tensors = list(tensors)
-        header = encode_header(self.tensors)
+        self._header = header = encode_header(self.tensors)
         self.offsets: dict[str, tuple[int, int]] = {}
         pos = len(header)
         for t in self.tensors:
@@ -185,8 +238,10 @@ class PositionalShardWriter:
         self._fd = os.open(self._tmp, os.O_WRONLY)
         self._cursor = self._end = 0
         self._current: str | None = None
-        # Tensors whose every planned byte this process wrote: finish() renames only a fully covered shard.
-        self._complete: set[str] = set()
+        self._sha = hashlib.sha256()
+        # sha256 of each tensor whose every planned byte this process wrote: finish() renames only a shard
+        # whose tensors the processes together digested in full.
+        self._digests: dict[str, bytes] = {}
 
     @staticmethod
     def create(directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]) -> None:
@@ -202,14 +257,16 @@ class PositionalShardWriter:
         self._cursor, n = self.offsets[name]
         self._end = self._cursor + n
         self._current = name
+        self._sha = hashlib.sha256()
         if n == 0:
-            self._complete.add(name)
+            self._digests[name] = self._sha.digest()
 
     def write_bytes(self, data) -> None:
         view = memoryview(data).cast("B")
         if self._cursor + len(view) > self._end:
             raise RuntimeError(f"{self.file_name}: more bytes than declared")
         half = self._cursor + len(view) // 2 if len(view) > 1 and faults.active() else -1
+        self._sha.update(view)
         while view:
             n = os.pwrite(self._fd, view if half < 0 else view[: half - self._cursor], self._cursor)
             self._cursor += n
@@ -218,11 +275,11 @@ class PositionalShardWriter:
                 half = -1
                 faults.point("mid_tensor")
         if self._cursor == self._end and self._current is not None:
-            self._complete.add(self._current)
+            self._digests[self._current] = self._sha.digest()
 
-    def written(self) -> set[str]:
-        """Names of the tensors this process wrote completely."""
-        return set(self._complete)
+    def digests(self) -> dict[str, bytes]:
+        """sha256 of each tensor this process wrote completely, by name."""
+        return dict(self._digests)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._specs.get(name)
@@ -238,14 +295,14 @@ class PositionalShardWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def finish(self, written: set[str] | None = None) -> dict:
-        """Hash the whole file, rename it to its final name; the manifest record of the shard.
+    def finish(self, digests: dict[str, bytes] | None = None) -> dict:
+        """Rename the shard to its final name; the manifest record of the shard.
 
-        ``written``: the tensors completed by all the processes that wrote this shard (default: this
-        process's); a shard with a planned byte range nobody wrote is never renamed.
+        ``digests``: the tensor digests of all the processes that wrote this shard (default: this process's);
+        a shard with a planned tensor nobody wrote completely is never renamed.
         """
         self.close()
-        covered = self._complete if written is None else written
+        covered = self._digests if digests is None else digests
         missing = [t for t in self.tensors if t.name not in covered]
         if missing:
             start, n = self.offsets[missing[0].name]
@@ -253,10 +310,6 @@ class PositionalShardWriter:
                 f"{self._tmp}: {len(missing)} planned tensor(s) never written, first {missing[0].name!r} "
                 f"(bytes {start}-{start + n}); the shard was not renamed"
             )
-        sha = hashlib.sha256()
-        with open(self._tmp, "rb", buffering=0) as f:
-            while chunk := f.read(16 << 20):
-                sha.update(chunk)
         if self._tmp.stat().st_size != self.size:
             raise RuntimeError(f"{self._tmp}: size {self._tmp.stat().st_size}, planned {self.size}")
         os.replace(self._tmp, self.directory / self.file_name)
@@ -265,7 +318,7 @@ class PositionalShardWriter:
         return {
             "file": self.file_name,
             "size": self.size,
-            "sha256": sha.hexdigest(),
+            "digest": shard_digest(self._header, [covered[t.name] for t in self.tensors]),
             "tensors": [t.name for t in self.tensors],
         }
 

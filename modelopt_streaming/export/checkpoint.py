@@ -13,7 +13,7 @@ from ..output_dir import FINISHED_MARKER, OutputState, recipe_dict
 from ..plan import Plan, QuantizeUnit, Recipe
 from ..reader import TensorReader
 from ..summary import Summary
-from ..writer import write_json_atomic
+from ..writer import DIGEST_SCHEME, write_json_atomic
 from .compressed_tensors_format import model_config as ct_model_config
 from .modelopt_format import hf_quant_config, model_config, safetensors_index
 from .side_files import copy_side_files
@@ -87,7 +87,8 @@ def export_checkpoint(
             "unquantized": plan.unquantized,
             "zero_weights": zero_weights,
             "side_files": copied,
-            "shards": [{k: r[k] for k in ("file", "size", "sha256")} for r in shards],
+            "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in shards],
+            "shard_digest": DIGEST_SCHEME,
             "warnings": plan.warnings,
         }
         | ({RECORD_KEY: dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))} if ct else {}),
