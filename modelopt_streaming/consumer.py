@@ -55,7 +55,9 @@ _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(?:gate_up_proj|down_proj)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Embeddings are VocabParallelEmbedding in vLLM: get_quant_method returns None for them whatever the list
 # says (ModelOptQuantConfigBase.get_quant_method handles only LinearBase, ParallelLMHead and RoutedExperts).
-_EMBEDDING_LEAVES = {
+# The plan never quantizes them either. GPT-NeoX names its embedding ``embed_in``; OPT/BART/Whisper-style
+# models learn ``embed_positions``.
+EMBEDDING_LEAVES = {
     "embed_tokens",
     "wte",
     "wpe",
@@ -333,7 +335,7 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
     for m in modules:
         parent, _, leaf = m.rpartition(".")
         parts = m.split(".")
-        if leaf in _EMBEDDING_LEAVES:
+        if leaf in EMBEDDING_LEAVES:
             continue
         layer = _LAYER_INDEX.search(m)
         if "mtp_layers" in parts or parts[0] == "mtp":

@@ -39,8 +39,8 @@ from .index import (
     CheckpointIndex,
     TensorInfo,
     build_index,
-    header_digest,
     resolve_checkpoint_dir,
+    source_fingerprint,
 )
 from .interchange import (
     COMPRESSED_TENSORS,
@@ -346,9 +346,7 @@ def convert(
     fingerprint = {
         "tool_version": __version__,
         "command": "convert",
-        "source": {
-            f: {"size": index.file_sizes[f], "header_sha256": header_digest(input_dir / f)} for f in index.files
-        },
+        "source": source_fingerprint(index),
         "options": {"to": to, "force": force},
         "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
     }

@@ -43,8 +43,8 @@ from .index import (
     TensorInfo,
     build_index,
     decoded_weights,
-    header_digest,
     resolve_checkpoint_dir,
+    source_fingerprint,
 )
 from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
 from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths
@@ -254,9 +254,7 @@ def decompress(
     fingerprint = {
         "tool_version": __version__,
         "command": "decompress",
-        "source": {
-            f: {"size": index.file_sizes[f], "header_sha256": header_digest(input_dir / f)} for f in index.files
-        },
+        "source": source_fingerprint(index),
         "options": {"dtype": dtype, "max_shard_size": max_shard_size},
         "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
     }

@@ -451,6 +451,11 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
     return CheckpointIndex(root=root, tensors=tensors, files=files, file_sizes=file_sizes, config=config)
 
 
+def source_fingerprint(index: CheckpointIndex) -> dict:
+    """What identifies the source for a resume: each file's size and the sha256 of its header."""
+    return {f: {"size": index.file_sizes[f], "header_sha256": header_digest(index.root / f)} for f in index.files}
+
+
 def header_digest(path: Path) -> str:
     """sha256 of a shard's length prefix and header: identifies its layout without reading tensor data."""
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__, faults
 from .errors import UsageError
-from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, header_digest
+from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
 from .plan import Plan, Recipe
 from .writer import MANIFEST_FILE, file_digest, partial_name, write_json_atomic
 
@@ -332,9 +332,7 @@ def quantize_fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> 
     layout = hashlib.sha256(json.dumps([[s.file, [t.name for t in s.outputs]] for s in plan.shards]).encode())
     return {
         "tool_version": __version__,
-        "source": {
-            f: {"size": index.file_sizes[f], "header_sha256": header_digest(index.root / f)} for f in index.files
-        },
+        "source": source_fingerprint(index),
         "options": recipe_dict(recipe),
         "plan_sha256": layout.hexdigest(),
     }

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .consumer import ExclusionMatcher
+from .consumer import EMBEDDING_LEAVES, ExclusionMatcher
 from .formats import BLOCK_SIZE
 from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
 from .interchange import LEAVES, SCALAR_SHAPE
@@ -48,17 +48,6 @@ _TOWER = re.compile(
     r"(?:^|\.)(?:vision_tower|vision_model|visual|vision|audio_tower|audio_model|audio_encoder|"
     r"multi_modal_projector|mm_projector|vision_projector|audio_projector)(?:\.|$)"
 )
-# GPT-NeoX names its embedding ``embed_in``; OPT/BART/Whisper-style models learn ``embed_positions``.
-EMBEDDING_LEAVES = {
-    "embed_tokens",
-    "wte",
-    "wpe",
-    "word_embeddings",
-    "embeddings",
-    "tok_embeddings",
-    "embed_in",
-    "embed_positions",
-}
 # The output projection: GPT-NeoX calls its lm_head ``embed_out`` (GPTNeoXForCausalLM.embed_out).
 _LM_HEAD_LEAVES = {"lm_head", "embed_out"}
 _ROUTER_PARENTS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}

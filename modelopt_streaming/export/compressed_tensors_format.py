@@ -32,8 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from ..consumer import GENERIC, ConsumerError, consumer_layers, family_of
-from ..plan import EMBEDDING_LEAVES
+from ..consumer import EMBEDDING_LEAVES, GENERIC, ConsumerError, consumer_layers, family_of
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"

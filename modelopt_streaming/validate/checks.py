@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..consumer import (
+    EMBEDDING_LEAVES,
     GENERIC,
     UNFUSED,
     ExclusionMatcher,
@@ -19,7 +20,7 @@ from ..consumer import (
     disagreements,
     family_of,
 )
-from ..plan import EMBEDDING_LEAVES, FUSION_KINDS, fusion_key, module_kind
+from ..plan import FUSION_KINDS, fusion_key, module_kind
 from .checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
 
 # Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
