@@ -40,7 +40,6 @@ from .index import (
     TensorInfo,
     build_index,
     resolve_checkpoint_dir,
-    source_fingerprint,
 )
 from .interchange import (
     COMPRESSED_TENSORS,
@@ -55,7 +54,7 @@ from .interchange import (
     load_exact_reciprocals,
     nvfp4_modules,
 )
-from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError, check_paths
+from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError, check_paths, job_fingerprint
 from .reader import TensorReader
 from .validate import validate
 from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
@@ -343,13 +342,7 @@ def convert(
     )
     planned = {f: [o.name for o in outs] for f, outs in shards.items()}
     layout = [[f, [(o.name, o.reciprocal) for o in outs]] for f, outs in shards.items()]
-    fingerprint = {
-        "tool_version": __version__,
-        "command": "convert",
-        "source": source_fingerprint(index),
-        "options": {"to": to, "force": force},
-        "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
-    }
+    fingerprint = job_fingerprint("convert", index, {"to": to, "force": force}, layout)
     state = OutputState(output_dir)
     lock = OutputDirLock(output_dir)
     try:

@@ -17,8 +17,6 @@ compressed-tensors' own conversions produce) and are cast to the output dtype.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import time
@@ -44,10 +42,9 @@ from .index import (
     build_index,
     decoded_weights,
     resolve_checkpoint_dir,
-    source_fingerprint,
 )
 from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
-from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths
+from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths, job_fingerprint
 from .reader import TensorReader
 from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
 
@@ -251,13 +248,7 @@ def decompress(
         output_bytes=sum(u.nbytes for u in units),
     )
     layout = [[f, [[u.kind, u.name, u.dtype, list(u.shape)] for u in us]] for f, us in shards]
-    fingerprint = {
-        "tool_version": __version__,
-        "command": "decompress",
-        "source": source_fingerprint(index),
-        "options": {"dtype": dtype, "max_shard_size": max_shard_size},
-        "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
-    }
+    fingerprint = job_fingerprint("decompress", index, {"dtype": dtype, "max_shard_size": max_shard_size}, layout)
     planned = {f: [u.name for u in us] for f, us in shards}
     state = OutputState(output_dir)
     lock = OutputDirLock(output_dir)

@@ -326,6 +326,18 @@ def check_paths(input_dir: Path, output_dir: Path) -> None:
         raise UsageError(why)
 
 
+def job_fingerprint(command: str, index: CheckpointIndex, options: dict, layout: list) -> dict:
+    """What a convert or decompress run's output depends on (the manifest keeps it; a resumed run with another
+    one is refused): tool version, command, source layout, options and the planned shards."""
+    return {
+        "tool_version": __version__,
+        "command": command,
+        "source": source_fingerprint(index),
+        "options": options,
+        "plan_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+    }
+
+
 def quantize_fingerprint(index: CheckpointIndex, recipe: Recipe, plan: Plan) -> dict:
     """What a quantize run's output depends on: tool version, source layout, options and the planned shards
     (the manifest keeps it; a resumed run with another one is refused)."""

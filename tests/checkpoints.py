@@ -70,12 +70,10 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-@functools.cache
-def checkpoint_layout(arch: str) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
-    """Tensor names, shapes and dtypes exactly as ``save_pretrained`` writes them, plus config.json."""
+def layout_of_config(config) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
+    """Tensor names, shapes and dtypes exactly as ``save_pretrained`` writes them for a config, plus config.json."""
     import transformers as tf
 
-    config = tiny_config(arch)
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(config)
     with tempfile.TemporaryDirectory() as d:
@@ -84,11 +82,17 @@ def checkpoint_layout(arch: str) -> tuple[dict[str, tuple[tuple[int, ...], torch
         for f in sorted(Path(d).glob("*.safetensors")):
             with safe_open(f, "pt") as sf:
                 for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
-                    t = sf.get_slice(k)
                     # DeepSeek-V3 ships its router bias in float32, as the model keeps it.
                     dt = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
-                    layout[k] = (tuple(t.get_shape()), dt)
+                    layout[k] = (tuple(sf.get_slice(k).get_shape()), dt)
         cfg = json.loads((Path(d) / "config.json").read_text())
+    return layout, cfg
+
+
+@functools.cache
+def checkpoint_layout(arch: str) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
+    """The layout of the tiny model of ``arch`` (see ``layout_of_config``), DeepSeek/Kimi with their MTP layer."""
+    layout, cfg = layout_of_config(tiny_config(arch))
     if arch in ("deepseek_v3", "kimi_k2"):
         # A multi-token-prediction layer past num_hidden_layers, as DeepSeek-V3 ships it.
         n = cfg["num_hidden_layers"]

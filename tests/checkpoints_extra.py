@@ -3,13 +3,10 @@ families, ModelOpt in a given dtype), built from transformers' own config classe
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
-from checkpoints import TINY, make_weights, round_robin, write_checkpoint
-from safetensors import safe_open
+from checkpoints import TINY, layout_of_config, make_weights, round_robin, write_checkpoint
 
 
 def tiny_gpt_oss_config():
@@ -26,23 +23,6 @@ def tiny_gpt_oss_config():
         sliding_window=32,
         **TINY,
     )
-
-
-def layout_of_config(config) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
-    """Tensor names, shapes (bf16) and config.json exactly as ``save_pretrained`` writes them for a config."""
-    import transformers as tf
-
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(config)
-    with tempfile.TemporaryDirectory() as d:
-        model.to_empty(device="cpu").to(torch.bfloat16).save_pretrained(d)
-        layout = {}
-        for f in sorted(Path(d).glob("*.safetensors")):
-            with safe_open(f, "pt") as sf:
-                for k in sf.keys():  # noqa: SIM118 - safe_open is not iterable
-                    layout[k] = (tuple(sf.get_slice(k).get_shape()), torch.bfloat16)
-        cfg = json.loads((Path(d) / "config.json").read_text())
-    return layout, cfg
 
 
 def make_gpt_oss_checkpoint(directory: Path, n_shards: int = 3, seed: int = 0) -> Path:

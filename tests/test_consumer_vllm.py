@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from checkpoints import (
     TINY,
+    layout_of_config,
     make_kimi_k25_checkpoint,
     make_llama4_checkpoint,
     make_model_checkpoint,
@@ -33,7 +34,7 @@ from checkpoints import (
     round_robin,
     write_checkpoint,
 )
-from checkpoints_extra import layout_of_config, make_gpt_oss_checkpoint
+from checkpoints_extra import make_gpt_oss_checkpoint
 from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
 from modelopt_streaming import quantize

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from checkpoints import TINY, load_dir, write_checkpoint
-from checkpoints_extra import layout_of_config, make_config_checkpoint
+from checkpoints import TINY, layout_of_config, load_dir, write_checkpoint
+from checkpoints_extra import make_config_checkpoint
 
 from modelopt_streaming.index import build_index
 from modelopt_streaming.plan import Recipe, build_plan

@@ -18,21 +18,12 @@ from pathlib import Path
 import torch
 
 from ..index import INDEX_FILE, CheckpointError, TensorInfo, read_header
+from ..interchange import COMPRESSED_TENSORS, LEAVES, MODELOPT
 from ..reader import TensorReader
 
-MODELOPT = "modelopt"
 _FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
-COMPRESSED_TENSORS = "compressed-tensors"
+_SUFFIXES = LEAVES
 
-_SUFFIXES = {
-    MODELOPT: {"weight": "weight", "weight_scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"},
-    COMPRESSED_TENSORS: {
-        "weight": "weight_packed",
-        "weight_scale": "weight_scale",
-        "global": "weight_global_scale",
-        "input": "input_global_scale",
-    },
-}
 QUANT_SUFFIXES = (
     "weight_scale",
     "weight_scale_2",
