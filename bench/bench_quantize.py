@@ -147,8 +147,11 @@ def modelopt_sample(src: Path, budget_bytes: int) -> tuple[float, int]:
 
 
 def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
-    """``run``: cpu, cuda, or torchrunN (N processes, one GPU each when CUDA is there)."""
+    """``run``: cpu, cuda, or torchrunN (N processes, one GPU each when CUDA is there, round robin when
+    there are more ranks than GPUs), with ``:tK`` for K reader and K writer threads per process."""
     shutil.rmtree(out, ignore_errors=True)
+    run, _, threads = run.partition(":t")
+    threads = threads or "auto"
     if run.startswith("torchrun"):
         n = int(run[len("torchrun") :])
         device = "cuda" if torch_cuda() else "cpu"
@@ -163,9 +166,10 @@ def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
             str(out),
             device,
             scope,
+            threads,
         ]
     else:
-        cmd = [sys.executable, CHILD, str(src), str(out), run, scope]
+        cmd = [sys.executable, CHILD, str(src), str(out), run, scope, threads]
     t = time.perf_counter()
     # The child reports its start-up (launch to main, torchrun's spawning and imports included) against this.
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_T0": repr(time.time())})
@@ -210,7 +214,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/msbench")
     ap.add_argument("--experts", type=int, default=24, help="routed experts in the MoE layer (24: ~5 GB)")
     ap.add_argument("--layouts", default="sharded,single", help="sharded (1 GB shards), single (one shard)")
-    ap.add_argument("--runs", default="cpu", help="comma list of cpu, cuda, torchrunN; outputs are compared")
+    ap.add_argument(
+        "--runs",
+        default="cpu",
+        help="comma list of cpu, cuda, torchrunN, each with an optional :tK (K reader and K writer threads per "
+        "process; default from the CPUs); outputs are compared",
+    )
     ap.add_argument(
         "--cache",
         default="cold",
@@ -274,6 +283,9 @@ def main() -> None:
                     "stages": tool.get("stages"),
                     "tool_s": tool["wall"],
                     "tool_mbs": tool["input_bytes"] / 1e6 / tool["wall"],
+                    # The quantize() call of the slowest rank: index, plan, streaming, coordination, export.
+                    "quantize_s": max(x["wall"] for x in tool["ranks"]),
+                    "quantize_mbs": tool["input_bytes"] / 1e6 / max(x["wall"] for x in tool["ranks"]),
                     "peak_rss_mb": tool["peak_mb"],
                     "groups": tool["groups"],
                     "identical_to_first_run": identical,
@@ -294,10 +306,10 @@ def main() -> None:
     if mo_mbs:
         print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights (CPU): {mo_mbs:.0f} MB/s")
     print(
-        "\n| input | run | size GB | raw read MB/s | read+write MB/s | modelopt-streaming s | MB/s | x raw read "
-        "| x read+write | x ModelOpt | peak RSS MB | same bytes as first run |"
+        "\n| input | run | size GB | raw read MB/s | read+write MB/s | process s | MB/s | x raw read "
+        "| x read+write | x ModelOpt | quantize s | quantize MB/s | peak RSS MB | same bytes as first run |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xmo = f"{r['tool_mbs'] / mo_mbs:.1f}" if mo_mbs else "-"
         same = {None: "(first)", True: "yes", False: "NO"}[r["identical_to_first_run"]]
@@ -306,7 +318,7 @@ def main() -> None:
             f"| {r['tool_s']:.1f} | "
             f"{r['tool_mbs']:.0f} | {r['tool_mbs'] / r['raw_read_mbs']:.2f} "
             f"| {r['tool_mbs'] / r['read_write_mbs']:.2f} "
-            f"| {xmo} | {r['peak_rss_mb']:.0f} "
+            f"| {xmo} | {r['quantize_s']:.1f} | {r['quantize_mbs']:.0f} | {r['peak_rss_mb']:.0f} "
             f"| {same} |"
         )
     if os.environ.get("OUT"):
@@ -315,13 +327,14 @@ def main() -> None:
         print("\nN parallel read+write streams (same files, same run), MB/s of input:")
         for n, mbs in rows[0]["parallel_read_write_mbs"].items():
             print(f"  {n} stream(s): {mbs:.0f}")
-    print("\n| run | rank | start-up s | rendezvous s | quantize s | peak RSS MB | busy stages |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | rank | start-up s | rendezvous s | quantize s | peak RSS MB | busy stages | phases s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for x in r["ranks"]:
             print(
                 f"| {r['run']} | {x['rank']} | {x.get('startup_s', 0):.1f} | {x.get('rendezvous_s', 0):.1f} "
-                f"| {x['wall']:.1f} | {x['peak_mb']:.0f} | {x['stages']} |"
+                f"| {x['wall']:.1f} | {x['peak_mb']:.0f} | {x['stages']} "
+                f"| {', '.join(f'{k} {v:.2f}' for k, v in x.get('phases', {}).items())} |"
             )
     if any(r["identical_to_first_run"] is False for r in rows):
         raise SystemExit("outputs differ between runs")

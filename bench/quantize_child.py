@@ -15,11 +15,20 @@ from modelopt_streaming.distributed import init_distributed  # noqa: E402
 
 imported = time.time()
 src, out, device, scope = sys.argv[1:5]
+threads = None if len(sys.argv) < 6 or sys.argv[5] == "auto" else int(sys.argv[5])
 t = time.perf_counter()
 device, distributed = init_distributed(device)
 rendezvous = time.perf_counter() - t
 t = time.perf_counter()
-s = modelopt_streaming.quantize(src, out, progress="none", log=lambda *_: None, device=device, mlp_only=scope == "mlp")
+s = modelopt_streaming.quantize(
+    src,
+    out,
+    progress="none",
+    log=lambda *_: None,
+    device=device,
+    mlp_only=scope == "mlp",
+    io_threads=threads,
+)
 wall = time.perf_counter() - t
 hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
 print(
@@ -35,6 +44,7 @@ print(
             "input_bytes": s.input_bytes,
             "output_bytes": s.output_bytes,
             "stages": s.stages,
+            "phases": s.phases,
             "groups": s.fused_groups,
         }
     ),

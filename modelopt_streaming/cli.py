@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(q, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); bytes are identical")
     _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
+    _add(
+        q,
+        "io_threads",
+        type=int,
+        default=None,
+        help="reader threads and writer threads per process (default: 2-8 from the CPUs per torchrun process); "
+        "more helps RAID, tmpfs and parallel file systems, bytes are identical",
+    )
     _add(q, "dry_run", action="store_true", help="print the plan, write nothing")
     _add(
         q,
@@ -244,6 +252,7 @@ def _run_quantize(args, argv: list[str] | None) -> int:
             progress="none" if quiet else "auto",
             format=args.format,
             input_scales_from=args.input_scales_from,
+            io_threads=args.io_threads,
             log=log,
         )
     except (UsageError, OutputStateError) as e:

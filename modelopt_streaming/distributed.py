@@ -39,7 +39,8 @@ def rank_slack_s() -> float:
 
 def init_distributed(device: str | None) -> tuple[str | None, bool]:
     """Under torchrun: one process group for coordination (gloo: only barriers and small objects travel)
-    and, with CUDA, one GPU per rank by LOCAL_RANK."""
+    and, with CUDA, one GPU per rank by LOCAL_RANK (ranks beyond the GPU count share them round robin: the
+    work is mostly moving bytes, and more ranks than GPUs can still add storage streams)."""
     if world_size_env() <= 1:
         return device, False
     import datetime
@@ -52,8 +53,9 @@ def init_distributed(device: str | None) -> tuple[str | None, bool]:
         raise UsageError(f"WORLD_SIZE={world_size_env()} but no process group could be formed: {e}") from None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
+        gpu = local % torch.cuda.device_count()
+        device = f"cuda:{gpu}"
+        torch.cuda.set_device(gpu)
     return device, True
 
 
@@ -218,6 +220,7 @@ def write_shards_distributed(
     meter: Progress,
     reciprocals: ExactReciprocals,
     finished_record: Callable[[dict, dict[str, tuple[int, int]]], dict],
+    phases: dict[str, float] | None = None,
 ) -> None:
     """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
     the units at their planned offsets, digesting each tensor as it writes it, so the work splits evenly
@@ -226,13 +229,24 @@ def write_shards_distributed(
 
     ``specs``: each shard file's planned tensors; ``stream(units, sink_of)`` reads, encodes and writes
     ``units`` into ``sink_of(unit)``; ``finished_record(record, reciprocals)`` is what ``state`` records
-    for a finished shard, given every rank's exact reciprocals."""
+    for a finished shard, given every rank's exact reciprocals; ``phases`` receives the seconds of each step.
+
+    """
     import torch.distributed as dist
+
+    phases = {} if phases is None else phases
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        phases[step] = now - clock[0]
+        clock[0] = now
 
     if rank == 0:
         for shard in todo:
             PositionalShardWriter.create(state.dir, shard.file, specs[shard.file])
     barrier(rank, world, "lay out shards", GROUP_TIMEOUT_S)
+    lap("lay out shards")
     writers = {shard.file: PositionalShardWriter(state.dir, shard.file, specs[shard.file]) for shard in todo}
     shard_of = {id(u): shard.file for shard in todo for u in shard.units}
     units = [u for shard in todo for u in shard.units]
@@ -243,11 +257,13 @@ def write_shards_distributed(
     finally:
         for w in writers.values():
             w.close()
+    lap("stream")
     # The slowest rank's share bounds the wait (shares are balanced by bytes, so this is generous).
     largest = max(
         sum(sum(s.nbytes for s in unit_sources(u)) for u in contiguous_share(units, r, world)) for r in range(world)
     )
     barrier(rank, world, "write shares", rank_slack_s() + largest / SLOWEST_RATE)
+    lap("wait for ranks")
     # What every rank completed, as the digests of the tensors it wrote whole: a shard is renamed only when
     # its tensors were all written, and its digest is derived from theirs.
     names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
@@ -262,3 +278,4 @@ def write_shards_distributed(
                 _unpack_digests(names[shard.file], done[shard.file], digests)
             state.record(finished_record(writers[shard.file].finish(digests), records))
     barrier(rank, world, "rename shards", rank_slack_s())
+    lap("gather digests and rename")

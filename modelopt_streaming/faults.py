@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class _Config:
 
 
 _config: _Config | None = None
+# Writer threads reach points concurrently: the K-th call is counted under a lock.
+_count_lock = threading.Lock()
 
 
 def _load() -> _Config:
@@ -82,10 +85,11 @@ def point(kind: str, flush: Callable[[], None] | None = None) -> None:
     cfg = _load()
     if cfg.kind is None and cfg.log is None:
         return
-    n = cfg.counts[kind] = cfg.counts.get(kind, 0) + 1
-    if cfg.log:
-        with open(cfg.log, "a") as f:
-            f.write(f"{kind}\n")
+    with _count_lock:
+        n = cfg.counts[kind] = cfg.counts.get(kind, 0) + 1
+        if cfg.log:
+            with open(cfg.log, "a") as f:
+                f.write(f"{kind}\n")
     if kind != cfg.kind or n != cfg.at:
         return
     if flush is not None:

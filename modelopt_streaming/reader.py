@@ -1,12 +1,14 @@
 """Reader: the bytes of one tensor at a time, straight from its byte range.
 
-Knows files and dtypes, nothing of quantization. It reads with ``readinto`` into a fresh buffer the
+Knows files and dtypes, nothing of quantization. It reads with ``preadv`` into a fresh buffer the
 size of the tensor (or of one chunk, for copies), never maps or loads a whole shard, so the resident
 memory is what the caller holds, not what the page cache has seen.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -16,37 +18,49 @@ from .index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, CheckpointError, DecodedWeigh
 
 
 class TensorReader:
-    """Reads tensors of one checkpoint directory; keeps at most a few files open."""
+    """Reads tensors of one checkpoint directory; keeps at most a few files open. Safe to use from several
+    threads at once (positional reads on shared descriptors)."""
 
-    def __init__(self, root: str | Path, max_open_files: int = 8):
+    def __init__(self, root: str | Path, max_open_files: int = 16):
         self.root = Path(root)
-        self._files: dict[str, object] = {}
+        self._fds: dict[str, int] = {}  # most recently used last
+        self._users: dict[str, int] = {}  # reads in progress per file: such a descriptor is never closed
+        self._lock = threading.Lock()
         self._max_open = max_open_files
         self.bytes_read = 0
 
-    def _file(self, rel: str):
-        f = self._files.pop(rel, None)
-        if f is None:
-            if len(self._files) >= self._max_open:
-                oldest = next(iter(self._files))
-                self._files.pop(oldest).close()
-            f = open(self.root / rel, "rb", buffering=0)  # noqa: SIM115 - cached handle
-        self._files[rel] = f  # most recently used last
-        return f
+    def _acquire(self, rel: str) -> int:
+        with self._lock:
+            fd = self._fds.pop(rel, None)
+            if fd is None:
+                idle = [r for r in self._fds if not self._users.get(r)]
+                if len(self._fds) >= self._max_open and idle:
+                    os.close(self._fds.pop(idle[0]))
+                fd = os.open(self.root / rel, os.O_RDONLY)
+            self._fds[rel] = fd
+            self._users[rel] = self._users.get(rel, 0) + 1
+            return fd
+
+    def _release(self, rel: str) -> None:
+        with self._lock:
+            self._users[rel] -= 1
 
     def _read_into(self, info: TensorInfo, offset: int, out: memoryview) -> None:
-        f = self._file(info.file)
-        f.seek(info.begin + offset)
-        done = 0
-        while done < len(out):
-            n = f.readinto(out[done:])
-            if not n:
-                raise CheckpointError(
-                    f"{self.root / info.file}, tensor {info.name!r}: file ends before the tensor's data "
-                    "(truncated shard?)"
-                )
-            done += n
-        self.bytes_read += done
+        fd = self._acquire(info.file)
+        try:
+            done, start = 0, info.begin + offset
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], start + done)
+                if not n:
+                    raise CheckpointError(
+                        f"{self.root / info.file}, tensor {info.name!r}: file ends before the tensor's data "
+                        "(truncated shard?)"
+                    )
+                done += n
+        finally:
+            self._release(info.file)
+        with self._lock:
+            self.bytes_read += done
 
     def read(self, info: TensorInfo | DecodedWeight, pin_memory: bool = False) -> torch.Tensor:
         """The whole tensor, in its stored dtype and shape (a fresh CPU tensor; page-locked on request,
@@ -110,9 +124,10 @@ class TensorReader:
         return buf
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> TensorReader:
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .distributed import (
     SLOWEST_RATE,
     barrier,
     check_shared_output,
+    contiguous_share,
     init_distributed,  # noqa: F401 - public here: quantize's WORLD_SIZE error tells callers to use it
     on_rank0,
     rank_and_world,
@@ -32,12 +34,12 @@ from .export.compressed_tensors_format import compressed_tensors_ignore
 from .index import CheckpointError, CheckpointIndex, DecodedWeight, build_index, resolve_checkpoint_dir
 from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, RECORD_KEY, ExactReciprocals, reference_input_scales
 from .output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
-from .pipeline import BackgroundWriter, Throughput, read_ahead
+from .pipeline import ParallelWriter, Throughput, map_large_buffers, read_ahead
 from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
 from .progress import Progress
 from .reader import TensorReader
 from .summary import Summary, summarize
-from .writer import IncompleteShardError, ShardWriter, TensorSpec
+from .writer import IncompleteShardError, PositionalShardWriter, TensorSpec
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -52,7 +54,21 @@ def resolve_device(device: str | None) -> torch.device:
 # Source bytes read ahead of the codec: a dense DeepSeek-V3 gate/up group (528 MB) and the weight after
 # it fit, and peak memory stays under 1.5 GB; a group larger than this still runs, one at a time.
 READ_AHEAD_BYTES = 640 * 1024 * 1024
+# Encoded bytes queued for the writer threads (or one tensor alone, when larger).
+WRITE_AHEAD_BYTES = 160 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def resolve_io_threads(requested: int | None = None) -> int:
+    """Reader threads, and as many writer threads, of one process: the CPUs it may use shared among the
+    processes of this node (torchrun's LOCAL_WORLD_SIZE), two to eight. One stream of a kernel copy is
+    what a single thread moves; RAID, tmpfs and parallel file systems serve several."""
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--io_threads must be at least 1, not {requested}")
+        return requested
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(2, min(8, len(os.sched_getaffinity(0)) // (2 * local)))
 
 
 def _encode_unit(
@@ -84,7 +100,7 @@ def _encode_unit(
     if unit.layout == "experts_3d":
         (name,), (w,) = unit.modules, members
         packed, block_scales = nvfp4.quantize_experts(w, weight_scale_2, codec.quantize)
-        out += [(name, packed.cpu()), (f"{name}_weight_scale", block_scales.cpu())]
+        out += [(name, _to_host(packed)), (f"{name}_weight_scale", _to_host(block_scales))]
         out.append((f"{name}_weight_scale_2", weight_scale_2))
         if unit.with_input_scale:
             out.append((f"{name}_input_scale", input_scale))
@@ -100,12 +116,22 @@ def _encode_unit(
             global_scale = _divisor(reciprocals, weight_scale_2, f"{module}.{leaf['global']}")
             if unit.with_input_scale:
                 member_input_scale = _divisor(reciprocals, input_scale, f"{module}.{leaf['input']}")
-        out.append((f"{module}.{leaf['weight']}", packed.cpu()))
-        out.append((f"{module}.{leaf['weight_scale']}", block_scales.cpu()))
+        out.append((f"{module}.{leaf['weight']}", _to_host(packed)))
+        out.append((f"{module}.{leaf['weight_scale']}", _to_host(block_scales)))
         out.append((f"{module}.{leaf['global']}", global_scale))
         if unit.with_input_scale:
             out.append((f"{module}.{leaf['input']}", member_input_scale))
     return out
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A GPU result copied into page-locked memory: the copy runs at the link's speed and the caching host
+    allocator hands the same pages back for the next unit, where pageable memory would be faulted in afresh."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
 
 
 def _divisor(reciprocals: ExactReciprocals, scale: torch.Tensor, name: str) -> torch.Tensor:
@@ -129,6 +155,25 @@ def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
     return items
 
 
+def interleave_lanes(units: list[Unit], lanes: int) -> list[tuple[int, Unit]]:
+    """``units`` cut into ``lanes`` consecutive runs balanced by bytes, then merged as ``(lane, unit)``, the
+    lane with the fewest bytes handed out going next. Buffered writes into one file are serialized by the
+    file system (the inode lock of ext4, XFS and tmpfs), so writer threads only add speed when each has a
+    shard of its own: the lanes put ``lanes`` shards in flight at once, one writer thread each. A crash
+    leaves at most ``lanes`` partial shards."""
+    runs = [contiguous_share(units, i, lanes) for i in range(lanes)]
+    runs = [r for r in runs if r]
+    size = {id(u): sum(s.nbytes for s in unit_sources(u)) for u in units}
+    heads, done, out = [0] * len(runs), [0] * len(runs), []
+    while len(out) < len(units):
+        i = min((k for k in range(len(runs)) if heads[k] < len(runs[k])), key=done.__getitem__)
+        unit = runs[i][heads[i]]
+        out.append((i, unit))
+        heads[i] += 1
+        done[i] += size[id(unit)]
+    return out
+
+
 def _memory_bytes(item: tuple[Unit, int, int]) -> int:
     """What one read item holds in memory: its bytes, plus the bf16 tensor a decoded source becomes."""
     unit, _offset, nbytes = item
@@ -146,11 +191,16 @@ def _stream_units(
     allow_nonfinite: bool,
     meter: Progress,
     stats: Throughput,
+    threads: int,
     reciprocals: ExactReciprocals | None = None,
 ) -> None:
-    """Read, encode and hand to ``sink_of(unit)`` (a writer: begin / write_bytes / write) every unit, with
-    reading, computing and writing overlapped."""
-    background = BackgroundWriter(stats)
+    """Read, encode and hand to ``sink_of(unit)`` (a PositionalShardWriter) every unit, with reading (on
+    ``threads`` threads), computing and writing (on ``threads`` threads) overlapped."""
+    background = ParallelWriter(stats, threads, WRITE_AHEAD_BYTES)
+    copying: dict[int, object] = {}  # a copied tensor's writer, from its first chunk to its last
+    lanes = interleave_lanes(units, threads)
+    lane_of = {id(u): lane for lane, u in lanes}
+    units = [u for _, u in lanes]
 
     def load(item: tuple[Unit, int, int]):
         unit, offset, nbytes = item
@@ -160,7 +210,8 @@ def _stream_units(
             return reader.read_chunk(unit.source, offset, nbytes)
         members = [reader.read(src, pin_memory=device.type == "cuda") for src in unit.sources]
         if device.type == "cuda":
-            # Copy on a side stream from page-locked memory while the codec works on the previous unit.
+            # Copy on a side stream (one per reader thread) from page-locked memory while the codec works
+            # on the previous unit.
             stream = _copy_stream(device)
             with torch.cuda.stream(stream):
                 members = [m.to(device, non_blocking=True) for m in members]
@@ -169,19 +220,24 @@ def _stream_units(
 
     try:
         for (unit, offset, nbytes), data in read_ahead(
-            _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats
+            _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats, workers=threads
         ):
-            faults.point("unit")
-            sink = sink_of(unit)
+            sink, lane = sink_of(unit), lane_of[id(unit)]
+            faults.point("unit")  # after the unit's shard is laid out: a pause here falls inside a shard
             if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
-                background.submit(sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size())
+                background.submit(
+                    sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size(), lane=lane
+                )
                 meter.advance(nbytes, stats)
                 continue
             if isinstance(unit, CopyUnit):
                 if offset == 0:
-                    background.submit(sink.begin, unit.source.name)
+                    copying[id(unit)] = sink.open(unit.source.name)
+                tensor_write = copying[id(unit)]
+                if offset + nbytes >= unit.source.nbytes:
+                    del copying[id(unit)]
                 if nbytes:
-                    background.submit(sink.write_bytes, data, nbytes=nbytes)
+                    background.submit(tensor_write.write_bytes, data, nbytes=nbytes, lane=lane)
                 meter.advance(nbytes, stats)
                 continue
             t = time.perf_counter()
@@ -192,7 +248,7 @@ def _stream_units(
             del data
             stats.compute_s += time.perf_counter() - t
             for name, tensor in encoded:
-                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
+                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size(), lane=lane)
             meter.advance(nbytes, stats)
         background.close()
     except BaseException:
@@ -205,16 +261,34 @@ def _specs(shard: Shard) -> list[TensorSpec]:
     return [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
 
 
-def _write_shards_streaming(todo: list[Shard], state: OutputState, reader: TensorReader, **kw) -> None:
-    """One process: each shard streamed front to back, hashed on the way, renamed when whole."""
-    for shard in todo:
-        writer = ShardWriter(state.dir, shard.file, _specs(shard))
-        try:
-            _stream_units(list(shard.units), lambda _unit, w=writer: w, reader, **kw)
-            state.record(_with_reciprocals(writer.close(), kw["reciprocals"].record))
-        except BaseException:
-            writer.abort()
-            raise
+def _write_shards_local(todo: list[Shard], state: OutputState, reader: TensorReader, **kw) -> None:
+    """One process: each shard laid out when its first unit comes, its tensors written at their offsets by
+    the writer threads (each digested by the thread that writes it), and the shard renamed and recorded by
+    the thread that completes it, while the next shard's units stream on. On an error or a signal the
+    unfinished shards' partial files are removed; the finished ones stay for --resume."""
+    writers: dict[str, PositionalShardWriter] = {}
+    shard_of = {id(u): shard for shard in todo for u in shard.units}
+
+    def finished(writer: PositionalShardWriter) -> None:
+        state.record(_with_reciprocals(writer.finish(), kw["reciprocals"].record))
+
+    def sink_of(unit: Unit) -> PositionalShardWriter:
+        shard = shard_of[id(unit)]
+        if shard.file not in writers:
+            PositionalShardWriter.create(state.dir, shard.file, _specs(shard))
+            writers[shard.file] = PositionalShardWriter(state.dir, shard.file, _specs(shard), on_whole=finished)
+        return writers[shard.file]
+
+    try:
+        _stream_units([u for shard in todo for u in shard.units], sink_of, reader, **kw)
+        unfinished = [f for f, w in writers.items() if not (state.dir / f).exists()]
+        if unfinished or len(writers) < len(todo):
+            raise IncompleteShardError(f"{state.dir}: shards {unfinished[:3]} were not completed")
+    except BaseException:
+        for f, w in writers.items():
+            if not (state.dir / f).exists():
+                w.abort()
+        raise
 
 
 def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> dict:
@@ -229,9 +303,10 @@ _COPY_STREAMS: dict = {}
 
 
 def _copy_stream(device: torch.device):
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _COPY_STREAMS[device]
+    key = (device, threading.get_ident())
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _COPY_STREAMS[key]
 
 
 def quantize(
@@ -254,11 +329,13 @@ def quantize(
     progress: str = "auto",
     format: str = "modelopt",
     input_scales_from: str | os.PathLike | None = None,
+    io_threads: int | None = None,
     log=print,
 ) -> Summary:
     """Quantize a safetensors checkpoint to NVFP4 (ModelOpt format, or ``format="compressed-tensors"``),
     streaming tensor by tensor. ``input_scales_from``: a reference NVFP4 checkpoint of the same model whose
-    ``input_scale`` values are written instead of 1.0.
+    ``input_scale`` values are written instead of 1.0. ``io_threads``: reader threads and writer threads of
+    this process (default: from the CPUs, see ``runner.resolve_io_threads``).
 
     Returns the summary of the plan (and of the run, unless ``dry_run``). Under ``torchrun`` each rank
     writes a deterministic share of the shards and rank 0 writes the index and configs; the files are the
@@ -276,6 +353,8 @@ def quantize(
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if input_scales_from is not None and weight_only:
         raise UsageError("--input_scales_from and --weight_only exclude each other (weight-only has no input scales)")
+    threads = resolve_io_threads(io_threads)
+    entered = time.perf_counter()
     input_dir = resolve_checkpoint_dir(input_dir)
     input_scales = reference_input_scales(input_scales_from) if input_scales_from is not None else {}
     recipe = Recipe(
@@ -306,6 +385,7 @@ def quantize(
         exclude_modules = compact_exclusions(plan.unquantized, plan.linear_modules, index.config)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
+    summary.phases["index and plan"] = time.perf_counter() - entered
     if input_scales_from is not None:
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
     rank, world = rank_and_world()
@@ -349,6 +429,7 @@ def quantize(
             rank=rank,
             world=world,
             dev=dev,
+            threads=threads,
             resume=resume,
             verify=verify,
             overwrite=overwrite,
@@ -376,6 +457,7 @@ def _write_output(
     rank: int,
     world: int,
     dev: torch.device,
+    threads: int,
     resume: bool,
     verify: bool,
     overwrite: bool,
@@ -392,8 +474,10 @@ def _write_output(
 
     # Rank 0 may hash every finished shard (--resume --verify) while the others wait.
     verify_s = plan.output_bytes / SLOWEST_RATE if resume and verify else 0
+    phase = time.perf_counter()
     on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
     check_shared_output(state, rank, world)
+    summary.phases["prepare"] = time.perf_counter() - phase
     done = state.records()
     todo = [s for s in plan.shards if s.file not in done]
     if done:
@@ -410,16 +494,24 @@ def _write_output(
         )
 
     started = time.monotonic()
+    map_large_buffers()
     codec = select_codec(dev)
-    log(f"codec: {codec.name}" + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in codec.name else ""))
+    log(
+        f"codec: {codec.name}"
+        + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in codec.name else "")
+        + f"; {threads} reader and {threads} writer threads"
+    )
     stats = Throughput()
     meter = Progress(sum(s.input_bytes for s in todo), mode=progress if rank == 0 else "none", log=log)
     try:
         with TensorReader(input_dir) as reader:
             kw = dict(device=dev, codec=codec, recipe=recipe, allow_nonfinite=allow_nonfinite, meter=meter, stats=stats)
+            kw["threads"] = threads
             kw["reciprocals"] = ExactReciprocals()
             if world == 1:
-                _write_shards_streaming(todo, state, reader, **kw)
+                phase = time.perf_counter()
+                _write_shards_local(todo, state, reader, **kw)
+                summary.phases["stream"] = time.perf_counter() - phase
             else:
                 write_shards_distributed(
                     todo,
@@ -431,6 +523,7 @@ def _write_output(
                     meter=meter,
                     reciprocals=kw["reciprocals"],
                     finished_record=_with_reciprocals,
+                    phases=summary.phases,
                 )
     except OSError as e:
         where = e.filename or output_dir
@@ -442,6 +535,7 @@ def _write_output(
         raise OutputError(f"{e}; rerun with --resume") from None
     finally:
         meter.close()
+    phase = time.perf_counter()
     if rank == 0:
         try:
             summary.zero_weights = export_checkpoint(
@@ -451,7 +545,11 @@ def _write_output(
             raise OutputError(
                 f"writing {e.filename or output_dir} failed: {e.strerror or e}; rerun with --resume"
             ) from None
-    barrier(rank, world, "export", GROUP_TIMEOUT_S)
+    summary.phases["export"] = time.perf_counter() - phase
+    if world > 1:
+        phase = time.perf_counter()
+        barrier(rank, world, "export", GROUP_TIMEOUT_S)
+        summary.phases["wait for export"] = time.perf_counter() - phase
     summary.seconds = time.monotonic() - started
     summary.stages = stats.line()
     return summary

@@ -27,6 +27,9 @@ class Summary:
     exclude_modules: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stages: str = ""
+    # Seconds of each phase of the run on this process, in order (index and plan, prepare, stream, the
+    # torchrun waits and exchanges, export): what a fixed cost is, apart from what grows with the model.
+    phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     # Quantized modules whose weight (or whole fused group) was all zeros: written as exact zeros with a
     # finite global scale, where ModelOpt writes NaN (docs/codec.md). Known after the run.
@@ -75,6 +78,8 @@ class Summary:
                 f"time: {self.seconds:.1f} s, {rate:.0f} MB/s of input"
                 + (f" (busy stages: {self.stages})" if self.stages else "")
             )
+        if self.phases:
+            out.append("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
         return out
 
 

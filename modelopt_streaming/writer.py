@@ -213,16 +213,52 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-class PositionalShardWriter:
-    """Writes tensors of one shard at their planned offsets, in any order, from several processes.
+class TensorWrite:
+    """The bytes of one tensor of a positional shard, written in order at their planned offsets and digested
+    on the way. One thread writes one tensor; different tensors may be written by different threads."""
 
-    ``create`` (once) writes the header and sizes the file; each process then opens it and ``write``s its
-    tensors with ``pwrite``, digesting each tensor as it writes it; ``finish`` (once, after all) takes every
-    process's tensor digests, checks that they cover the plan, and renames the file. Same interface as
-    ShardWriter for the tensors (begin / write_bytes / write), same bytes, same digest.
+    def __init__(self, shard: PositionalShardWriter, name: str):
+        self.shard, self.name = shard, name
+        self.cursor, n = shard.offsets[name]
+        self.end = self.cursor + n
+        self._sha = hashlib.sha256()
+        if n == 0:
+            shard._tensor_done(name, self._sha.digest())
+
+    def write_bytes(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self.cursor + len(view) > self.end:
+            raise RuntimeError(f"{self.shard.file_name}: more bytes than declared for {self.name}")
+        half = self.cursor + len(view) // 2 if len(view) > 1 and faults.active() else -1
+        self._sha.update(view)
+        fd = self.shard.fd
+        while view:
+            n = os.pwrite(fd, view if half < 0 else view[: half - self.cursor], self.cursor)
+            self.cursor += n
+            view = view[n:]
+            if self.cursor == half:  # tests: a crash with half of this tensor on disk
+                half = -1
+                faults.point("mid_tensor")
+        if self.cursor == self.end:
+            self.shard._tensor_done(self.name, self._sha.digest())
+
+    @property
+    def complete(self) -> bool:
+        return self.cursor == self.end
+
+
+class PositionalShardWriter:
+    """Writes tensors of one shard at their planned offsets, in any order, from several threads and processes.
+
+    ``create`` (once) writes the header and sizes the file; each process then opens it and writes its
+    tensors with ``pwrite`` (``open(name)`` gives one tensor's writer, for a thread of its own), digesting
+    each tensor as it writes it; ``finish`` (once, after all) takes every process's tensor digests, checks
+    that they cover the plan, and renames the file. ``on_whole(self)``, if given, is called by the thread that
+    completes the last planned tensor when this process wrote them all (one process: the shard can be
+    finished at once). Same bytes and digest as ShardWriter.
     """
 
-    def __init__(self, directory: str | Path, file_name: str, tensors: Sequence[TensorSpec]):
+    def __init__(self, directory: str | Path, file_name: str, tensors: Sequence[TensorSpec], on_whole=None):
         self.directory = Path(directory)
         self.file_name = file_name
         self.tensors = list(tensors)
@@ -235,10 +271,10 @@ class PositionalShardWriter:
         self.size = pos
         self._specs = {t.name: t for t in self.tensors}
         self._tmp = self.directory / partial_name(file_name)
-        self._fd = os.open(self._tmp, os.O_WRONLY)
-        self._cursor = self._end = 0
-        self._current: str | None = None
-        self._sha = hashlib.sha256()
+        self.fd = os.open(self._tmp, os.O_WRONLY)
+        self._lock = threading.Lock()
+        self._on_whole = on_whole
+        self._current: TensorWrite | None = None
         # sha256 of each tensor whose every planned byte this process wrote: finish() renames only a shard
         # whose tensors the processes together digested in full.
         self._digests: dict[str, bytes] = {}
@@ -251,49 +287,55 @@ class PositionalShardWriter:
             f.write(header)
             f.truncate(size)
 
+    def open(self, name: str) -> TensorWrite:
+        if name not in self.offsets:
+            raise RuntimeError(f"{self.file_name}: {name} is not in the layout")
+        return TensorWrite(self, name)
+
+    def _tensor_done(self, name: str, digest: bytes) -> None:
+        with self._lock:
+            self._digests[name] = digest
+            whole = len(self._digests) == len(self.tensors)
+        if whole and self._on_whole is not None:
+            self._on_whole(self)
+
     def begin(self, name: str) -> None:
-        if self._cursor != self._end:
+        """One tensor at a time from one thread: ``begin`` it, then ``write_bytes`` its bytes in order."""
+        if self._current is not None and not self._current.complete:
             raise RuntimeError(f"{self.file_name}: previous tensor incomplete before {name}")
-        self._cursor, n = self.offsets[name]
-        self._end = self._cursor + n
-        self._current = name
-        self._sha = hashlib.sha256()
-        if n == 0:
-            self._digests[name] = self._sha.digest()
+        self._current = self.open(name)
 
     def write_bytes(self, data) -> None:
-        view = memoryview(data).cast("B")
-        if self._cursor + len(view) > self._end:
-            raise RuntimeError(f"{self.file_name}: more bytes than declared")
-        half = self._cursor + len(view) // 2 if len(view) > 1 and faults.active() else -1
-        self._sha.update(view)
-        while view:
-            n = os.pwrite(self._fd, view if half < 0 else view[: half - self._cursor], self._cursor)
-            self._cursor += n
-            view = view[n:]
-            if self._cursor == half:  # tests: a crash with half of this tensor on disk
-                half = -1
-                faults.point("mid_tensor")
-        if self._cursor == self._end and self._current is not None:
-            self._digests[self._current] = self._sha.digest()
+        if self._current is None:
+            raise RuntimeError(f"{self.file_name}: write_bytes before begin")
+        self._current.write_bytes(data)
 
     def digests(self) -> dict[str, bytes]:
         """sha256 of each tensor this process wrote completely, by name."""
-        return dict(self._digests)
+        with self._lock:
+            return dict(self._digests)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A whole tensor; safe to call from several threads for different tensors."""
         spec = self._specs.get(name)
         if spec is None or DTYPE_NAMES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"{self.file_name}: {name} {tensor.dtype} {tuple(tensor.shape)} is not in the layout")
-        self.begin(name)
+        w = self.open(name)
         if tensor.numel():
-            self.write_bytes(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            w.write_bytes(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        """Close and remove the partial file (one process that owns the shard and stops)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._tmp.unlink(missing_ok=True)
 
     def finish(self, digests: dict[str, bytes] | None = None) -> dict:
         """Rename the shard to its final name; the manifest record of the shard.
@@ -302,7 +344,7 @@ class PositionalShardWriter:
         a shard with a planned tensor nobody wrote completely is never renamed.
         """
         self.close()
-        covered = self._digests if digests is None else digests
+        covered = self.digests() if digests is None else digests
         missing = [t for t in self.tensors if t.name not in covered]
         if missing:
             start, n = self.offsets[missing[0].name]
