@@ -33,6 +33,9 @@ class Throughput:
     compute_s: float = 0.0
     write_s: float = 0.0
     write_bytes: int = 0
+    # Seconds the compute thread waited for a unit to be read, and for room in the writers' budget.
+    wait_read_s: float = 0.0
+    wait_write_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _active: dict = field(default_factory=dict, repr=False)
 
@@ -58,7 +61,8 @@ class Throughput:
 
         return (
             f"read {rate(self.read_bytes, self.read_s)}, compute {rate(self.read_bytes, self.compute_s)}, "
-            f"write {rate(self.write_bytes, self.write_s)}"
+            f"write {rate(self.write_bytes, self.write_s)}; compute waited {self.wait_read_s:.1f} s for reads, "
+            f"{self.wait_write_s:.1f} s for writers"
         )
 
 
@@ -151,7 +155,9 @@ def read_ahead(
             if isinstance(loaded, BaseException):
                 raise loaded
             try:
+                t = time.perf_counter()
                 data = loaded.result()
+                stats.wait_read_s += time.perf_counter() - t
                 yield item, data
             finally:
                 budget_.release(n)
@@ -199,7 +205,9 @@ class ParallelWriter:
     def submit(self, fn: Callable, *args, nbytes: int = 0, lane: int | None = None) -> None:
         if self.error is not None:
             raise self.error
+        t = time.perf_counter()
         self._budget.acquire(nbytes, self._never)
+        self.stats.wait_write_s += time.perf_counter() - t
         with self._lock:
             if lane is not None:
                 i = lane % len(self._queues)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -16,13 +17,18 @@ import torch
 from .formats import E2M1_VALUES
 from .index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, CheckpointError, DecodedWeight, TensorInfo
 
+PARALLEL_CHUNK = 32 * 1024 * 1024
+
 
 class TensorReader:
     """Reads tensors of one checkpoint directory; keeps at most a few files open. Safe to use from several
     threads at once (positional reads on shared descriptors)."""
 
-    def __init__(self, root: str | Path, max_open_files: int = 16):
+    def __init__(self, root: str | Path, max_open_files: int = 16, threads: int = 1):
         self.root = Path(root)
+        # A large tensor is read in PARALLEL_CHUNK pieces on ``threads`` threads: one kernel copy at a time
+        # is what one thread moves, and a dense 528 MB group read by one thread stalls the pipeline.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read-chunk") if threads > 1 else None
         self._fds: dict[str, int] = {}  # most recently used last
         self._users: dict[str, int] = {}  # reads in progress per file: such a descriptor is never closed
         self._lock = threading.Lock()
@@ -46,6 +52,13 @@ class TensorReader:
             self._users[rel] -= 1
 
     def _read_into(self, info: TensorInfo, offset: int, out: memoryview) -> None:
+        if self._pool is None or len(out) < 2 * PARALLEL_CHUNK:
+            return self._read_span(info, offset, out)
+        spans = [(o, min(PARALLEL_CHUNK, len(out) - o)) for o in range(0, len(out), PARALLEL_CHUNK)]
+        for f in [self._pool.submit(self._read_span, info, offset + o, out[o : o + n]) for o, n in spans]:
+            f.result()
+
+    def _read_span(self, info: TensorInfo, offset: int, out: memoryview) -> None:
         fd = self._acquire(info.file)
         try:
             done, start = 0, info.begin + offset
@@ -124,6 +137,8 @@ class TensorReader:
         return buf
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

@@ -81,7 +81,7 @@ def _encode_unit(
     reciprocals: ExactReciprocals | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """The output tensors of one unit, in the plan's order; the group shares one weight_scale_2."""
-    amaxes = [codec.tensor_amax(w) for w in members]
+    amaxes = torch.stack([codec.tensor_amax(w).float() for w in members]).cpu()  # one device sync a unit
     for src, w, amax in zip(unit.sources, members, amaxes):
         if not torch.isfinite(amax) and not allow_nonfinite:
             bad = int((~torch.isfinite(w)).sum())
@@ -89,9 +89,7 @@ def _encode_unit(
                 f"{root / src.file}, tensor {src.name!r}: {bad} NaN/Inf values in a weight to be "
                 "quantized (use --allow_nonfinite to quantize it anyway)"
             )
-    weight_scale_2 = nvfp4.weight_scale_2_from_amax(
-        torch.stack([a.float().cpu() for a in amaxes]).max(), recipe.scale_math
-    )
+    weight_scale_2 = nvfp4.weight_scale_2_from_amax(amaxes.max(), recipe.scale_math)
     # A reference checkpoint's input scales (--input_scales_from): a fused group takes the largest of its
     # members', as ModelOpt's export unifies them; a module the reference lacks keeps 1.0.
     known = [recipe.input_scale_of[m] for m in unit.modules if m in recipe.input_scale_of]
@@ -100,11 +98,11 @@ def _encode_unit(
     if unit.layout == "experts_3d":
         (name,), (w,) = unit.modules, members
         packed, block_scales = nvfp4.quantize_experts(w, weight_scale_2, codec.quantize)
-        out += [(name, _to_host(packed)), (f"{name}_weight_scale", _to_host(block_scales))]
+        out += [(name, packed), (f"{name}_weight_scale", block_scales)]
         out.append((f"{name}_weight_scale_2", weight_scale_2))
         if unit.with_input_scale:
             out.append((f"{name}_input_scale", input_scale))
-        return out
+        return _to_host(out)
     leaf = LEAVES[unit.dialect]
     for module, w in zip(unit.modules, members):
         packed, block_scales = codec.quantize(w, weight_scale_2)
@@ -116,21 +114,29 @@ def _encode_unit(
             global_scale = _divisor(reciprocals, weight_scale_2, f"{module}.{leaf['global']}")
             if unit.with_input_scale:
                 member_input_scale = _divisor(reciprocals, input_scale, f"{module}.{leaf['input']}")
-        out.append((f"{module}.{leaf['weight']}", _to_host(packed)))
-        out.append((f"{module}.{leaf['weight_scale']}", _to_host(block_scales)))
+        out.append((f"{module}.{leaf['weight']}", packed))
+        out.append((f"{module}.{leaf['weight_scale']}", block_scales))
         out.append((f"{module}.{leaf['global']}", global_scale))
         if unit.with_input_scale:
             out.append((f"{module}.{leaf['input']}", member_input_scale))
-    return out
+    return _to_host(out)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A GPU result copied into page-locked memory: the copy runs at the link's speed and the caching host
-    allocator hands the same pages back for the next unit, where pageable memory would be faulted in afresh."""
-    if t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t)
+def _to_host(out: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """A unit's GPU results copied into page-locked memory, all copies queued and waited for once: they run
+    at the link's speed, and the caching host allocator hands the same pages back for the next unit where
+    pageable memory would be faulted in afresh."""
+    on_gpu = [t for _, t in out if t.device.type == "cuda"]
+    if not on_gpu:
+        return out
+    host = []
+    for name, t in out:
+        if t.device.type == "cuda":
+            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            pinned.copy_(t, non_blocking=True)
+            t = pinned
+        host.append((name, t))
+    torch.cuda.current_stream(on_gpu[0].device).synchronize()
     return host
 
 
@@ -504,7 +510,7 @@ def _write_output(
     stats = Throughput()
     meter = Progress(sum(s.input_bytes for s in todo), mode=progress if rank == 0 else "none", log=log)
     try:
-        with TensorReader(input_dir) as reader:
+        with TensorReader(input_dir, threads=threads) as reader:
             kw = dict(device=dev, codec=codec, recipe=recipe, allow_nonfinite=allow_nonfinite, meter=meter, stats=stats)
             kw["threads"] = threads
             kw["reciprocals"] = ExactReciprocals()
