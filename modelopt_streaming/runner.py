@@ -55,7 +55,7 @@ def resolve_device(device: str | None) -> torch.device:
 # it fit, and peak memory stays under 1.5 GB; a group larger than this still runs, one at a time.
 READ_AHEAD_BYTES = 640 * 1024 * 1024
 # Encoded bytes queued for the writer threads (or one tensor alone, when larger).
-WRITE_AHEAD_BYTES = 160 * 1024 * 1024
+WRITE_AHEAD_BYTES = 256 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -164,9 +164,9 @@ def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
 def interleave_lanes(units: list[Unit], lanes: int) -> list[tuple[int, Unit]]:
     """``units`` cut into ``lanes`` consecutive runs balanced by bytes, then merged as ``(lane, unit)``, the
     lane with the fewest bytes handed out going next. Buffered writes into one file are serialized by the
-    file system (the inode lock of ext4, XFS and tmpfs), so writer threads only add speed when each has a
-    shard of its own: the lanes put ``lanes`` shards in flight at once, one writer thread each. A crash
-    leaves at most ``lanes`` partial shards."""
+    file system (the inode lock of ext4, XFS and tmpfs), so writer threads only add speed when they write
+    different shards: the lanes put ``lanes`` shards in flight at once. A crash leaves at most ``lanes``
+    partial shards."""
     runs = [contiguous_share(units, i, lanes) for i in range(lanes)]
     runs = [r for r in runs if r]
     size = {id(u): sum(s.nbytes for s in unit_sources(u)) for u in units}
@@ -231,9 +231,7 @@ def _stream_units(
             sink, lane = sink_of(unit), lane_of[id(unit)]
             faults.point("unit")  # after the unit's shard is laid out: a pause here falls inside a shard
             if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
-                background.submit(
-                    sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size(), lane=lane
-                )
+                background.submit(sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size())
                 meter.advance(nbytes, stats)
                 continue
             if isinstance(unit, CopyUnit):
@@ -243,6 +241,7 @@ def _stream_units(
                 if offset + nbytes >= unit.source.nbytes:
                     del copying[id(unit)]
                 if nbytes:
+                    # The pieces of one tensor in order, on its lane's thread.
                     background.submit(tensor_write.write_bytes, data, nbytes=nbytes, lane=lane)
                 meter.advance(nbytes, stats)
                 continue
@@ -253,8 +252,10 @@ def _stream_units(
             encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root, reciprocals)
             del data
             stats.compute_s += time.perf_counter() - t
+            # Whole tensors go to whichever writer thread has the least queued: a dense layer's 66 MB packed
+            # weights would otherwise wait behind each other on their lane's thread while the others idle.
             for name, tensor in encoded:
-                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size(), lane=lane)
+                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
             meter.advance(nbytes, stats)
         background.close()
     except BaseException:
