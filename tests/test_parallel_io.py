@@ -1,0 +1,153 @@
+"""Parallel I/O inside one process: reader threads, writer threads in lanes, tensors written at their offsets
+from several threads. The bytes never depend on the thread count; the oracles are the safetensors library
+(what a file holds), `file_digest` against an independent sha256, and a one-thread run of the same job
+(itself checked against ModelOpt's export in test_modelopt_oracle.py)."""
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import make_model_checkpoint
+from safetensors.torch import load_file, save_file
+
+import modelopt_streaming
+from modelopt_streaming import pipeline, reader, runner
+from modelopt_streaming.index import build_index
+from modelopt_streaming.plan import Recipe, build_plan, unit_sources
+from modelopt_streaming.writer import PositionalShardWriter, TensorSpec, file_digest
+
+
+def tree(d: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return make_model_checkpoint(tmp_path_factory.mktemp("pio") / "src", "deepseek_v3", n_shards=3)
+
+
+def test_thread_counts_give_the_same_files(src, tmp_path):
+    """1, 3 and 8 reader/writer threads, many small output shards (so several lanes share and cross
+    shards): every file, manifest and provenance included, is the same."""
+    outputs = {}
+    for threads in (1, 3, 8):
+        out = tmp_path / f"t{threads}"
+        modelopt_streaming.quantize(
+            src, out, device="cpu", max_shard_size=30_000, io_threads=threads, progress="none", log=lambda *_: None
+        )
+        outputs[threads] = tree(out)
+    assert sum(f.startswith("model-") for f in outputs[1]) >= 6
+    assert outputs[3] == outputs[1] and outputs[8] == outputs[1]
+
+
+def test_io_threads_must_be_positive(src, tmp_path):
+    with pytest.raises(modelopt_streaming.UsageError, match="--io_threads"):
+        modelopt_streaming.quantize(src, tmp_path / "out", io_threads=0, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3, 5, 64])
+def test_lanes_hand_out_every_unit_once_in_consecutive_balanced_runs(src, lanes):
+    plan = build_plan(build_index(src), Recipe(max_shard_size=30_000))
+    units = list(plan.units)
+    merged = runner.interleave_lanes(units, lanes)
+    assert sorted(id(u) for _, u in merged) == sorted(id(u) for u in units)
+    size = {id(u): sum(s.nbytes for s in unit_sources(u)) for u in units}
+    position = {id(u): i for i, u in enumerate(units)}
+    by_lane: dict[int, list[int]] = {}
+    for lane, unit in merged:
+        by_lane.setdefault(lane, []).append(position[id(unit)])
+    starts = sorted(runs[0] for runs in by_lane.values())
+    for runs in by_lane.values():
+        # A lane is one consecutive run of the plan's order, handed out in that order.
+        assert runs == list(range(runs[0], runs[0] + len(runs)))
+    assert starts[0] == 0
+    # Balanced by bytes: no lane is more than one unit away from an equal share.
+    total, largest = sum(size.values()), max(size.values())
+    for runs in by_lane.values():
+        assert abs(sum(size[id(units[i])] for i in runs) - total / len(by_lane)) <= largest
+    # Lanes with no unit (more lanes than the bytes split into) are dropped, never an empty thread's share.
+    assert 1 <= len(by_lane) <= min(lanes, len(units))
+    assert len(by_lane) == lanes or lanes > 5
+
+
+def test_parallel_writer_keeps_each_lane_in_order_and_raises_the_first_error():
+    stats = pipeline.Throughput()
+    writer = pipeline.ParallelWriter(stats, threads=3, budget=10)
+    seen: dict[int, list[int]] = {lane: [] for lane in range(5)}
+    for i in range(200):
+        lane = i % 5
+        writer.submit(seen[lane].append, i, nbytes=1, lane=lane)
+    unlaned: list[int] = []
+    for i in range(50):
+        writer.submit(unlaned.append, i, nbytes=3)
+    writer.close()
+    for lane, got in seen.items():
+        assert got == list(range(lane, 200, 5))
+    assert sorted(unlaned) == list(range(50))
+    assert stats.write_bytes == 200 + 150
+
+    failing = pipeline.ParallelWriter(pipeline.Throughput(), threads=2, budget=10)
+    done = []
+
+    def boom():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        try:
+            failing.submit(boom, lane=0)
+            # After the error on the same thread: never run (or refused at submit, if the error came first).
+            failing.submit(done.append, 1, lane=0)
+        finally:
+            failing.close()
+    assert done == []
+
+
+def test_reader_threads_read_large_tensors_in_pieces(tmp_path, monkeypatch):
+    """A tensor split over 4 threads in 1 KB pieces (and a last, shorter one) reads back as the
+    safetensors library reads it; so does a chunk at an odd offset."""
+    monkeypatch.setattr(reader, "PARALLEL_CHUNK", 1024)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": torch.randn(37, 301, generator=g).to(torch.bfloat16),  # 22274 bytes: 22 pieces
+        "small": torch.randn(5, generator=g),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    index = build_index(tmp_path)
+    oracle = load_file(tmp_path / "model.safetensors")
+    with reader.TensorReader(tmp_path, threads=4) as r:
+        for name in tensors:
+            assert torch.equal(r.read(index.tensors[name]), oracle[name])
+        raw = oracle["big"].view(torch.uint8).reshape(-1).numpy().tobytes()
+        assert bytes(r.read_chunk(index.tensors["big"], 1001, 5000)) == raw[1001:6001]
+
+
+def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(64 + 7 * i, generator=g) for i in range(24)}
+    tensors["empty"] = torch.zeros(0)
+    specs = [TensorSpec(n, "F32", tuple(t.shape)) for n, t in tensors.items()]
+    PositionalShardWriter.create(tmp_path, "s.safetensors", specs)
+    records = []
+
+    def whole(w: PositionalShardWriter) -> None:
+        records.append(w.finish())
+
+    w = PositionalShardWriter(tmp_path, "s.safetensors", specs, on_whole=whole)
+    names = list(tensors)
+    threads = [
+        threading.Thread(target=lambda part=names[i::6]: [w.write(n, tensors[n]) for n in part]) for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(records) == 1
+    back = load_file(tmp_path / "s.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
+    assert records[0]["digest"] == file_digest(tmp_path / "s.safetensors")
+    assert not list(tmp_path.glob(".*.partial"))
