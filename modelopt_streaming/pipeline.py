@@ -33,16 +33,11 @@ class Throughput:
     compute_s: float = 0.0
     write_s: float = 0.0
     write_bytes: int = 0
-    # Seconds the compute threads waited for a unit to be read, and for room in the writers' budget.
+    # Seconds the compute thread waited for a unit to be read, and for room in the writers' budget.
     wait_read_s: float = 0.0
     wait_write_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _active: dict = field(default_factory=dict, repr=False)
-
-    def add(self, field: str, seconds: float) -> None:
-        """``field`` += ``seconds``, from any thread."""
-        with self._lock:
-            setattr(self, field, getattr(self, field) + seconds)
 
     @contextlib.contextmanager
     def busy(self, stage: str, nbytes: int = 0):
@@ -212,7 +207,7 @@ class ParallelWriter:
             raise self.error
         t = time.perf_counter()
         self._budget.acquire(nbytes, self._never)
-        self.stats.add("wait_write_s", time.perf_counter() - t)
+        self.stats.wait_write_s += time.perf_counter() - t
         with self._lock:
             if lane is not None:
                 i = lane % len(self._queues)

@@ -8,8 +8,6 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -59,7 +57,6 @@ READ_AHEAD_BYTES = 640 * 1024 * 1024
 # Encoded bytes queued for the writer threads (or one tensor alone, when larger).
 WRITE_AHEAD_BYTES = 256 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
-COMPUTE_THREADS_CUDA = 2
 
 
 def resolve_io_threads(requested: int | None = None) -> int:
@@ -227,28 +224,6 @@ def _stream_units(
             stream.synchronize()
         return members
 
-    def encode_and_write(unit: QuantizeUnit, data: list[torch.Tensor], sink: PositionalShardWriter) -> None:
-        t = time.perf_counter()
-        if device.type == "cuda":
-            stream = _compute_stream(device)
-            with torch.cuda.stream(stream):
-                for member in data:  # made on a copy stream, used and freed on this one
-                    member.record_stream(stream)
-                encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root, reciprocals)
-        else:
-            encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root, reciprocals)
-        del data
-        stats.add("compute_s", time.perf_counter() - t)
-        # Whole tensors go to whichever writer thread has the least queued: a dense layer's 66 MB packed
-        # weights would otherwise wait behind each other on their lane's thread while the others idle.
-        for name, tensor in encoded:
-            background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
-
-    # On a GPU, two units are encoded at once, each on its own stream: one unit's waits for the device
-    # (its amaxes, its copies back) overlap the other's kernels. On the CPU the C kernel already uses every
-    # core, so units are encoded one at a time. Each thread holds its unit beyond the read-ahead budget.
-    encoders = ThreadPoolExecutor(COMPUTE_THREADS_CUDA, thread_name_prefix="encode") if device.type == "cuda" else None
-    pending: deque = deque()
     try:
         for (unit, offset, nbytes), data in read_ahead(
             _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats, workers=threads
@@ -270,28 +245,23 @@ def _stream_units(
                     background.submit(tensor_write.write_bytes, data, nbytes=nbytes, lane=lane)
                 meter.advance(nbytes, stats)
                 continue
-            if encoders is None:
-                encode_and_write(unit, data, sink)
-            else:
-                while len(pending) >= COMPUTE_THREADS_CUDA:
-                    pending.popleft().result()  # in order: the first unit that failed is the one reported
-                pending.append(encoders.submit(encode_and_write, unit, data, sink))
+            t = time.perf_counter()
+            if device.type == "cuda":
+                for member in data:  # made on the copy stream, used and freed on this one
+                    member.record_stream(torch.cuda.current_stream(device))
+            encoded = _encode_unit(unit, data, codec, recipe, allow_nonfinite, reader.root, reciprocals)
             del data
+            stats.compute_s += time.perf_counter() - t
+            # Whole tensors go to whichever writer thread has the least queued: a dense layer's 66 MB packed
+            # weights would otherwise wait behind each other on their lane's thread while the others idle.
+            for name, tensor in encoded:
+                background.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
             meter.advance(nbytes, stats)
-        while pending:
-            pending.popleft().result()
         background.close()
     except BaseException:
         with contextlib.suppress(BaseException):  # the first error is the one to report
-            for f in pending:
-                f.cancel()
-            if encoders is not None:
-                encoders.shutdown(wait=True)  # units being encoded finish and hand their tensors on
             background.close()
         raise
-    finally:
-        if encoders is not None:
-            encoders.shutdown(wait=True)
 
 
 def _specs(shard: Shard) -> list[TensorSpec]:
@@ -336,23 +306,14 @@ def _with_reciprocals(record: dict, reciprocals: dict[str, tuple[int, int]]) -> 
     return {**record, RECORD_KEY: mine.as_json()} if mine.record else record
 
 
-_STREAMS: dict = {}
-
-
-def _thread_stream(device: torch.device, role: str):
-    """A CUDA stream of this thread's own for ``role`` (copies in, encoding)."""
-    key = (device, role, threading.get_ident())
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device=device)
-    return _STREAMS[key]
+_COPY_STREAMS: dict = {}
 
 
 def _copy_stream(device: torch.device):
-    return _thread_stream(device, "copy")
-
-
-def _compute_stream(device: torch.device):
-    return _thread_stream(device, "compute")
+    key = (device, threading.get_ident())
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _COPY_STREAMS[key]
 
 
 def quantize(

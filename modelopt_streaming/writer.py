@@ -15,7 +15,6 @@ import queue
 import struct
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,20 +213,6 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-# Writes of this size or more are digested on a helper thread while the writer thread copies them.
-HASH_ASIDE_BYTES = 1 << 20
-_HASHER: ThreadPoolExecutor | None = None
-_HASHER_LOCK = threading.Lock()
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _HASHER
-    with _HASHER_LOCK:
-        if _HASHER is None:
-            _HASHER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sha256")
-        return _HASHER
-
-
 class TensorWrite:
     """The bytes of one tensor of a positional shard, written in order at their planned offsets and digested
     on the way. One thread writes one tensor; different tensors may be written by different threads."""
@@ -245,23 +230,15 @@ class TensorWrite:
         if self.cursor + len(view) > self.end:
             raise RuntimeError(f"{self.shard.file_name}: more bytes than declared for {self.name}")
         half = self.cursor + len(view) // 2 if len(view) > 1 and faults.active() else -1
-        # Digest and copy at once, on two cores: sha256 and the kernel's copy into the file each run at
-        # about the same speed, so doing them one after the other halves what a writer thread moves.
-        hashing = _hasher().submit(self._sha.update, view) if len(view) >= HASH_ASIDE_BYTES else None
-        if hashing is None:
-            self._sha.update(view)
-        try:
-            fd = self.shard.fd
-            while view:
-                n = os.pwrite(fd, view if half < 0 else view[: half - self.cursor], self.cursor)
-                self.cursor += n
-                view = view[n:]
-                if self.cursor == half:  # tests: a crash with half of this tensor on disk
-                    half = -1
-                    faults.point("mid_tensor")
-        finally:
-            if hashing is not None:
-                hashing.result()
+        self._sha.update(view)
+        fd = self.shard.fd
+        while view:
+            n = os.pwrite(fd, view if half < 0 else view[: half - self.cursor], self.cursor)
+            self.cursor += n
+            view = view[n:]
+            if self.cursor == half:  # tests: a crash with half of this tensor on disk
+                half = -1
+                faults.point("mid_tensor")
         if self.cursor == self.end:
             self.shard._tensor_done(self.name, self._sha.digest())
 

@@ -6,7 +6,6 @@ False without Triton or CUDA; the runner then uses the torch reference codec on 
 from __future__ import annotations
 
 import contextlib
-import threading
 from functools import cache
 
 import torch
@@ -96,9 +95,6 @@ if triton is not None:
         tl.store(scale_ptr + r[:, None].to(tl.int64) * (cols // 16) + sc[None, :], code8.to(tl.uint8), mask=smask)
 
 
-_LAUNCH_LOCK = threading.Lock()
-
-
 @cache
 def available() -> bool:
     return triton is not None and torch.cuda.is_available()
@@ -123,8 +119,6 @@ def quantize(
     # Triton launches on the *current* CUDA device, not the tensor's: without this guard a weight on
     # cuda:1 would be read by a kernel running on cuda:0 (an illegal access, or silent peer traffic).
     # (Triton's interpreter, used in CI without a GPU, runs on CPU tensors and needs no guard.)
-    # One launch at a time from the encoding threads: a first launch compiles and caches the kernel, which
-    # Triton does not promise to be safe from two threads; a launch is microseconds, the kernel runs after.
-    with _LAUNCH_LOCK, torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext():
         _quantize_kernel[grid](w, packed, scales, ws2, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c)
     return packed, scales.view(torch.float8_e4m3fn)
