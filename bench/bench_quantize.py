@@ -189,6 +189,21 @@ def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
     }
 
 
+def file_system(path: Path) -> str:
+    """The type of the file system holding ``path`` (tmpfs for RAM-backed storage), from /proc/mounts."""
+    path = path.resolve()
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
 def torch_cuda() -> bool:
     import torch
 
@@ -211,7 +226,11 @@ def tree_hashes(d: Path) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/msbench")
+    ap.add_argument(
+        "--workdir",
+        default="/tmp/msbench",
+        help="input, outputs and baselines live here; /dev/shm/... puts them on RAM-backed storage (tmpfs)",
+    )
     ap.add_argument("--experts", type=int, default=24, help="routed experts in the MoE layer (24: ~5 GB)")
     ap.add_argument("--layouts", default="sharded,single", help="sharded (1 GB shards), single (one shard)")
     ap.add_argument(
@@ -278,6 +297,7 @@ def main() -> None:
                     "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)",
                     "run": run,
                     "input_gb": size / 1e9,
+                    "storage": file_system(work),
                     "raw_read_mbs": read_bytes / 1e6 / read_s,
                     "read_write_mbs": size / 1e6 / rw_s,
                     "stages": tool.get("stages"),
@@ -301,7 +321,7 @@ def main() -> None:
 
     print(
         f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | runs {args.runs} | "
-        f"experts {args.experts} | scope {args.scope} | cache {args.cache}"
+        f"experts {args.experts} | scope {args.scope} | cache {args.cache} | storage {file_system(work)}"
     )
     if mo_mbs:
         print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights (CPU): {mo_mbs:.0f} MB/s")
