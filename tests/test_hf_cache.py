@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_model_checkpoint
+from forkrun import tree_hashes as tree
 
 SIDE_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}", "chat/template.jinja": "{{ x }}"}
-
-
-def tree(d: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
-    }
 
 
 def as_hub_cache(plain: Path, cache: Path, repo: str, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:

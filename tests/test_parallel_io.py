@@ -3,13 +3,12 @@ from several threads. The bytes never depend on the thread count; the oracles ar
 (what a file holds), `file_digest` against an independent sha256, and a one-thread run of the same job
 (itself checked against ModelOpt's export in test_modelopt_oracle.py)."""
 
-import hashlib
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import make_model_checkpoint
+from forkrun import tree_hashes as tree
 from safetensors.torch import load_file, save_file
 
 import modelopt_streaming
@@ -17,12 +16,6 @@ from modelopt_streaming import pipeline, reader, runner
 from modelopt_streaming.index import build_index
 from modelopt_streaming.plan import Recipe, build_plan, unit_sources
 from modelopt_streaming.writer import PositionalShardWriter, TensorSpec, file_digest
-
-
-def tree(d: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

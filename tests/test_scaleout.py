@@ -1,6 +1,5 @@
 """Same bytes whatever runs the job: fused or reference codec, one process or torchrun's two."""
 
-import hashlib
 import os
 import signal
 import socket
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_model_checkpoint
+from forkrun import tree_hashes as tree
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -55,12 +55,6 @@ def two_ranks(src: Path, outs: tuple[Path, Path], *extra: str, env_extra: dict |
     procs = start_ranks(src, outs, *extra, env_extra=env_extra)
     errors = [p.communicate()[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, errors)]
-
-
-def tree(d: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
