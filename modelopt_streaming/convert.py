@@ -50,14 +50,14 @@ from .interchange import (
     RECORD_KEY,
     SCALAR_SHAPE,
     ExactReciprocals,
-    finite_positive,
     load_exact_reciprocals,
     nvfp4_modules,
+    read_positive_scalar,
 )
-from .output_dir import FINISHED_MARKER, OutputDirLock, OutputState, OutputStateError, check_paths, job_fingerprint
+from .output_dir import FINISHED_MARKER, OutputState, check_paths, job_fingerprint, single_process_job
 from .reader import TensorReader
 from .validate import validate
-from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+from .writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
@@ -187,17 +187,7 @@ def plan_conversion(
         if not inverted:
             shards.setdefault(info.file, []).append(Output(new_name, info.dtype, info.shape, info))
             continue
-        if info.dtype != "F32" or info.numel != 1:
-            raise CheckpointError(
-                f"{index.root / info.file}, tensor {info.name!r}: {info.dtype} {list(info.shape)}, expected a "
-                "float32 scalar"
-            )
-        value = float(reader.read(info).reshape(()))
-        if not finite_positive(value):
-            raise CheckpointError(
-                f"{index.root / info.file}, tensor {info.name!r}: {value} cannot be inverted (must be finite and > 0)"
-            )
-        out = reciprocals.convert(info.name, value, new_name)
+        out = reciprocals.convert(info.name, read_positive_scalar(reader, info), new_name)
         shards.setdefault(info.file, []).append(Output(new_name, "F32", SCALAR_SHAPE[target], info, out))
     for file in index.files:
         shards.setdefault(file, [])
@@ -343,20 +333,11 @@ def convert(
     planned = {f: [o.name for o in outs] for f, outs in shards.items()}
     layout = [[f, [(o.name, o.reciprocal) for o in outs]] for f, outs in shards.items()]
     fingerprint = job_fingerprint("convert", index, {"to": to, "force": force}, layout)
-    state = OutputState(output_dir)
-    lock = OutputDirLock(output_dir)
-    try:
-        lock.acquire()
-        state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=input_dir)
-        done = state.records()
+    with single_process_job(
+        output_dir, fingerprint, planned, resume=resume, verify=verify, overwrite=overwrite, source_dir=input_dir
+    ) as (state, done):
         _write_shards({f: o for f, o in shards.items() if f not in done}, input_dir, state)
         _export(index, input_dir, output_dir, state, fingerprint, shards, summary, reciprocals, configs, restored)
-    except OutputStateError as e:
-        raise UsageError(str(e)) from None
-    except IncompleteShardError as e:
-        raise OSError(f"{e}; rerun with --resume") from None
-    finally:
-        lock.release()
     after = validate(output_dir, block_scales=False)
     summary.output_findings = [f"{f.level}: [{f.check}] {f.message}" for f in after.findings if f.level == "error"]
     summary.seconds = time.monotonic() - started

@@ -44,9 +44,9 @@ from .index import (
     resolve_checkpoint_dir,
 )
 from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
-from .output_dir import OutputDirLock, OutputState, OutputStateError, check_paths, job_fingerprint
+from .output_dir import OutputState, check_paths, job_fingerprint, single_process_job
 from .reader import TensorReader
-from .writer import DIGEST_SCHEME, IncompleteShardError, ShardWriter, TensorSpec, write_json_atomic
+from .writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
@@ -250,12 +250,9 @@ def decompress(
     layout = [[f, [[u.kind, u.name, u.dtype, list(u.shape)] for u in us]] for f, us in shards]
     fingerprint = job_fingerprint("decompress", index, {"dtype": dtype, "max_shard_size": max_shard_size}, layout)
     planned = {f: [u.name for u in us] for f, us in shards}
-    state = OutputState(output_dir)
-    lock = OutputDirLock(output_dir)
-    try:
-        lock.acquire()
-        state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=input_dir)
-        done = state.records()
+    with single_process_job(
+        output_dir, fingerprint, planned, resume=resume, verify=verify, overwrite=overwrite, source_dir=input_dir
+    ) as (state, done):
         if done:
             log(f"resuming: {len(done)} of {len(shards)} shards already finished")
         _write(input_dir, [(f, us) for f, us in shards if f not in done], state, OUTPUT_DTYPES[dtype])
@@ -279,12 +276,6 @@ def decompress(
         )
         # Last: what a framework loads first, so an unfinished directory never looks loadable.
         write_json_atomic(output_dir / "config.json", strip_quantization_config(index.config))
-    except OutputStateError as e:
-        raise UsageError(str(e)) from None
-    except IncompleteShardError as e:
-        raise OSError(f"{e}; rerun with --resume") from None
-    finally:
-        lock.release()
     summary.seconds = time.monotonic() - started
     return summary
 

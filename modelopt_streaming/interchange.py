@@ -154,17 +154,18 @@ def reference_input_scales(path: str | Path) -> dict[str, float]:
     out: dict[str, float] = {}
     with TensorReader(root) as reader:
         for module, info in sorted(wanted.items()):
-            if info.dtype != "F32" or info.numel != 1:
-                raise CheckpointError(
-                    f"{root / info.file}, tensor {info.name!r}: {info.dtype} {list(info.shape)}, "
-                    "expected a float32 scalar"
-                )
-            value = float(reader.read(info).reshape(()))
-            if not finite_positive(value):
-                raise CheckpointError(f"{root / info.file}, tensor {info.name!r}: {value} is not finite and > 0")
+            value = read_positive_scalar(reader, info)
             out[module] = reciprocals.convert(info.name, value, "") if reciprocals else value
     return out
 
 
-def finite_positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
+def read_positive_scalar(reader, info: TensorInfo) -> float:
+    """A global or input scale's value: a float32 scalar, finite and > 0 (both dialects invert or divide by
+    it), else a one-line error naming the file and tensor. ``reader``: a ``reader.TensorReader``."""
+    where = f"{reader.root / info.file}, tensor {info.name!r}"
+    if info.dtype != "F32" or info.numel != 1:
+        raise CheckpointError(f"{where}: {info.dtype} {list(info.shape)}, expected a float32 scalar")
+    value = float(reader.read(info).reshape(()))
+    if not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{where}: {value} cannot be inverted (must be finite and > 0)")
+    return value

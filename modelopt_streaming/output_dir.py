@@ -9,6 +9,7 @@ records, nothing of quantization.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from . import __version__, faults
 from .errors import UsageError
 from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
 from .plan import Plan, Recipe
-from .writer import MANIFEST_FILE, file_digest, partial_name, write_json_atomic
+from .writer import MANIFEST_FILE, IncompleteShardError, file_digest, fsync_dir, partial_name, write_json_atomic
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.
@@ -168,7 +170,7 @@ class OutputState:
         # config.json first (its quantization_config), our validators key on hf_quant_config.json.
         for name in (CONFIG_FILE, FINISHED_MARKER, INDEX_FILE, PROVENANCE_FILE):
             (self.dir / name).unlink(missing_ok=True)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             faults.point("resume")
         records = {r["file"]: r for r in manifest.get("shards", [])}
         if self.records_dir.exists():
@@ -230,7 +232,7 @@ class OutputState:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _foreign_files(self, source_dir: str | Path | None) -> list[str]:
         """Relative paths of files under the directory that no run of ours wrote."""
@@ -288,14 +290,6 @@ class OutputState:
         write_json_atomic(self.dir / MANIFEST_FILE, {"fingerprint": fingerprint, "complete": True, "shards": shards})
         shutil.rmtree(self.records_dir, ignore_errors=True)
         return shards
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_writable_location(path: Path) -> str | None:
@@ -358,3 +352,30 @@ def recipe_dict(recipe: Recipe) -> dict:
     scales = json.dumps(list(recipe.input_scales)).encode()
     d["input_scales"] = {"count": len(recipe.input_scales), "sha256": hashlib.sha256(scales).hexdigest()}
     return d
+
+
+@contextlib.contextmanager
+def single_process_job(
+    output_dir: Path,
+    fingerprint: dict,
+    planned: dict[str, list[str]],
+    *,
+    resume: bool,
+    verify: bool,
+    overwrite: bool,
+    source_dir: Path,
+) -> Iterator[tuple[OutputState, dict[str, dict]]]:
+    """The output directory of a one-process job (convert, decompress): locked, prepared for a fresh run or a
+    resume, and yielded with the records of the shards already finished; the lock goes however the job ends.
+    A state the directory cannot take is a UsageError; a shard left incomplete, an OSError saying to resume."""
+    state, lock = OutputState(output_dir), OutputDirLock(output_dir)
+    try:
+        lock.acquire()
+        state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=source_dir)
+        yield state, state.records()
+    except OutputStateError as e:
+        raise UsageError(str(e)) from None
+    except IncompleteShardError as e:
+        raise OSError(f"{e}; rerun with --resume") from None
+    finally:
+        lock.release()

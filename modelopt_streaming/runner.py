@@ -288,8 +288,8 @@ def _write_shards_local(todo: list[Shard], state: OutputState, reader: TensorRea
 
     try:
         _stream_units([u for shard in todo for u in shard.units], sink_of, reader, **kw)
-        unfinished = [f for f, w in writers.items() if not (state.dir / f).exists()]
-        if unfinished or len(writers) < len(todo):
+        unfinished = [shard.file for shard in todo if not (state.dir / shard.file).exists()]
+        if unfinished:
             raise IncompleteShardError(f"{state.dir}: shards {unfinished[:3]} were not completed")
     except BaseException:
         for f, w in writers.items():

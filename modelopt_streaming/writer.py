@@ -197,7 +197,7 @@ class ShardWriter:
         size = self._f.tell()
         self._f.close()
         os.replace(self._tmp, self.directory / self.file_name)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         faults.point("after_rename")
         return {
             "file": self.file_name,
@@ -242,10 +242,6 @@ class TensorWrite:
         if self.cursor == self.end:
             self.shard._tensor_done(self.name, self._sha.digest())
 
-    @property
-    def complete(self) -> bool:
-        return self.cursor == self.end
-
 
 class PositionalShardWriter:
     """Writes tensors of one shard at their planned offsets, in any order, from several threads and processes.
@@ -274,7 +270,6 @@ class PositionalShardWriter:
         self.fd = os.open(self._tmp, os.O_WRONLY)
         self._lock = threading.Lock()
         self._on_whole = on_whole
-        self._current: TensorWrite | None = None
         # sha256 of each tensor whose every planned byte this process wrote: finish() renames only a shard
         # whose tensors the processes together digested in full.
         self._digests: dict[str, bytes] = {}
@@ -298,17 +293,6 @@ class PositionalShardWriter:
             whole = len(self._digests) == len(self.tensors)
         if whole and self._on_whole is not None:
             self._on_whole(self)
-
-    def begin(self, name: str) -> None:
-        """One tensor at a time from one thread: ``begin`` it, then ``write_bytes`` its bytes in order."""
-        if self._current is not None and not self._current.complete:
-            raise RuntimeError(f"{self.file_name}: previous tensor incomplete before {name}")
-        self._current = self.open(name)
-
-    def write_bytes(self, data) -> None:
-        if self._current is None:
-            raise RuntimeError(f"{self.file_name}: write_bytes before begin")
-        self._current.write_bytes(data)
 
     def digests(self) -> dict[str, bytes]:
         """sha256 of each tensor this process wrote completely, by name."""
@@ -355,7 +339,7 @@ class PositionalShardWriter:
         if self._tmp.stat().st_size != self.size:
             raise RuntimeError(f"{self._tmp}: size {self._tmp.stat().st_size}, planned {self.size}")
         os.replace(self._tmp, self.directory / self.file_name)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         faults.point("after_rename")
         return {
             "file": self.file_name,
@@ -365,7 +349,8 @@ class PositionalShardWriter:
         }
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or removal in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

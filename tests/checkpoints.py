@@ -206,6 +206,22 @@ def modelopt_export(src: Path, out: Path) -> Path:
     return out
 
 
+def weights_match_modelopt(ref_dir: Path, ours_dir: Path) -> int:
+    """Every tensor of ModelOpt's export equals ours byte for byte, input_scale aside (ModelOpt's is
+    calibrated, ours the uncalibrated 1.0); returns how many weight_scale_2 were compared."""
+    ref, ours = load_dir(ref_dir), load_dir(ours_dir)
+    compared = 0
+    for name, t in ref.items():
+        if name.endswith("input_scale"):
+            continue
+        a, b = t, ours[name]
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), name
+        compared += name.endswith("weight_scale_2")
+    return compared
+
+
 def compressed_tensors_nvfp4a16(src: Path, out: Path, skip=("lm_head", "embed_tokens", "mlp.gate.")) -> Path:
     """A compressed-tensors NVFP4A16 checkpoint made with that library's own compressor, every Linear
     quantized on its own global scale: what llm-compressor's model-free path writes for fused partners."""

@@ -1,13 +1,12 @@
 """Parallel I/O inside one process: reader threads, writer threads in lanes, tensors written at their offsets
-from several threads. The bytes never depend on the thread count; the oracles are the safetensors library
-(what a file holds), `file_digest` against an independent sha256, and a one-thread run of the same job
-(itself checked against ModelOpt's export in test_modelopt_oracle.py)."""
+from several threads. The oracles: NVIDIA ModelOpt's export (every weight and scale, at each thread count),
+the safetensors library (what a file holds), and a sha256 recomputed from the file."""
 
 import threading
 
 import pytest
 import torch
-from checkpoints import make_model_checkpoint
+from checkpoints import make_model_checkpoint, modelopt_export, weights_match_modelopt
 from forkrun import tree_hashes as tree
 from safetensors.torch import load_file, save_file
 
@@ -23,15 +22,25 @@ def src(tmp_path_factory):
     return make_model_checkpoint(tmp_path_factory.mktemp("pio") / "src", "deepseek_v3", n_shards=3)
 
 
-def test_thread_counts_give_the_same_files(src, tmp_path):
+def test_thread_counts_give_modelopts_bytes_and_the_same_files(src, tmp_path):
     """1, 3 and 8 reader/writer threads, many small output shards (so several lanes share and cross
-    shards): every file, manifest and provenance included, is the same."""
+    shards): each run's weights and scales equal ModelOpt's export, and every file, manifest and provenance
+    included, is the same across thread counts."""
+    reference = modelopt_export(src, tmp_path / "modelopt")
     outputs = {}
     for threads in (1, 3, 8):
         out = tmp_path / f"t{threads}"
         modelopt_streaming.quantize(
-            src, out, device="cpu", max_shard_size=30_000, io_threads=threads, progress="none", log=lambda *_: None
+            src,
+            out,
+            device="cpu",
+            scale_math="cpu",
+            max_shard_size=30_000,
+            io_threads=threads,
+            progress="none",
+            log=lambda *_: None,
         )
+        assert weights_match_modelopt(reference, out) >= 14
         outputs[threads] = tree(out)
     assert sum(f.startswith("model-") for f in outputs[1]) >= 6
     assert outputs[3] == outputs[1] and outputs[8] == outputs[1]

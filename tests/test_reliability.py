@@ -409,8 +409,7 @@ def test_positional_writer_renames_only_a_fully_written_shard(tmp_path):
     w = PositionalShardWriter(tmp_path, "holed.safetensors", specs)
     w.write("a", tensors["a"])
     w.write("b", tensors["b"])
-    w.begin("c")
-    w.write_bytes(tensors["c"].numpy().tobytes()[:4])  # cut short
+    w.open("c").write_bytes(tensors["c"].numpy().tobytes()[:4])  # cut short
     with pytest.raises(IncompleteShardError, match=r"'c'"):
         w.finish()
     assert not (tmp_path / "holed.safetensors").exists()
