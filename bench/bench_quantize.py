@@ -13,6 +13,7 @@ weights. Prints a Markdown table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -25,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import synthetic_checkpoint as synth  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from modelopt_streaming.writer import file_system_of  # noqa: E402
 
 CHILD = str(Path(__file__).with_name("quantize_child.py"))
 
@@ -146,7 +150,7 @@ def modelopt_sample(src: Path, budget_bytes: int) -> tuple[float, int]:
     return seconds, done
 
 
-def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
+def run_tool(src: Path, out: Path, run: str, scope: str, max_shard_size: int = 5 * 10**9) -> dict:
     """``run``: cpu, cuda, or torchrunN (N processes, one GPU each when CUDA is there, round robin when
     there are more ranks than GPUs), with ``:tK`` for K reader and K writer threads per process."""
     shutil.rmtree(out, ignore_errors=True)
@@ -167,9 +171,10 @@ def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
             device,
             scope,
             threads,
+            str(max_shard_size),
         ]
     else:
-        cmd = [sys.executable, CHILD, str(src), str(out), run, scope, threads]
+        cmd = [sys.executable, CHILD, str(src), str(out), run, scope, threads, str(max_shard_size)]
     t = time.perf_counter()
     # The child reports its start-up (launch to main, torchrun's spawning and imports included) against this.
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_T0": repr(time.time())})
@@ -189,21 +194,6 @@ def run_tool(src: Path, out: Path, run: str, scope: str) -> dict:
     }
 
 
-def file_system(path: Path) -> str:
-    """The type of the file system holding ``path`` (tmpfs for RAM-backed storage), from /proc/mounts."""
-    path = path.resolve()
-    best, kind = "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    for line in mounts:
-        fields = line.split()
-        if len(fields) > 2 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
-            best, kind = fields[1], fields[2]
-    return kind
-
-
 def torch_cuda() -> bool:
     import torch
 
@@ -211,8 +201,6 @@ def torch_cuda() -> bool:
 
 
 def tree_hashes(d: Path) -> dict[str, str]:
-    import hashlib
-
     out = {}
     for p in sorted(d.rglob("*")):
         if p.is_file():
@@ -252,6 +240,7 @@ def main() -> None:
     )
     ap.add_argument("--skip_modelopt", action="store_true")
     ap.add_argument("--scope", default="all", choices=["all", "mlp"])
+    ap.add_argument("--max_shard_size", type=int, default=5 * 10**9, help="output shard size, bytes")
     ap.add_argument("--modelopt_gb", type=float, default=1.0, help="bytes of weights to time ModelOpt on")
     args = ap.parse_args()
 
@@ -262,7 +251,8 @@ def main() -> None:
         src = work / f"ds-{args.experts}e-{layout}"
         if not (src / "config.json").exists():
             shutil.rmtree(src, ignore_errors=True)
-            synth.write(src, shape, shard_size=10**9 if layout == "sharded" else 10**12)
+            shard_size = 10**9 if layout == "sharded" else 10**12
+            synth.write(src, shape, shard_size=shard_size, device="cuda" if torch_cuda() else "cpu")
         files = sorted(src.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in files)
         if args.cache == "cold":
@@ -271,7 +261,7 @@ def main() -> None:
         import modelopt_streaming
 
         planned_out = modelopt_streaming.quantize(
-            src, dry_run=True, log=lambda *_: None, mlp_only=args.scope == "mlp"
+            src, dry_run=True, log=lambda *_: None, mlp_only=args.scope == "mlp", max_shard_size=args.max_shard_size
         ).output_bytes
         if args.cache == "cold":
             drop_cache(files)
@@ -287,8 +277,10 @@ def main() -> None:
             if args.cache == "cold":
                 drop_cache(files)
             out = work / f"out-{run}"
-            tool = run_tool(src, out, run, args.scope)
+            tool = run_tool(src, out, run, args.scope, args.max_shard_size)
             hashes = tree_hashes(out)
+            # One digest of every output file, to compare runs of different invocations or builds.
+            tree_digest = hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()
             identical = None if first_hashes is None else hashes == first_hashes
             first_hashes = first_hashes or hashes
             shutil.rmtree(out, ignore_errors=True)
@@ -297,7 +289,7 @@ def main() -> None:
                     "layout": f"{layout} ({len(files)} x {size / len(files) / 1e9:.2f} GB)",
                     "run": run,
                     "input_gb": size / 1e9,
-                    "storage": file_system(work),
+                    "storage": file_system_of(work),
                     "raw_read_mbs": read_bytes / 1e6 / read_s,
                     "read_write_mbs": size / 1e6 / rw_s,
                     "stages": tool.get("stages"),
@@ -309,6 +301,7 @@ def main() -> None:
                     "peak_rss_mb": tool["peak_mb"],
                     "groups": tool["groups"],
                     "identical_to_first_run": identical,
+                    "output_tree_sha256": tree_digest,
                     "parallel_read_write_mbs": streams,
                     "ranks": tool["ranks"],
                 }
@@ -321,7 +314,8 @@ def main() -> None:
 
     print(
         f"\n{date.today()} | {platform.machine()} | {os.cpu_count()} cores | runs {args.runs} | "
-        f"experts {args.experts} | scope {args.scope} | cache {args.cache} | storage {file_system(work)}"
+        f"experts {args.experts} | scope {args.scope} | output shards <= {args.max_shard_size / 1e9:g} GB | "
+        f"cache {args.cache} | storage {file_system_of(work)}"
     )
     if mo_mbs:
         print(f"ModelOpt NVFP4QTensor.quantize on {mo_bytes / 1e9:.2f} GB of the same weights (CPU): {mo_mbs:.0f} MB/s")

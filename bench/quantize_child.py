@@ -16,6 +16,7 @@ from modelopt_streaming.distributed import init_distributed  # noqa: E402
 imported = time.time()
 src, out, device, scope = sys.argv[1:5]
 threads = None if len(sys.argv) < 6 or sys.argv[5] == "auto" else int(sys.argv[5])
+max_shard_size = int(sys.argv[6]) if len(sys.argv) > 6 else 5 * 10**9
 t = time.perf_counter()
 device, distributed = init_distributed(device)
 rendezvous = time.perf_counter() - t
@@ -28,10 +29,12 @@ s = modelopt_streaming.quantize(
     device=device,
     mlp_only=scope == "mlp",
     io_threads=threads,
+    max_shard_size=max_shard_size,
 )
 wall = time.perf_counter() - t
 hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-print(
+# One write() of one line: a pipe keeps it whole, where print's two writes may interleave with another rank's.
+sys.stdout.write(
     json.dumps(
         {
             "rank": int(os.environ.get("RANK", 0)),
@@ -47,9 +50,10 @@ print(
             "phases": s.phases,
             "groups": s.fused_groups,
         }
-    ),
-    flush=True,
+    )
+    + "\n"
 )
+sys.stdout.flush()
 if distributed:
     import torch.distributed as dist
 

@@ -269,6 +269,17 @@ class OutputState:
             foreign.append(str(rel))
         return foreign
 
+    def check_free_space(self, needed: int) -> None:
+        """Refuse before anything is written when the file system holds less room than the shards still to
+        write: a disk found full mid-run costs the run, and a copy into a mapping (writer.py, on tmpfs)
+        would end in SIGBUS rather than an error."""
+        free = shutil.disk_usage(self.dir).free
+        if needed > free:
+            raise OutputStateError(
+                f"{self.dir}: the shards still to write take {needed / 1e9:.2f} GB and its file system has "
+                f"{free / 1e9:.2f} GB free; free some space or choose another --output_dir"
+            )
+
     def _start(self, fingerprint: dict) -> None:
         """The manifest of an unfinished run (complete: False) and the folder of per-shard records."""
         self.records_dir.mkdir(exist_ok=True)

@@ -1,8 +1,9 @@
 """Reader: the bytes of one tensor at a time, straight from its byte range.
 
 Knows files and dtypes, nothing of quantization. It reads with ``preadv`` into a fresh buffer the
-size of the tensor (or of one chunk, for copies), never maps or loads a whole shard, so the resident
-memory is what the caller holds, not what the page cache has seen.
+size of the tensor (or of one chunk, for copies), or through page-locked pieces straight into GPU memory;
+it never maps or loads a whole shard, so the resident memory is what the caller holds, not what the page
+cache has seen.
 """
 
 from __future__ import annotations
@@ -75,15 +76,54 @@ class TensorReader:
         with self._lock:
             self.bytes_read += done
 
-    def read(self, info: TensorInfo | DecodedWeight, pin_memory: bool = False) -> torch.Tensor:
-        """The whole tensor, in its stored dtype and shape (a fresh CPU tensor; page-locked on request,
-        so that a copy to the GPU can run asynchronously). A DecodedWeight comes back as bf16."""
+    def read(
+        self,
+        info: TensorInfo | DecodedWeight,
+        device: torch.device | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> torch.Tensor:
+        """The whole tensor, in its stored dtype and shape, as a fresh CPU tensor. A DecodedWeight comes
+        back as bf16.
+
+        With a CUDA ``device``: a tensor on it, copied on ``stream`` (the caller waits for the stream).
+        The bytes travel through page-locked pieces of at most PARALLEL_CHUNK, so host memory holds the
+        pieces in flight, not the tensor: a 264 MB dense projection would otherwise pin a 512 MB block
+        (torch's host allocator rounds to powers of two) and stall its first read for the pinning."""
+        if device is not None and device.type == "cuda":
+            return self._read_to_device(info, device, stream)
         if isinstance(info, DecodedWeight):
-            return self._decode(info, pin_memory)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+            return self._decode(info, pin_memory=False)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             self._read_into(info, 0, memoryview(buf.numpy()))
         return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
+
+    def _read_to_device(
+        self, info: TensorInfo | DecodedWeight, device: torch.device, stream: torch.cuda.Stream | None
+    ) -> torch.Tensor:
+        stream = stream or torch.cuda.current_stream(device)
+        if isinstance(info, DecodedWeight):
+            decoded = self._decode(info, pin_memory=True)
+            with torch.cuda.stream(stream):
+                return decoded.to(device, non_blocking=True)
+        out = torch.empty(info.nbytes, dtype=torch.uint8, device=device)
+
+        def piece(offset: int, nbytes: int) -> None:
+            staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self._read_span(info, offset, memoryview(staging.numpy()))
+            # The host allocator keeps the piece from reuse until this copy is done (it records an event
+            # on the stream), so it can be let go at once.
+            with torch.cuda.stream(stream):
+                out[offset : offset + nbytes].copy_(staging, non_blocking=True)
+
+        spans = [(o, min(PARALLEL_CHUNK, info.nbytes - o)) for o in range(0, info.nbytes, PARALLEL_CHUNK)]
+        if self._pool is None or len(spans) < 2:
+            for o, n in spans:
+                piece(o, n)
+        else:
+            for f in [self._pool.submit(piece, o, n) for o, n in spans]:
+                f.result()
+        return out.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
     def _decode(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
         if weight.encoding == "mxfp4":

@@ -214,14 +214,13 @@ def _stream_units(
             if isinstance(unit.source, DecodedWeight):
                 return reader.read(unit.source)
             return reader.read_chunk(unit.source, offset, nbytes)
-        members = [reader.read(src, pin_memory=device.type == "cuda") for src in unit.sources]
-        if device.type == "cuda":
-            # Copy on a side stream (one per reader thread) from page-locked memory while the codec works
-            # on the previous unit.
-            stream = _copy_stream(device)
-            with torch.cuda.stream(stream):
-                members = [m.to(device, non_blocking=True) for m in members]
-            stream.synchronize()
+        if device.type != "cuda":
+            return [reader.read(src) for src in unit.sources]
+        # Straight to the GPU on a side stream (one per reader thread), while the codec works on the
+        # previous unit.
+        stream = _copy_stream(device)
+        members = [reader.read(src, device=device, stream=stream) for src in unit.sources]
+        stream.synchronize()
         return members
 
     try:
@@ -477,7 +476,8 @@ def _write_output(
 
     def take_and_prepare() -> None:
         lock.acquire()
-        state.prepare(fp, planned, resume, verify, overwrite, source_dir=input_dir)
+        done = state.prepare(fp, planned, resume, verify, overwrite, source_dir=input_dir)
+        state.check_free_space(sum(s.nbytes for s in plan.shards if s.file not in done))
 
     # Rank 0 may hash every finished shard (--resume --verify) while the others wait.
     verify_s = plan.output_bytes / SLOWEST_RATE if resume and verify else 0

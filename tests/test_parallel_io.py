@@ -11,7 +11,7 @@ from forkrun import tree_hashes as tree
 from safetensors.torch import load_file, save_file
 
 import modelopt_streaming
-from modelopt_streaming import pipeline, reader, runner
+from modelopt_streaming import output_dir, pipeline, reader, runner, writer
 from modelopt_streaming.index import build_index
 from modelopt_streaming.plan import Recipe, build_plan, unit_sources
 from modelopt_streaming.writer import PositionalShardWriter, TensorSpec, file_digest
@@ -128,7 +128,14 @@ def test_reader_threads_read_large_tensors_in_pieces(tmp_path, monkeypatch):
         assert bytes(r.read_chunk(index.tensors["big"], 1001, 5000)) == raw[1001:6001]
 
 
-def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path, monkeypatch, mapped):
+    """Six threads write one shard, with pwrite or (tmpfs's way) copies into mappings of odd offsets: the
+    safetensors library reads every tensor back and the record's digest is the file's."""
+    monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 100)
+    copies = []
+    real_copy = writer._copy_mapped
+    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
     g = torch.Generator().manual_seed(1)
     tensors = {f"t{i}": torch.randn(64 + 7 * i, generator=g) for i in range(24)}
     tensors["empty"] = torch.zeros(0)
@@ -139,7 +146,7 @@ def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path):
     def whole(w: PositionalShardWriter) -> None:
         records.append(w.finish())
 
-    w = PositionalShardWriter(tmp_path, "s.safetensors", specs, on_whole=whole)
+    w = PositionalShardWriter(tmp_path, "s.safetensors", specs, on_whole=whole, mapped=mapped)
     names = list(tensors)
     threads = [
         threading.Thread(target=lambda part=names[i::6]: [w.write(n, tensors[n]) for n in part]) for i in range(6)
@@ -153,3 +160,46 @@ def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path):
     assert set(back) == set(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
     assert records[0]["digest"] == file_digest(tmp_path / "s.safetensors")
     assert not list(tmp_path.glob(".*.partial"))
+    assert (len(copies) == 24) if mapped else not copies
+
+
+def test_mapped_writes_give_the_same_files(src, tmp_path, monkeypatch):
+    """A whole run whose writers copy into mappings (what they do on tmpfs; forced here on whatever holds
+    the test's directory) writes the same files as one with pwrite, and ModelOpt's weights and scales."""
+    monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 512)
+    copies = []
+    real_copy = writer._copy_mapped
+    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
+    outputs = {}
+    for kinds in ((), (writer.file_system_of(tmp_path),)):
+        monkeypatch.setattr(writer, "MAPPED_FILE_SYSTEMS", kinds)
+        out = tmp_path / f"mapped{len(kinds)}"
+        modelopt_streaming.quantize(
+            src,
+            out,
+            device="cpu",
+            scale_math="cpu",
+            max_shard_size=30_000,
+            io_threads=3,
+            progress="none",
+            log=lambda *_: None,
+        )
+        outputs[len(kinds)] = tree(out)
+        assert bool(copies) == bool(kinds)
+    assert outputs[1] == outputs[0]
+    assert weights_match_modelopt(modelopt_export(src, tmp_path / "modelopt"), tmp_path / "mapped1") >= 14
+
+
+def test_file_system_of_reads_the_mount_table():
+    assert writer.file_system_of("/proc/self/status") == "proc"
+    assert writer.file_system_of("/") != "unknown"
+
+
+def test_a_full_file_system_is_refused_before_anything_is_written(src, tmp_path, monkeypatch):
+    """Less free space than the shards take: one clear error, no shard and no config written."""
+    real = output_dir.shutil.disk_usage
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    out = tmp_path / "out"
+    with pytest.raises(modelopt_streaming.UsageError, match=r"take 0\.\d\d GB and its file system has 0\.00 GB free"):
+        modelopt_streaming.quantize(src, out, device="cpu", log=lambda *_: None)
+    assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
