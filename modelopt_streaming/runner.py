@@ -54,6 +54,10 @@ def resolve_device(device: str | None) -> torch.device:
 # Source bytes read ahead of the codec: a dense DeepSeek-V3 gate/up group (528 MB) and the weight after
 # it fit, and peak memory stays under 1.5 GB; a group larger than this still runs, one at a time.
 READ_AHEAD_BYTES = 640 * 1024 * 1024
+# On a GPU a unit to quantize waits in GPU memory (the reader copies it there through page-locked pieces), so
+# it is held to this much GPU memory instead: a dense layer's 504 MB group no longer leaves the next one
+# unread, while host memory still holds only the copies' chunks and the pieces in flight.
+READ_AHEAD_GPU_BYTES = 2 * 1024 * 1024 * 1024
 # Encoded bytes queued for the writer threads (or one tensor alone, when larger).
 WRITE_AHEAD_BYTES = 256 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
@@ -187,6 +191,20 @@ def _memory_bytes(item: tuple[Unit, int, int]) -> int:
     return nbytes + sum(2 * d.numel for d in decoded)
 
 
+def _read_ahead_cost(device: torch.device):
+    """The read-ahead's measure of an item, in bytes of READ_AHEAD_BYTES: host bytes as they are; a unit read
+    straight to the GPU scaled so that READ_AHEAD_GPU_BYTES of them fill the budget."""
+
+    def cost(item: tuple[Unit, int, int]) -> int:
+        unit = item[0]
+        on_gpu = device.type == "cuda" and isinstance(unit, QuantizeUnit)
+        if on_gpu and not any(isinstance(s, DecodedWeight) for s in unit_sources(unit)):
+            return max(1, item[2] * READ_AHEAD_BYTES // READ_AHEAD_GPU_BYTES)
+        return _memory_bytes(item)
+
+    return cost
+
+
 def _stream_units(
     units: list[Unit],
     sink_of,
@@ -225,7 +243,7 @@ def _stream_units(
 
     try:
         for (unit, offset, nbytes), data in read_ahead(
-            _unit_reads(units), load, _memory_bytes, READ_AHEAD_BYTES, stats, workers=threads
+            _unit_reads(units), load, _read_ahead_cost(device), READ_AHEAD_BYTES, stats, workers=threads
         ):
             sink, lane = sink_of(unit), lane_of[id(unit)]
             faults.point("unit")  # after the unit's shard is laid out: a pause here falls inside a shard
