@@ -292,7 +292,6 @@ def rewrite_tensor(directory: Path, name: str, value: torch.Tensor | None, besid
     raise KeyError(name)
 
 
-
 def tied_llama_checkpoint(directory: Path, seed: int = 0, embed_scale: float = 0.5, linear_scale: float = 2.0) -> Path:
     """A tiny dense Llama with ``tie_word_embeddings: true`` (no ``lm_head`` tensor, as ``save_pretrained``
     writes a tied model) that vLLM's CPU engine can run: head_dim 32, the smallest head size of vLLM's CPU

@@ -107,6 +107,8 @@ def config_checkpoint(directory: Path, arch: str) -> Path:
     layout, cfg = layout_of_config(MOE_CONFIGS[arch](tf))
     cfg.setdefault("architectures", [type(tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch](tf))).__name__])
     return write_checkpoint(directory, make_weights(layout), cfg, round_robin(2))
+
+
 # vLLM's Llama-4 class imports torchvision, absent from its environment: its oracle runs beside a stand-in.
 NEEDS_TORCHVISION_STUB = ("llama4/",)
 # Classes that tie lm_head to the embedding when the config says so (and still ask about lm_head).

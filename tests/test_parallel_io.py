@@ -22,26 +22,39 @@ def src(tmp_path_factory):
     return make_model_checkpoint(tmp_path_factory.mktemp("pio") / "src", "deepseek_v3", n_shards=3)
 
 
+def quantize_small_shards(src, out, threads: int) -> dict[str, str]:
+    """Many small output shards (so several lanes share and cross shards); the output tree's hashes."""
+    modelopt_streaming.quantize(
+        src,
+        out,
+        device="cpu",
+        scale_math="cpu",
+        max_shard_size=30_000,
+        io_threads=threads,
+        progress="none",
+        log=lambda *_: None,
+    )
+    return tree(out)
+
+
+@pytest.fixture
+def mapped_copies(monkeypatch):
+    """Every copy into a mapping, counted; pieces of 100 bytes and more are mapped (when mapping is on)."""
+    monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 100)
+    copies = []
+    real_copy = writer._copy_mapped
+    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
+    return copies
+
+
 def test_thread_counts_give_modelopts_bytes_and_the_same_files(src, tmp_path):
-    """1, 3 and 8 reader/writer threads, many small output shards (so several lanes share and cross
-    shards): each run's weights and scales equal ModelOpt's export, and every file, manifest and provenance
-    included, is the same across thread counts."""
+    """1, 3 and 8 reader/writer threads: each run's weights and scales equal ModelOpt's export, and every
+    file, manifest and provenance included, is the same across thread counts."""
     reference = modelopt_export(src, tmp_path / "modelopt")
     outputs = {}
     for threads in (1, 3, 8):
-        out = tmp_path / f"t{threads}"
-        modelopt_streaming.quantize(
-            src,
-            out,
-            device="cpu",
-            scale_math="cpu",
-            max_shard_size=30_000,
-            io_threads=threads,
-            progress="none",
-            log=lambda *_: None,
-        )
-        assert weights_match_modelopt(reference, out) >= 14
-        outputs[threads] = tree(out)
+        outputs[threads] = quantize_small_shards(src, tmp_path / f"t{threads}", threads)
+        assert weights_match_modelopt(reference, tmp_path / f"t{threads}") >= 14
     assert sum(f.startswith("model-") for f in outputs[1]) >= 6
     assert outputs[3] == outputs[1] and outputs[8] == outputs[1]
 
@@ -129,13 +142,9 @@ def test_reader_threads_read_large_tensors_in_pieces(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mapped", [False, True])
-def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path, monkeypatch, mapped):
+def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path, mapped_copies, mapped):
     """Six threads write one shard, with pwrite or (tmpfs's way) copies into mappings of odd offsets: the
     safetensors library reads every tensor back and the record's digest is the file's."""
-    monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 100)
-    copies = []
-    real_copy = writer._copy_mapped
-    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
     g = torch.Generator().manual_seed(1)
     tensors = {f"t{i}": torch.randn(64 + 7 * i, generator=g) for i in range(24)}
     tensors["empty"] = torch.zeros(0)
@@ -160,32 +169,17 @@ def test_positional_shard_written_by_many_threads_is_renamed_once(tmp_path, monk
     assert set(back) == set(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
     assert records[0]["digest"] == file_digest(tmp_path / "s.safetensors")
     assert not list(tmp_path.glob(".*.partial"))
-    assert (len(copies) == 24) if mapped else not copies
+    assert (len(mapped_copies) == 24) if mapped else not mapped_copies
 
 
-def test_mapped_writes_give_the_same_files(src, tmp_path, monkeypatch):
+def test_mapped_writes_give_the_same_files(src, tmp_path, monkeypatch, mapped_copies):
     """A whole run whose writers copy into mappings (what they do on tmpfs; forced here on whatever holds
     the test's directory) writes the same files as one with pwrite, and ModelOpt's weights and scales."""
-    monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 512)
-    copies = []
-    real_copy = writer._copy_mapped
-    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
     outputs = {}
     for kinds in ((), (writer.file_system_of(tmp_path),)):
         monkeypatch.setattr(writer, "MAPPED_FILE_SYSTEMS", kinds)
-        out = tmp_path / f"mapped{len(kinds)}"
-        modelopt_streaming.quantize(
-            src,
-            out,
-            device="cpu",
-            scale_math="cpu",
-            max_shard_size=30_000,
-            io_threads=3,
-            progress="none",
-            log=lambda *_: None,
-        )
-        outputs[len(kinds)] = tree(out)
-        assert bool(copies) == bool(kinds)
+        outputs[len(kinds)] = quantize_small_shards(src, tmp_path / f"mapped{len(kinds)}", threads=3)
+        assert bool(mapped_copies) == bool(kinds)
     assert outputs[1] == outputs[0]
     assert weights_match_modelopt(modelopt_export(src, tmp_path / "modelopt"), tmp_path / "mapped1") >= 14
 

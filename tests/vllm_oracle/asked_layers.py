@@ -49,9 +49,7 @@ class MoEMethodMarker:
 
 
 def record_layers(path: str) -> dict:
-    args = EngineArgs(
-        model=path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=128, load_format="dummy"
-    )
+    args = EngineArgs(model=path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=128, load_format="dummy")
     vllm_config = args.create_engine_config()
     quant_config = vllm_config.quant_config
     asked: list[dict] = []

@@ -93,8 +93,7 @@ def layer_weights(prefix: str, answer: dict, names: dict) -> list[str]:
     return [
         t
         for t in names
-        if (t.endswith(".weight") or _EXPERTS_3D.search(t))
-        and any(mapped.get(t, t).startswith(r + ".") for r in roots)
+        if (t.endswith(".weight") or _EXPERTS_3D.search(t)) and any(mapped.get(t, t).startswith(r + ".") for r in roots)
     ]
 
 
