@@ -272,17 +272,16 @@ def main() -> None:
                 drop_cache(files)
             streams[n] = size / 1e6 / parallel_read_and_write(files, work / "io-baseline", planned_out, n)
             print(json.dumps({"layout": layout, "streams": n, "read_write_mbs": streams[n]}), flush=True)
-        first_hashes = None
+        first_digest = None
         for run in args.runs.split(","):
             if args.cache == "cold":
                 drop_cache(files)
             out = work / f"out-{run}"
             tool = run_tool(src, out, run, args.scope, args.max_shard_size)
-            hashes = tree_hashes(out)
-            # One digest of every output file, to compare runs of different invocations or builds.
-            tree_digest = hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()
-            identical = None if first_hashes is None else hashes == first_hashes
-            first_hashes = first_hashes or hashes
+            # One digest of every output file: runs compare by it, within this invocation and across builds.
+            tree_digest = hashlib.sha256(json.dumps(sorted(tree_hashes(out).items())).encode()).hexdigest()
+            identical = None if first_digest is None else tree_digest == first_digest
+            first_digest = first_digest or tree_digest
             shutil.rmtree(out, ignore_errors=True)
             rows.append(
                 {

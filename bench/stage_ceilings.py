@@ -13,11 +13,15 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from modelopt_streaming.writer import copy_mapped  # noqa: E402
 
 CHUNK = 16 << 20
 
@@ -101,12 +105,8 @@ def write_rate(work: Path, nbytes: int, threads: int, digest: bool) -> float:
 def shared_file_rate(work: Path, nbytes: int, threads: int, how: str) -> float:
     """All threads write disjoint ranges of ONE fresh file, as the writers of one shard do: with ``pwrite``
     (buffered writes into one file take its inode lock on tmpfs, ext4 and XFS) or by copying into a
-    mapping of each range (page faults take no inode lock)."""
-    import mmap
-
-    import numpy as np
-
-    data = np.frombuffer(os.urandom(CHUNK), dtype=np.uint8)
+    mapping of each range (page faults take no inode lock), with the shard writer's own copy."""
+    data = memoryview(os.urandom(CHUNK))
     path = work / "ceiling-shared.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     os.ftruncate(fd, threads * nbytes)
@@ -116,9 +116,7 @@ def shared_file_rate(work: Path, nbytes: int, threads: int, how: str) -> float:
             if how == "pwrite":
                 os.pwrite(fd, data, off)
             else:
-                mm = mmap.mmap(fd, CHUNK, offset=off)
-                np.copyto(np.frombuffer(mm, dtype=np.uint8), data)
-                mm.close()
+                copy_mapped(fd, data, off)
 
     rate = threads * nbytes / _timed_threads(threads, job)
     os.close(fd)

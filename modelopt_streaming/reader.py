@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,12 +53,19 @@ class TensorReader:
         with self._lock:
             self._users[rel] -= 1
 
-    def _read_into(self, info: TensorInfo, offset: int, out: memoryview) -> None:
-        if self._pool is None or len(out) < 2 * PARALLEL_CHUNK:
-            return self._read_span(info, offset, out)
-        spans = [(o, min(PARALLEL_CHUNK, len(out) - o)) for o in range(0, len(out), PARALLEL_CHUNK)]
-        for f in [self._pool.submit(self._read_span, info, offset + o, out[o : o + n]) for o, n in spans]:
+    def _in_pieces(self, nbytes: int, piece: Callable[[int, int], None]) -> None:
+        """``piece(offset, n)`` over ``nbytes`` cut into PARALLEL_CHUNK spans, on the pool when there are
+        several; the first error is raised."""
+        spans = [(o, min(PARALLEL_CHUNK, nbytes - o)) for o in range(0, nbytes, PARALLEL_CHUNK)]
+        if self._pool is None or len(spans) < 2:
+            for o, n in spans:
+                piece(o, n)
+            return
+        for f in [self._pool.submit(piece, o, n) for o, n in spans]:
             f.result()
+
+    def _read_into(self, info: TensorInfo, offset: int, out: memoryview) -> None:
+        self._in_pieces(len(out), lambda o, n: self._read_span(info, offset + o, out[o : o + n]))
 
     def _read_span(self, info: TensorInfo, offset: int, out: memoryview) -> None:
         fd = self._acquire(info.file)
@@ -116,13 +124,7 @@ class TensorReader:
             with torch.cuda.stream(stream):
                 out[offset : offset + nbytes].copy_(staging, non_blocking=True)
 
-        spans = [(o, min(PARALLEL_CHUNK, info.nbytes - o)) for o in range(0, info.nbytes, PARALLEL_CHUNK)]
-        if self._pool is None or len(spans) < 2:
-            for o, n in spans:
-                piece(o, n)
-        else:
-            for f in [self._pool.submit(piece, o, n) for o, n in spans]:
-                f.result()
+        self._in_pieces(info.nbytes, piece)
         return out.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
     def _decode(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:

@@ -184,23 +184,17 @@ def interleave_lanes(units: list[Unit], lanes: int) -> list[tuple[int, Unit]]:
     return out
 
 
-def _memory_bytes(item: tuple[Unit, int, int]) -> int:
-    """What one read item holds in memory: its bytes, plus the bf16 tensor a decoded source becomes."""
-    unit, _offset, nbytes = item
-    decoded = [s for s in unit_sources(unit) if isinstance(s, DecodedWeight)]
-    return nbytes + sum(2 * d.numel for d in decoded)
-
-
 def _read_ahead_cost(device: torch.device):
-    """The read-ahead's measure of an item, in bytes of READ_AHEAD_BYTES: host bytes as they are; a unit read
-    straight to the GPU scaled so that READ_AHEAD_GPU_BYTES of them fill the budget."""
+    """The read-ahead's measure of an item, in bytes of READ_AHEAD_BYTES: what it holds in host memory (its
+    bytes, plus the bf16 tensor a decoded source becomes); a unit read straight to the GPU scaled so that
+    READ_AHEAD_GPU_BYTES of them fill the budget."""
 
     def cost(item: tuple[Unit, int, int]) -> int:
-        unit = item[0]
-        on_gpu = device.type == "cuda" and isinstance(unit, QuantizeUnit)
-        if on_gpu and not any(isinstance(s, DecodedWeight) for s in unit_sources(unit)):
-            return max(1, item[2] * READ_AHEAD_BYTES // READ_AHEAD_GPU_BYTES)
-        return _memory_bytes(item)
+        unit, _offset, nbytes = item
+        decoded = [s for s in unit_sources(unit) if isinstance(s, DecodedWeight)]
+        if device.type == "cuda" and isinstance(unit, QuantizeUnit) and not decoded:
+            return max(1, nbytes * READ_AHEAD_BYTES // READ_AHEAD_GPU_BYTES)
+        return nbytes + sum(2 * d.numel for d in decoded)
 
     return cost
 
@@ -531,8 +525,7 @@ def _write_output(
     try:
         with TensorReader(input_dir, threads=threads) as reader:
             kw = dict(device=dev, codec=codec, recipe=recipe, allow_nonfinite=allow_nonfinite, meter=meter, stats=stats)
-            kw["threads"] = threads
-            kw["reciprocals"] = ExactReciprocals()
+            kw.update(threads=threads, reciprocals=ExactReciprocals())
             if world == 1:
                 phase = time.perf_counter()
                 _write_shards_local(todo, state, reader, **kw)

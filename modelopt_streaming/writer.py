@@ -245,7 +245,7 @@ def file_system_of(path: str | Path) -> str:
     return kind
 
 
-def _copy_mapped(fd: int, data: memoryview, offset: int) -> None:
+def copy_mapped(fd: int, data: memoryview, offset: int) -> None:
     """``data`` into the file at ``offset`` through a mapping of just that range (numpy's copy releases
     the GIL); unmapped at once, so the mapped pages never add up in this process."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -280,7 +280,7 @@ class TensorWrite:
         while view:
             piece = view if half < 0 else view[: half - self.cursor]
             if self.shard.mapped and len(piece) >= MAPPED_WRITE_MIN_BYTES:
-                _copy_mapped(fd, piece, self.cursor)
+                copy_mapped(fd, piece, self.cursor)
                 n = len(piece)
             else:
                 n = os.pwrite(fd, piece, self.cursor)
@@ -297,7 +297,8 @@ class PositionalShardWriter:
     """Writes tensors of one shard at their planned offsets, in any order, from several threads and processes.
 
     ``create`` (once) writes the header and sizes the file; each process then opens it and writes its
-    tensors with ``pwrite`` (``open(name)`` gives one tensor's writer, for a thread of its own), digesting
+    tensors with ``pwrite``, or on tmpfs by copies into mappings (``mapped``; ``open(name)`` gives one
+    tensor's writer, for a thread of its own), digesting
     each tensor as it writes it; ``finish`` (once, after all) takes every process's tensor digests, checks
     that they cover the plan, and renames the file. ``on_whole(self)``, if given, is called by the thread that
     completes the last planned tensor when this process wrote them all (one process: the shard can be

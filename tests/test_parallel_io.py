@@ -42,8 +42,8 @@ def mapped_copies(monkeypatch):
     """Every copy into a mapping, counted; pieces of 100 bytes and more are mapped (when mapping is on)."""
     monkeypatch.setattr(writer, "MAPPED_WRITE_MIN_BYTES", 100)
     copies = []
-    real_copy = writer._copy_mapped
-    monkeypatch.setattr(writer, "_copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
+    real_copy = writer.copy_mapped
+    monkeypatch.setattr(writer, "copy_mapped", lambda *a: copies.append(1) or real_copy(*a))
     return copies
 
 
