@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import synthetic_checkpoint as synth  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from modelopt_streaming.writer import file_system_of  # noqa: E402
+from modelopt_streaming.sink.writer import file_system_of  # noqa: E402
 
 CHILD = str(Path(__file__).with_name("quantize_child.py"))
 

@@ -11,7 +11,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import modelopt_streaming  # noqa: E402
-from modelopt_streaming.distributed import init_distributed  # noqa: E402
+from modelopt_streaming.jobs.distributed import init_distributed  # noqa: E402
 
 imported = time.time()
 src, out, device, scope = sys.argv[1:5]

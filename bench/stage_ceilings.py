@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from modelopt_streaming.writer import copy_mapped  # noqa: E402
+from modelopt_streaming.sink.writer import copy_mapped  # noqa: E402
 
 CHUNK = 16 << 20
 

@@ -10,7 +10,7 @@ import signal
 import sys
 import traceback
 
-from .index import CheckpointError
+from modelopt_streaming.source.index import CheckpointError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -55,7 +55,7 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modelopt-streaming", description="Stream safetensors checkpoints into NVFP4.")
-    from . import __version__
+    from modelopt_streaming import __version__
 
     parser.add_argument("--version", action="version", version=f"modelopt-streaming {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_validation(args) -> int:
     import json
 
-    from .validate import checks, doctor, scales, weights
+    from modelopt_streaming.validate import checks, doctor, scales, weights
 
     if args.command == "validate":
         report = checks.validate(args.checkpoint, tp=args.tp, block_scales=not args.skip_block_scales)
@@ -215,10 +215,10 @@ def _resume_command(argv: list[str] | None) -> str:
 
 
 def _run_quantize(args, argv: list[str] | None) -> int:
-    from .distributed import init_distributed
-    from .errors import OutputError, UsageError
-    from .output_dir import OutputStateError
-    from .runner import quantize
+    from modelopt_streaming.errors import OutputError, UsageError
+    from modelopt_streaming.jobs.distributed import init_distributed
+    from modelopt_streaming.jobs.quantize import quantize
+    from modelopt_streaming.sink.output_dir import OutputStateError
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -291,9 +291,9 @@ def _run_quantize(args, argv: list[str] | None) -> int:
 def _run_interchange(args, argv: list[str] | None) -> int:
     import json
 
-    from .convert import ConversionRefused, convert
-    from .decompress import decompress
-    from .errors import UsageError
+    from modelopt_streaming.errors import UsageError
+    from modelopt_streaming.jobs.convert import ConversionRefused, convert
+    from modelopt_streaming.jobs.decompress import decompress
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt

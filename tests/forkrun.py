@@ -65,7 +65,7 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     tmp = Path(sys.argv[2])
     import modelopt_streaming.cli  # noqa: F401 - imported once, before the forks
-    import modelopt_streaming.runner  # noqa: F401
+    import modelopt_streaming.jobs.quantize  # noqa: F401
 
     results = []
     for i, job in enumerate(jobs):

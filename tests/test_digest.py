@@ -12,7 +12,7 @@ import torch
 from checkpoints import make_model_checkpoint
 from safetensors import safe_open
 
-from modelopt_streaming.writer import PositionalShardWriter, ShardWriter, TensorSpec, file_digest
+from modelopt_streaming.sink.writer import PositionalShardWriter, ShardWriter, TensorSpec, file_digest
 
 
 def independent_digest(path) -> str:

@@ -7,7 +7,7 @@ from checkpoints import checkpoint_layout, load_dir, make_weights, round_robin, 
 from vllm_oracle.client import disagreements, oracle, vllm_decisions
 
 from modelopt_streaming import quantize
-from modelopt_streaming.export import compact_exclusions, hf_quant_config, model_config
+from modelopt_streaming.sink.export import compact_exclusions, hf_quant_config, model_config
 
 
 def deepseek_names(layers=61, experts=256, dense=3):

@@ -11,7 +11,7 @@ from vllm_oracle.client import disagreements, oracle
 
 from modelopt_streaming import quantize
 from modelopt_streaming.codec import nvfp4
-from modelopt_streaming.index import build_index
+from modelopt_streaming.source.index import build_index
 
 ARCHS = ["llama", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "kimi_k2"]
 PARTNERS = {

@@ -102,7 +102,7 @@ def test_index_names_are_judged_not_where_they_resolve(plain, tmp_path, name):
 def test_side_files_skip_the_files_that_describe_the_source(tmp_path):
     """One of our outputs as input (a decompressed checkpoint re-quantized): its provenance and manifest
     describe that directory, and a copy would sit in the new output as if it described it."""
-    from modelopt_streaming.export.side_files import side_files
+    from modelopt_streaming.sink.export.side_files import side_files
 
     names = [
         "tokenizer.json",

@@ -11,7 +11,7 @@ import threading
 import torch
 from safetensors.torch import save_file
 
-from modelopt_streaming import pipeline
+from modelopt_streaming.jobs import pipeline
 
 MB = 1024 * 1024
 
@@ -64,7 +64,8 @@ CHILD = textwrap.dedent("""
     import json, sys, threading
     import torch
     import modelopt_streaming
-    from modelopt_streaming import pipeline, runner
+    from modelopt_streaming.jobs import pipeline
+    from modelopt_streaming.jobs import quantize as runner
     torch.ones(4096, 16).sum()  # warm the allocator and thread pool the way a real run would
     fullest = [0]
     if sys.argv[1] == "run":

@@ -13,8 +13,8 @@ from checkpoints import load_dir, write_checkpoint
 from checkpoints_extra import make_gpt_oss_checkpoint
 
 from modelopt_streaming import quantize
-from modelopt_streaming.index import build_index, decoded_weights
-from modelopt_streaming.reader import TensorReader
+from modelopt_streaming.source.index import build_index, decoded_weights
+from modelopt_streaming.source.reader import TensorReader
 
 EXPERTS = ("gate_up_proj", "down_proj")
 

@@ -11,8 +11,8 @@ import transformers as tf
 from checkpoints import TINY, layout_of_config, load_dir, write_checkpoint
 from checkpoints_extra import make_config_checkpoint
 
-from modelopt_streaming.index import build_index
-from modelopt_streaming.plan import Recipe, build_plan
+from modelopt_streaming.plan.build import Recipe, build_plan
+from modelopt_streaming.source.index import build_index
 
 T = dict(hidden_size=64, num_attention_heads=4, vocab_size=256, max_position_embeddings=128)
 

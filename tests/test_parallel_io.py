@@ -11,10 +11,13 @@ from forkrun import tree_hashes as tree
 from safetensors.torch import load_file, save_file
 
 import modelopt_streaming
-from modelopt_streaming import output_dir, pipeline, reader, runner, writer
-from modelopt_streaming.index import build_index
-from modelopt_streaming.plan import Recipe, build_plan, unit_sources
-from modelopt_streaming.writer import PositionalShardWriter, TensorSpec, file_digest
+from modelopt_streaming.jobs import pipeline
+from modelopt_streaming.jobs import quantize as runner
+from modelopt_streaming.plan.build import Recipe, build_plan, unit_sources
+from modelopt_streaming.sink import output_dir, writer
+from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec, file_digest
+from modelopt_streaming.source import reader
+from modelopt_streaming.source.index import build_index
 
 
 @pytest.fixture(scope="module")

@@ -219,8 +219,8 @@ def _tiny_int4_checkpoint(directory, shape_values=(32, 64), config_group=32, sca
 
 
 def test_int4_hand_packed_decodes_to_hand_dequantization(tmp_path):
-    from modelopt_streaming.index import build_index, decoded_weights
-    from modelopt_streaming.reader import TensorReader
+    from modelopt_streaming.source.index import build_index, decoded_weights
+    from modelopt_streaming.source.reader import TensorReader
 
     src, q = _tiny_int4_checkpoint(tmp_path / "src")
     index = build_index(src)

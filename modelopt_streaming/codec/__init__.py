@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_kernel, cuda_kernel, nvfp4
+from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4
 
 
 @dataclass(frozen=True)

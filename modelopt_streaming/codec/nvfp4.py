@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..formats import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, E4M3_MIN_SCALE
+from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, E4M3_MIN_SCALE
 
 # Rounding thresholds between consecutive magnitudes. At a tie the even code wins: a value equal to
 # a threshold rounds down when the lower code is even (0.25, 1.25, 2.5, 5.0) and up when the upper

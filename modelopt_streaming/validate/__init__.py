@@ -1,5 +1,5 @@
 """Validate: judge any NVFP4 checkpoint from its files alone."""
 
-from .checks import Report, validate
+from modelopt_streaming.validate.checks import Report, validate
 
 __all__ = ["Report", "validate"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..consumer import (
+from modelopt_streaming.consumers.vllm import (
     EMBEDDING_LEAVES,
     GENERIC,
     UNFUSED,
@@ -20,8 +20,8 @@ from ..consumer import (
     disagreements,
     family_of,
 )
-from ..plan import FUSION_KINDS, fusion_key, module_kind
-from .checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
+from modelopt_streaming.plan.build import FUSION_KINDS, fusion_key, module_kind
+from modelopt_streaming.validate.checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
 
 # Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
 _ROW_PARALLEL = {"down_proj", "o_proj", "w2", "dense_4h_to_h", "out_proj"}

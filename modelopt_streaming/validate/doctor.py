@@ -109,7 +109,7 @@ def find_cublaslt_header() -> str | None:
 
 def doctor(checkpoint: str | Path | None = None) -> dict:
     vllm = _installed_version("vllm")
-    from ..consumer import VLLM_VERSION
+    from modelopt_streaming.consumers.vllm import VLLM_VERSION
 
     report: dict = {
         "vllm": {
@@ -122,7 +122,7 @@ def doctor(checkpoint: str | Path | None = None) -> dict:
         "cublasLt_h": find_cublaslt_header(),
     }
     if checkpoint:
-        from .checks import validate
+        from modelopt_streaming.validate.checks import validate
 
         rep = validate(checkpoint, block_scales=False)
         tps = {tp: (not rep.tp_misfits(tp)) if rep.ok else None for tp in (1, 2, 4, 8)}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..plan import KIND_ORDER, module_kind
-from .checkpoint import NVFP4Checkpoint
+from modelopt_streaming.plan.build import KIND_ORDER, module_kind
+from modelopt_streaming.validate.checkpoint import NVFP4Checkpoint
 
 TYPICAL_WEIGHT_SCALE_2 = (1e-5, 1e-3)
 # Every finite non-negative float8_e4m3fn value, indexed by its bit pattern: block-scale statistics are

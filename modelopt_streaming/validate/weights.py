@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..codec.nvfp4 import dequantize
-from ..index import build_index
-from ..plan import module_kind
-from ..reader import TensorReader
-from .checkpoint import ModuleView, NVFP4Checkpoint
+from modelopt_streaming.codec.nvfp4 import dequantize
+from modelopt_streaming.plan.build import module_kind
+from modelopt_streaming.source.index import build_index
+from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.validate.checkpoint import ModuleView, NVFP4Checkpoint
 
 
 @dataclass

@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import OutputError, UsageError
-from .interchange import ExactReciprocals
-from .output_dir import OutputState, OutputStateError
-from .plan import Shard, Unit, unit_sources
-from .progress import Progress
-from .writer import PositionalShardWriter, TensorSpec
+from modelopt_streaming.errors import OutputError, UsageError
+from modelopt_streaming.formats.interchange import ExactReciprocals
+from modelopt_streaming.jobs.progress import Progress
+from modelopt_streaming.plan.build import Shard, Unit, unit_sources
+from modelopt_streaming.sink.output_dir import OutputState, OutputStateError
+from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
 
 # Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
 # rank's real work goes through barrier() with a timeout sized to that work instead.

@@ -24,7 +24,7 @@ import math
 import struct
 from pathlib import Path
 
-from .index import PROVENANCE_FILE, CheckpointError, TensorInfo
+from modelopt_streaming.source.index import PROVENANCE_FILE, CheckpointError, TensorInfo
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -137,8 +137,8 @@ def reference_input_scales(path: str | Path) -> dict[str, float]:
     """``input_scale`` of every quantized module of a reference NVFP4 checkpoint (either dialect), by module
     name, as ModelOpt stores it (a compressed-tensors ``input_global_scale`` is turned back exactly, see
     ``ExactReciprocals``). Reads headers and scalars only."""
-    from .index import build_index, resolve_checkpoint_dir
-    from .reader import TensorReader
+    from modelopt_streaming.source.index import build_index, resolve_checkpoint_dir
+    from modelopt_streaming.source.reader import TensorReader
 
     root = resolve_checkpoint_dir(path)
     index = build_index(root)

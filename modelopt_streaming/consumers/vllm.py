@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .index import CheckpointError, load_json
+from modelopt_streaming.source.index import CheckpointError, load_json
 
 VLLM_VERSION = "0.32.0"
 

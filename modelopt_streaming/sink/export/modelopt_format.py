@@ -9,7 +9,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-from ..consumer import (
+from modelopt_streaming.consumers.vllm import (
     GENERIC,
     UNFUSED,
     ConsumerError,

@@ -16,10 +16,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .consumer import EMBEDDING_LEAVES, ExclusionMatcher
-from .formats import BLOCK_SIZE
-from .index import DTYPES, FLOAT_DTYPES, CheckpointError, CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
-from .interchange import LEAVES, SCALAR_SHAPE
+from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, ExclusionMatcher
+from modelopt_streaming.formats.interchange import LEAVES, SCALAR_SHAPE
+from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
+from modelopt_streaming.source.index import (
+    DTYPES,
+    FLOAT_DTYPES,
+    CheckpointError,
+    CheckpointIndex,
+    DecodedWeight,
+    TensorInfo,
+    decoded_weights,
+)
 
 Scope = Literal["all", "mlp", "experts"]
 

@@ -25,13 +25,22 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .codec import nvfp4
-from .convert import quantized_experts_3d
-from .errors import UsageError
-from .export import copy_side_files, safetensors_index
-from .formats import BLOCK_SIZE
-from .index import (
+from modelopt_streaming import __version__
+from modelopt_streaming.codec import nvfp4
+from modelopt_streaming.errors import UsageError
+from modelopt_streaming.formats.interchange import (
+    COMPRESSED_TENSORS,
+    MODELOPT,
+    PROVENANCE_FILE,
+    detect_format,
+    nvfp4_modules,
+)
+from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
+from modelopt_streaming.jobs.convert import quantized_experts_3d
+from modelopt_streaming.sink.export import copy_side_files, safetensors_index
+from modelopt_streaming.sink.output_dir import OutputState, check_paths, job_fingerprint, single_process_job
+from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.source.index import (
     DTYPE_NAMES,
     DTYPES,
     INDEX_FILE,
@@ -43,10 +52,7 @@ from .index import (
     decoded_weights,
     resolve_checkpoint_dir,
 )
-from .interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE, detect_format, nvfp4_modules
-from .output_dir import OutputState, check_paths, job_fingerprint, single_process_job
-from .reader import TensorReader
-from .writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.source.reader import TensorReader
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY_CHUNK_BYTES = 16 * 1024 * 1024

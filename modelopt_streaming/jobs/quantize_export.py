@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import __version__
-from ..codec import nvfp4
-from ..index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, TensorInfo, read_header
-from ..interchange import COMPRESSED_TENSORS, RECORD_KEY
-from ..output_dir import FINISHED_MARKER, OutputState, recipe_dict
-from ..plan import Plan, QuantizeUnit, Recipe
-from ..reader import TensorReader
-from ..summary import Summary
-from ..writer import DIGEST_SCHEME, write_json_atomic
-from .compressed_tensors_format import model_config as ct_model_config
-from .modelopt_format import hf_quant_config, model_config, safetensors_index
-from .side_files import copy_side_files
+from modelopt_streaming import __version__
+from modelopt_streaming.codec import nvfp4
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, RECORD_KEY
+from modelopt_streaming.jobs.summary import Summary
+from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe
+from modelopt_streaming.sink.export.compressed_tensors_format import model_config as ct_model_config
+from modelopt_streaming.sink.export.modelopt_format import hf_quant_config, model_config, safetensors_index
+from modelopt_streaming.sink.export.side_files import copy_side_files
+from modelopt_streaming.sink.output_dir import FINISHED_MARKER, OutputState, recipe_dict
+from modelopt_streaming.sink.writer import DIGEST_SCHEME, write_json_atomic
+from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, TensorInfo, read_header
+from modelopt_streaming.source.reader import TensorReader
 
 
 def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:

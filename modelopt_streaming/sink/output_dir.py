@@ -24,11 +24,18 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, faults
-from .errors import UsageError
-from .index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
-from .plan import Plan, Recipe
-from .writer import MANIFEST_FILE, IncompleteShardError, file_digest, fsync_dir, partial_name, write_json_atomic
+from modelopt_streaming import __version__, faults
+from modelopt_streaming.errors import UsageError
+from modelopt_streaming.plan.build import Plan, Recipe
+from modelopt_streaming.sink.writer import (
+    MANIFEST_FILE,
+    IncompleteShardError,
+    file_digest,
+    fsync_dir,
+    partial_name,
+    write_json_atomic,
+)
+from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .codec import nvfp4
-from .interchange import COMPRESSED_TENSORS
-from .plan import CopyUnit, Plan, QuantizeUnit
+from modelopt_streaming.codec import nvfp4
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS
+from modelopt_streaming.plan.build import CopyUnit, Plan, QuantizeUnit
 
 
 @dataclass

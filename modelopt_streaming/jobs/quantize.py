@@ -12,10 +12,19 @@ from pathlib import Path
 
 import torch
 
-from . import faults
-from .codec import Codec, cpu_kernel, nvfp4, select_codec
-from .consumer import family_of, load_reference_exclusions
-from .distributed import (
+from modelopt_streaming import faults
+from modelopt_streaming.codec import Codec, cpu_kernel, nvfp4, select_codec
+from modelopt_streaming.consumers.vllm import family_of, load_reference_exclusions
+from modelopt_streaming.errors import OutputError, UsageError
+from modelopt_streaming.formats.interchange import (
+    COMPRESSED_TENSORS,
+    FORMATS,
+    LEAVES,
+    RECORD_KEY,
+    ExactReciprocals,
+    reference_input_scales,
+)
+from modelopt_streaming.jobs.distributed import (
     GROUP_TIMEOUT_S,
     SLOWEST_RATE,
     barrier,
@@ -27,19 +36,23 @@ from .distributed import (
     world_size_env,
     write_shards_distributed,
 )
-from .errors import OutputError, UsageError
-from .export import compact_exclusions
-from .export.checkpoint import export_checkpoint
-from .export.compressed_tensors_format import compressed_tensors_ignore
-from .index import CheckpointError, CheckpointIndex, DecodedWeight, build_index, resolve_checkpoint_dir
-from .interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, RECORD_KEY, ExactReciprocals, reference_input_scales
-from .output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
-from .pipeline import ParallelWriter, Throughput, map_large_buffers, read_ahead
-from .plan import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
-from .progress import Progress
-from .reader import TensorReader
-from .summary import Summary, summarize
-from .writer import IncompleteShardError, PositionalShardWriter, TensorSpec
+from modelopt_streaming.jobs.pipeline import ParallelWriter, Throughput, map_large_buffers, read_ahead
+from modelopt_streaming.jobs.progress import Progress
+from modelopt_streaming.jobs.quantize_export import export_checkpoint
+from modelopt_streaming.jobs.summary import Summary, summarize
+from modelopt_streaming.plan.build import CopyUnit, Plan, QuantizeUnit, Recipe, Shard, Unit, build_plan, unit_sources
+from modelopt_streaming.sink.export import compact_exclusions
+from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
+from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
+from modelopt_streaming.sink.writer import IncompleteShardError, PositionalShardWriter, TensorSpec
+from modelopt_streaming.source.index import (
+    CheckpointError,
+    CheckpointIndex,
+    DecodedWeight,
+    build_index,
+    resolve_checkpoint_dir,
+)
+from modelopt_streaming.source.reader import TensorReader
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -423,7 +436,7 @@ def quantize(
         raise UsageError(
             f"WORLD_SIZE={world_size_env()} (torchrun?) but no process group: each process would write the "
             "whole output; run the modelopt-streaming command under torchrun, or call "
-            "modelopt_streaming.runner.init_distributed() before quantize()"
+            "modelopt_streaming.jobs.quantize.init_distributed() before quantize()"
         )
     dev = resolve_device(device)
     output_dir = Path(output_dir)

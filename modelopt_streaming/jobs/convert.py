@@ -25,23 +25,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .consumer import ConsumerError
-from .errors import UsageError
-from .export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
-from .export import model_config as modelopt_model_config
-from .export.compressed_tensors_format import compressed_tensors_ignore
-from .export.compressed_tensors_format import model_config as ct_model_config
-from .index import (
-    FLOAT_DTYPES,
-    INDEX_FILE,
-    CheckpointError,
-    CheckpointIndex,
-    TensorInfo,
-    build_index,
-    resolve_checkpoint_dir,
-)
-from .interchange import (
+from modelopt_streaming import __version__
+from modelopt_streaming.consumers.vllm import ConsumerError
+from modelopt_streaming.errors import UsageError
+from modelopt_streaming.formats.interchange import (
     COMPRESSED_TENSORS,
     FORMATS,
     LEAVES,
@@ -54,10 +41,29 @@ from .interchange import (
     nvfp4_modules,
     read_positive_scalar,
 )
-from .output_dir import FINISHED_MARKER, OutputState, check_paths, job_fingerprint, single_process_job
-from .reader import TensorReader
-from .validate import validate
-from .writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.sink.export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
+from modelopt_streaming.sink.export import model_config as modelopt_model_config
+from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
+from modelopt_streaming.sink.export.compressed_tensors_format import model_config as ct_model_config
+from modelopt_streaming.sink.output_dir import (
+    FINISHED_MARKER,
+    OutputState,
+    check_paths,
+    job_fingerprint,
+    single_process_job,
+)
+from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.source.index import (
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    CheckpointError,
+    CheckpointIndex,
+    TensorInfo,
+    build_index,
+    resolve_checkpoint_dir,
+)
+from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.validate import validate
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.

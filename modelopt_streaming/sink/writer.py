@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import faults
-from .index import DTYPE_NAMES, DTYPES
+from modelopt_streaming import faults
+from modelopt_streaming.source.index import DTYPE_NAMES, DTYPES
 
 MANIFEST_FILE = "modelopt_streaming.manifest.json"
 

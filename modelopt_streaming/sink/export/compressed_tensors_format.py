@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from ..consumer import EMBEDDING_LEAVES, GENERIC, ConsumerError, consumer_layers, family_of
+from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, GENERIC, ConsumerError, consumer_layers, family_of
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"

@@ -1,0 +1,1 @@
+"""Consumers: what a serving engine builds from a checkpoint and how it matches exclusions against those layers."""
