@@ -1,11 +1,40 @@
-"""modelopt-streaming: any-size safetensors checkpoint in, ModelOpt-exact NVFP4 checkpoint out."""
+"""modelopt-streaming: any-size safetensors checkpoint in, ModelOpt-exact NVFP4 checkpoint out.
 
-__version__ = "0.1.0"
+The public surface: the jobs ``quantize``, ``convert`` and ``decompress``, the summary ``quantize`` returns,
+and every error the tool raises (all subclasses of ``ModeloptStreamingError``)."""
 
-from modelopt_streaming.errors import UsageError  # noqa: E402
-from modelopt_streaming.jobs.convert import convert  # noqa: E402
-from modelopt_streaming.jobs.decompress import decompress  # noqa: E402
-from modelopt_streaming.jobs.quantize import quantize  # noqa: E402
-from modelopt_streaming.jobs.summary import Summary  # noqa: E402
+from modelopt_streaming.errors import (
+    CheckpointError,
+    ConsumerError,
+    ConversionRefused,
+    IncompleteShardError,
+    ModeloptStreamingError,
+    OutputError,
+    OutputStateError,
+    PartlyExcludedFusedLayer,
+    RankLostError,
+    UsageError,
+)
+from modelopt_streaming.jobs.convert import convert
+from modelopt_streaming.jobs.decompress import decompress
+from modelopt_streaming.jobs.quantize import quantize
+from modelopt_streaming.jobs.summary import Summary
+from modelopt_streaming.version import __version__
 
-__all__ = ["Summary", "UsageError", "__version__", "convert", "decompress", "quantize"]
+__all__ = [
+    "CheckpointError",
+    "ConsumerError",
+    "ConversionRefused",
+    "IncompleteShardError",
+    "ModeloptStreamingError",
+    "OutputError",
+    "OutputStateError",
+    "PartlyExcludedFusedLayer",
+    "RankLostError",
+    "Summary",
+    "UsageError",
+    "__version__",
+    "convert",
+    "decompress",
+    "quantize",
+]

@@ -10,7 +10,15 @@ import signal
 import sys
 import traceback
 
-from modelopt_streaming.source.index import CheckpointError
+from modelopt_streaming.errors import (
+    CheckpointError,
+    ConsumerError,
+    ConversionRefused,
+    ModeloptStreamingError,
+    OutputError,
+    OutputStateError,
+    UsageError,
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -55,7 +63,7 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modelopt-streaming", description="Stream safetensors checkpoints into NVFP4.")
-    from modelopt_streaming import __version__
+    from modelopt_streaming.version import __version__
 
     parser.add_argument("--version", action="version", version=f"modelopt-streaming {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -195,17 +203,57 @@ def _run_validation(args) -> int:
     return 0
 
 
+# One table from error class to exit code; the most specific class listed wins. 2: the command cannot run
+# as asked (nothing written); 1: the input or the output failed (a checkpoint, the disk, a rank), or a
+# validator's verdict is "not valid"; 130: interrupted, finished shards kept.
+EXIT_CODES: dict[type[BaseException], int] = {
+    UsageError: 2,
+    OutputStateError: 2,
+    CheckpointError: 1,
+    ConsumerError: 1,
+    ConversionRefused: 1,
+    OutputError: 1,
+    ModeloptStreamingError: 1,
+}
+WRITING_COMMANDS = ("quantize", "convert", "decompress")
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The exit code of an error the tool raised on purpose (``EXIT_CODES``, by the class's nearest listed base)."""
+    return next(EXIT_CODES[c] for c in type(error).__mro__ if c in EXIT_CODES)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("convert", "decompress"):
-        return _run_interchange(args, argv)
-    if args.command != "quantize":
-        try:
-            return _run_validation(args)
-        except (CheckpointError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return _run_quantize(args, argv)
+    runs = {"quantize": _run_quantize, "convert": _run_interchange, "decompress": _run_interchange}
+    if args.command in WRITING_COMMANDS:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return runs.get(args.command, _run_validation)(args)
+    except ModeloptStreamingError as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_of(e)
+    except KeyboardInterrupt:
+        if args.command not in WRITING_COMMANDS:
+            raise
+        print(f"interrupted; finished shards are kept. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    except OSError as e:  # reading a file the stages did not expect to fail on (permissions, a vanished file)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _resume_command(argv: list[str] | None) -> str:
@@ -214,21 +262,11 @@ def _resume_command(argv: list[str] | None) -> str:
     return "modelopt-streaming " + " ".join(shlex.quote(w) for w in words)
 
 
-def _run_quantize(args, argv: list[str] | None) -> int:
-    from modelopt_streaming.errors import OutputError, UsageError
+def _run_quantize(args) -> int:
     from modelopt_streaming.jobs.distributed import init_distributed
     from modelopt_streaming.jobs.quantize import quantize
-    from modelopt_streaming.sink.output_dir import OutputStateError
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        device, distributed = init_distributed(args.device)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device, distributed = init_distributed(args.device)
     other_rank = distributed and int(os.environ.get("RANK", "0")) != 0  # rank 0 alone speaks
     quiet = args.quiet or other_rank
     log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -255,22 +293,6 @@ def _run_quantize(args, argv: list[str] | None) -> int:
             io_threads=args.io_threads,
             log=log,
         )
-    except (UsageError, OutputStateError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OutputError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; finished shards are kept. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
     finally:
         if distributed:
             import torch.distributed as dist
@@ -288,52 +310,35 @@ def _run_quantize(args, argv: list[str] | None) -> int:
     return 0
 
 
-def _run_interchange(args, argv: list[str] | None) -> int:
+def _run_interchange(args) -> int:
     import json
 
-    from modelopt_streaming.errors import UsageError
-    from modelopt_streaming.jobs.convert import ConversionRefused, convert
+    from modelopt_streaming.jobs.convert import convert
     from modelopt_streaming.jobs.decompress import decompress
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        if args.command == "convert":
-            summary = convert(
-                args.input_dir,
-                args.output_dir,
-                args.to,
-                force=args.force,
-                overwrite=args.overwrite,
-                resume=args.resume,
-                verify=args.verify,
-                log=log,
-            )
-        else:
-            summary = decompress(
-                args.input_dir,
-                args.output_dir,
-                args.dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-                resume=args.resume,
-                verify=args.verify,
-                log=log,
-            )
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ConversionRefused, OSError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; finished shards are kept. Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
-        return 130
+    if args.command == "convert":
+        summary = convert(
+            args.input_dir,
+            args.output_dir,
+            args.to,
+            force=args.force,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            verify=args.verify,
+            log=log,
+        )
+    else:
+        summary = decompress(
+            args.input_dir,
+            args.output_dir,
+            args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            verify=args.verify,
+            log=log,
+        )
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:

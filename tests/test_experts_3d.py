@@ -11,8 +11,9 @@ from checkpoints_extra import make_fused_experts_checkpoint
 
 from modelopt_streaming import quantize
 from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4
+from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.plan.build import QuantizeUnit, Recipe, build_plan
-from modelopt_streaming.source.index import CheckpointError, build_index
+from modelopt_streaming.source.index import build_index
 
 EXPERTS = ("gate_up_proj", "down_proj")
 

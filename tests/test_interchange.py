@@ -15,7 +15,8 @@ from checkpoints_extra import calibrated_modelopt_export, deepseek_fp8_checkpoin
 
 from modelopt_streaming import quantize
 from modelopt_streaming.cli import main
-from modelopt_streaming.jobs.convert import ConversionRefused, convert
+from modelopt_streaming.errors import ConversionRefused
+from modelopt_streaming.jobs.convert import convert
 from modelopt_streaming.jobs.decompress import decompress
 from modelopt_streaming.validate import validate
 

@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelopt_streaming.source.index import CheckpointError, load_json
+from modelopt_streaming.errors import CheckpointError, PartlyExcludedFusedLayer
+from modelopt_streaming.source.index import load_json
 
 VLLM_VERSION = "0.32.0"
 
@@ -68,14 +69,6 @@ EMBEDDING_LEAVES = {
     "embed_positions",
     "embedding",
 }
-
-
-class ConsumerError(ValueError):
-    """A checkpoint whose exclusions vLLM cannot read the way the tensors need."""
-
-
-class PartlyExcludedFusedLayer(ConsumerError):
-    """vLLM raises 'Detected some but not all shards of ... are quantized' and refuses to load."""
 
 
 @dataclass(frozen=True)

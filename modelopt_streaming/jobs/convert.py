@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from modelopt_streaming import __version__
-from modelopt_streaming.consumers.vllm import ConsumerError
-from modelopt_streaming.errors import UsageError
+from modelopt_streaming.errors import CheckpointError, ConversionRefused, UsageError
 from modelopt_streaming.formats.interchange import (
     COMPRESSED_TENSORS,
     FORMATS,
@@ -37,9 +35,6 @@ from modelopt_streaming.formats.interchange import (
     RECORD_KEY,
     SCALAR_SHAPE,
     ExactReciprocals,
-    load_exact_reciprocals,
-    nvfp4_modules,
-    read_positive_scalar,
 )
 from modelopt_streaming.sink.export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
 from modelopt_streaming.sink.export import model_config as modelopt_model_config
@@ -56,22 +51,19 @@ from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpe
 from modelopt_streaming.source.index import (
     FLOAT_DTYPES,
     INDEX_FILE,
-    CheckpointError,
     CheckpointIndex,
     TensorInfo,
     build_index,
     resolve_checkpoint_dir,
 )
+from modelopt_streaming.source.quantized import load_exact_reciprocals, nvfp4_modules, read_positive_scalar
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.validate import validate
+from modelopt_streaming.version import __version__
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
 _BLOCKING_CHECKS = ("format", "shards", "index", "tensors")
-
-
-class ConversionRefused(Exception):
-    """The checkpoint cannot be converted exactly as asked; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -305,13 +297,11 @@ def convert(
     quantized = set(modules) | set(experts_3d)
     linear = linear_modules(index.tensors)
     unquantized = sorted(set(linear) - quantized)
-    try:
-        if to == MODELOPT:
-            exclusions = compact_exclusions(unquantized, linear, index.config)
-        else:
-            exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
-    except ConsumerError as e:  # a fused layer with quantized and unquantized members: no list describes it
-        raise ConversionRefused(f"{input_dir}: cannot be converted: {e}") from None
+    # A fused layer with quantized and unquantized members raises ConsumerError: no list describes it.
+    if to == MODELOPT:
+        exclusions = compact_exclusions(unquantized, linear, index.config)
+    else:
+        exclusions = compressed_tensors_ignore(unquantized, linear, index.config)
     configs = source_configs(input_dir, index.config, source, quantized, weight_only)
     restored = restorable_configs(input_dir, to, configs["quantized_sha256"])
     if restored is not None:

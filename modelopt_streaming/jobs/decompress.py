@@ -25,16 +25,9 @@ from pathlib import Path
 
 import torch
 
-from modelopt_streaming import __version__
 from modelopt_streaming.codec import nvfp4
-from modelopt_streaming.errors import UsageError
-from modelopt_streaming.formats.interchange import (
-    COMPRESSED_TENSORS,
-    MODELOPT,
-    PROVENANCE_FILE,
-    detect_format,
-    nvfp4_modules,
-)
+from modelopt_streaming.errors import CheckpointError, UsageError
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.jobs.convert import quantized_experts_3d
 from modelopt_streaming.sink.export import copy_side_files, safetensors_index
@@ -44,7 +37,6 @@ from modelopt_streaming.source.index import (
     DTYPE_NAMES,
     DTYPES,
     INDEX_FILE,
-    CheckpointError,
     CheckpointIndex,
     DecodedWeight,
     TensorInfo,
@@ -52,7 +44,9 @@ from modelopt_streaming.source.index import (
     decoded_weights,
     resolve_checkpoint_dir,
 )
+from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.version import __version__
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COPY_CHUNK_BYTES = 16 * 1024 * 1024

@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from modelopt_streaming.errors import OutputError, UsageError
+from modelopt_streaming import errors
+from modelopt_streaming.errors import ModeloptStreamingError, OutputStateError, RankLostError, UsageError
 from modelopt_streaming.formats.interchange import ExactReciprocals
 from modelopt_streaming.jobs.progress import Progress
 from modelopt_streaming.plan.build import Shard, Unit, unit_sources
-from modelopt_streaming.sink.output_dir import OutputState, OutputStateError
+from modelopt_streaming.sink.output_dir import OutputState
 from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
 
 # Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
@@ -75,26 +76,28 @@ def world_size_env() -> int:
 
 
 def on_rank0(rank: int, world: int, fn: Callable[[], None], step: str, timeout_s: float) -> None:
-    """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever)."""
-    error = None
+    """Run ``fn`` on rank 0 and raise its error, if any, on every rank (so none waits forever): rank 0 raises
+    the error itself, the others an error of the same class with its message. An OSError of ``fn`` (it
+    prepares the output directory) is an OutputStateError: the directory cannot be used."""
+    error: ModeloptStreamingError | None = None
     if rank == 0:
         try:
             fn()
-        except (OutputStateError, OSError) as e:
-            error = str(e)
+        except ModeloptStreamingError as e:
+            error = e
+        except OSError as e:
+            error = OutputStateError(str(e))
     if world > 1:
         import torch.distributed as dist
 
         barrier(rank, world, step, timeout_s)
-        box = [error]
+        box = [None if error is None else (type(error).__name__, str(error))]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise UsageError(error)
-
-
-class RankLostError(OutputError):
-    """A torchrun rank died, failed or stalled; the message names it. Finished shards are kept."""
+        if rank != 0 and box[0] is not None:
+            name, message = box[0]
+            error = getattr(errors, name, OutputStateError)(message)
+    if error is not None:
+        raise error
 
 
 def barrier(rank: int, world: int, step: str, timeout_s: float) -> None:

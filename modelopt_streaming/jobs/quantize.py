@@ -15,15 +15,8 @@ import torch
 from modelopt_streaming import faults
 from modelopt_streaming.codec import Codec, cpu_kernel, nvfp4, select_codec
 from modelopt_streaming.consumers.vllm import family_of, load_reference_exclusions
-from modelopt_streaming.errors import OutputError, UsageError
-from modelopt_streaming.formats.interchange import (
-    COMPRESSED_TENSORS,
-    FORMATS,
-    LEAVES,
-    RECORD_KEY,
-    ExactReciprocals,
-    reference_input_scales,
-)
+from modelopt_streaming.errors import CheckpointError, IncompleteShardError, OutputError, UsageError
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, FORMATS, LEAVES, RECORD_KEY, ExactReciprocals
 from modelopt_streaming.jobs.distributed import (
     GROUP_TIMEOUT_S,
     SLOWEST_RATE,
@@ -44,14 +37,9 @@ from modelopt_streaming.plan.build import CopyUnit, Plan, QuantizeUnit, Recipe, 
 from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
-from modelopt_streaming.sink.writer import IncompleteShardError, PositionalShardWriter, TensorSpec
-from modelopt_streaming.source.index import (
-    CheckpointError,
-    CheckpointIndex,
-    DecodedWeight,
-    build_index,
-    resolve_checkpoint_dir,
-)
+from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
+from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, build_index, resolve_checkpoint_dir
+from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
 
 
@@ -314,7 +302,7 @@ def _write_shards_local(todo: list[Shard], state: OutputState, reader: TensorRea
         _stream_units([u for shard in todo for u in shard.units], sink_of, reader, **kw)
         unfinished = [shard.file for shard in todo if not (state.dir / shard.file).exists()]
         if unfinished:
-            raise IncompleteShardError(f"{state.dir}: shards {unfinished[:3]} were not completed")
+            raise IncompleteShardError(f"{state.dir}: shards {unfinished[:3]} were not completed; rerun with --resume")
     except BaseException:
         for f, w in writers.items():
             if not (state.dir / f).exists():
@@ -562,8 +550,6 @@ def _write_output(
             f"writing {where} failed: {e.strerror or e}; finished shards are kept, free the space "
             "or fix the cause and rerun with --resume"
         ) from None
-    except IncompleteShardError as e:
-        raise OutputError(f"{e}; rerun with --resume") from None
     finally:
         meter.close()
     phase = time.perf_counter()

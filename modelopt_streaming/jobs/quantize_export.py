@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelopt_streaming import __version__
 from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, RECORD_KEY
 from modelopt_streaming.jobs.summary import Summary
@@ -17,6 +16,7 @@ from modelopt_streaming.sink.output_dir import FINISHED_MARKER, OutputState, rec
 from modelopt_streaming.sink.writer import DIGEST_SCHEME, write_json_atomic
 from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, TensorInfo, read_header
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.version import __version__
 
 
 def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, ExclusionMatcher
+from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.interchange import LEAVES, SCALAR_SHAPE
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.source.index import (
     DTYPES,
     FLOAT_DTYPES,
-    CheckpointError,
     CheckpointIndex,
     DecodedWeight,
     TensorInfo,

@@ -24,18 +24,12 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from modelopt_streaming import __version__, faults
-from modelopt_streaming.errors import UsageError
+from modelopt_streaming import faults
+from modelopt_streaming.errors import OutputStateError, UsageError
 from modelopt_streaming.plan.build import Plan, Recipe
-from modelopt_streaming.sink.writer import (
-    MANIFEST_FILE,
-    IncompleteShardError,
-    file_digest,
-    fsync_dir,
-    partial_name,
-    write_json_atomic,
-)
+from modelopt_streaming.sink.writer import MANIFEST_FILE, file_digest, fsync_dir, partial_name, write_json_atomic
 from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
+from modelopt_streaming.version import __version__
 
 RECORDS_DIR = ".modelopt_streaming"
 # Written last by a finished run; its absence marks an unfinished output directory.
@@ -46,10 +40,6 @@ LOCK_FILE = ".modelopt_streaming.lock"
 _SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # What a run writes besides shards and copied side files.
 _OWN_NAMES = {MANIFEST_FILE, PROVENANCE_FILE, FINISHED_MARKER, INDEX_FILE, CONFIG_FILE, LOCK_FILE}
-
-
-class OutputStateError(Exception):
-    """The output directory cannot be used as asked; the message says why and what to do."""
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -385,15 +375,11 @@ def single_process_job(
 ) -> Iterator[tuple[OutputState, dict[str, dict]]]:
     """The output directory of a one-process job (convert, decompress): locked, prepared for a fresh run or a
     resume, and yielded with the records of the shards already finished; the lock goes however the job ends.
-    A state the directory cannot take is a UsageError; a shard left incomplete, an OSError saying to resume."""
+    A state the directory cannot take raises OutputStateError; a shard left incomplete, IncompleteShardError."""
     state, lock = OutputState(output_dir), OutputDirLock(output_dir)
     try:
         lock.acquire()
         state.prepare(fingerprint, planned, resume, verify, overwrite, source_dir=source_dir)
         yield state, state.records()
-    except OutputStateError as e:
-        raise UsageError(str(e)) from None
-    except IncompleteShardError as e:
-        raise OSError(f"{e}; rerun with --resume") from None
     finally:
         lock.release()

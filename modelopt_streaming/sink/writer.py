@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from modelopt_streaming import faults
+from modelopt_streaming.errors import IncompleteShardError
 from modelopt_streaming.source.index import DTYPE_NAMES, DTYPES
 
 MANIFEST_FILE = "modelopt_streaming.manifest.json"
@@ -53,10 +54,6 @@ def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None
 
 def partial_name(file_name: str) -> str:
     return f".{file_name}.partial"
-
-
-class IncompleteShardError(RuntimeError):
-    """A shard is about to be renamed while some of its planned bytes were never written."""
 
 
 # A shard's digest is a digest of digests: sha256 over sha256(header) followed by sha256(each tensor's bytes)
@@ -395,7 +392,7 @@ class PositionalShardWriter:
             start, n = self.offsets[missing[0].name]
             raise IncompleteShardError(
                 f"{self._tmp}: {len(missing)} planned tensor(s) never written, first {missing[0].name!r} "
-                f"(bytes {start}-{start + n}); the shard was not renamed"
+                f"(bytes {start}-{start + n}); the shard was not renamed; rerun with --resume"
             )
         if self._tmp.stat().st_size != self.size:
             raise RuntimeError(f"{self._tmp}: size {self._tmp.stat().st_size}, planned {self.size}")

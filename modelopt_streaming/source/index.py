@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from modelopt_streaming.errors import CheckpointError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Our record of how an output was made; read back when one of our outputs is the input of another job.
@@ -41,10 +43,6 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
-
-
-class CheckpointError(Exception):
-    """A source checkpoint that cannot be read as it claims; the message names file and tensor."""
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.nvfp4 import E2M1_VALUES
-from modelopt_streaming.source.index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, CheckpointError, DecodedWeight, TensorInfo
+from modelopt_streaming.source.index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, DecodedWeight, TensorInfo
 
 PARALLEL_CHUNK = 32 * 1024 * 1024
 

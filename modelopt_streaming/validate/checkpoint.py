@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, LEAVES, MODELOPT
-from modelopt_streaming.source.index import INDEX_FILE, CheckpointError, TensorInfo, read_header
+from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, read_header
 from modelopt_streaming.source.reader import TensorReader
 
 _FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")

@@ -32,7 +32,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, GENERIC, ConsumerError, consumer_layers, family_of
+from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, GENERIC, consumer_layers, family_of
+from modelopt_streaming.errors import ConsumerError
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from modelopt_streaming.consumers.vllm import (
     GENERIC,
     UNFUSED,
-    ConsumerError,
     ExclusionMatcher,
     Family,
     VllmExclusion,
@@ -20,6 +19,7 @@ from modelopt_streaming.consumers.vllm import (
     disagreements,
     family_of,
 )
+from modelopt_streaming.errors import ConsumerError
 
 PRODUCER_NAME = "modelopt"
 # The ModelOpt format revision our files follow; consumers read the name, and the version only for logs.
