@@ -120,3 +120,15 @@ def test_a_back_import_is_caught(tmp_path, importer, statement):
     after = layering_violations(root)
     assert len(after) == len(before) + 1
     assert importer in next(v for v in after if v not in before)
+
+
+def test_every_module_imports():
+    """A moved name is caught here, not by the first test that happens to reach the module."""
+    import importlib
+    import pkgutil
+
+    import modelopt_streaming
+
+    for info in pkgutil.walk_packages(modelopt_streaming.__path__, "modelopt_streaming."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)

@@ -37,6 +37,9 @@ LEAVES = {
 # Shape of the scalar scales: ModelOpt exports 0-dim tensors, compressed-tensors [1]
 # (compressed_tensors/quantization/lifecycle/initialize.py registers ``*_global_scale`` as shape (1,)).
 SCALAR_SHAPE = {MODELOPT: (), COMPRESSED_TENSORS: (1,)}
+# Our record of how an output was made (its provenance file); read back when one of our outputs is the input of
+# another job. RECORD_KEY is the entry of that file that keeps the exact reciprocals.
+PROVENANCE_FILE = "modelopt_streaming.json"
 RECORD_KEY = "exact_reciprocals"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelopt_streaming.codec import nvfp4
-from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, RECORD_KEY
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, PROVENANCE_FILE, RECORD_KEY
 from modelopt_streaming.jobs.summary import Summary
 from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe
 from modelopt_streaming.sink.export.compressed_tensors_format import model_config as ct_model_config
@@ -14,7 +14,7 @@ from modelopt_streaming.sink.export.modelopt_format import hf_quant_config, mode
 from modelopt_streaming.sink.export.side_files import copy_side_files
 from modelopt_streaming.sink.output_dir import FINISHED_MARKER, OutputState, recipe_dict
 from modelopt_streaming.sink.writer import DIGEST_SCHEME, write_json_atomic
-from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, TensorInfo, read_header
+from modelopt_streaming.source.index import INDEX_FILE, CheckpointIndex, TensorInfo, read_header
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.version import __version__
 

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from modelopt_streaming import faults
 from modelopt_streaming.errors import OutputStateError, UsageError
+from modelopt_streaming.formats.interchange import PROVENANCE_FILE
 from modelopt_streaming.plan.build import Plan, Recipe
 from modelopt_streaming.sink.writer import MANIFEST_FILE, file_digest, fsync_dir, partial_name, write_json_atomic
-from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE, CheckpointIndex, source_fingerprint
+from modelopt_streaming.source.index import INDEX_FILE, CheckpointIndex, source_fingerprint
 from modelopt_streaming.version import __version__
 
 RECORDS_DIR = ".modelopt_streaming"

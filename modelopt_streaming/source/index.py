@@ -21,8 +21,6 @@ from modelopt_streaming.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Our record of how an output was made; read back when one of our outputs is the input of another job.
-PROVENANCE_FILE = "modelopt_streaming.json"
 # A header is JSON describing tensors; anything past this is not a checkpoint we should parse.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -13,10 +13,11 @@ from modelopt_streaming.formats.interchange import (
     COMPRESSED_TENSORS,
     LEAVES,
     MODELOPT,
+    PROVENANCE_FILE,
     RECORD_KEY,
     ExactReciprocals,
 )
-from modelopt_streaming.source.index import PROVENANCE_FILE, TensorInfo, build_index, resolve_checkpoint_dir
+from modelopt_streaming.source.index import TensorInfo, build_index, resolve_checkpoint_dir
 from modelopt_streaming.source.reader import TensorReader
 
 

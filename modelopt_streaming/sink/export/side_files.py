@@ -5,8 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from modelopt_streaming.formats.interchange import PROVENANCE_FILE
 from modelopt_streaming.sink.writer import MANIFEST_FILE
-from modelopt_streaming.source.index import INDEX_FILE, PROVENANCE_FILE
+from modelopt_streaming.source.index import INDEX_FILE
 
 # Written by export from what was written, or describing the source directory alone (when the source is
 # one of our outputs): never copied from the source.
