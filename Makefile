@@ -21,7 +21,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[examples]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
