@@ -38,7 +38,7 @@ from checkpoints_extra import make_gpt_oss_checkpoint
 from vllm_oracle.client import oracle, tensor_decisions, tensor_names, vllm_decisions
 
 from modelopt_streaming import quantize
-from modelopt_streaming.consumers.vllm import VllmExclusion, consumer_layers, family_of
+from modelopt_streaming.consumers import VllmExclusion, consumer_layers, family_of
 from modelopt_streaming.errors import PartlyExcludedFusedLayer
 from modelopt_streaming.validate import validate
 

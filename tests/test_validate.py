@@ -265,7 +265,7 @@ def test_earlier_outputs_fail_validate_naming_the_layer(case, tmp_path):
 
 def test_unknown_architecture_gets_a_list_exact_with_and_without_fusion(tmp_path):
     """No consumer rule for the class: the list must hold whether vLLM fuses q/k/v or not."""
-    from modelopt_streaming.consumers.vllm import GENERIC, UNFUSED, VllmExclusion, consumer_layers
+    from modelopt_streaming.consumers import GENERIC, UNFUSED, VllmExclusion, consumer_layers
 
     src = make_model_checkpoint(tmp_path / "src", "llama")
     config = json.loads((src / "config.json").read_text())

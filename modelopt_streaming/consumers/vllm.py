@@ -1,43 +1,31 @@
-"""Consumer rules: what vLLM builds from a checkpoint and how it reads a ModelOpt exclude list.
+"""What vLLM builds from a checkpoint: the layers its model classes make, under the names they ask their
+quantization config about.
 
 Export writes exclusions in these terms and validate judges by them, so both reason about the names vLLM
-actually asks its quantization config about, never about the checkpoint's tensor names alone. The rules
-follow vLLM 0.32.0; each one cites the file and function it comes from (paths below
-``vllm/model_executor/``). ``tests/test_consumer_vllm.py`` checks this table against vLLM's own code: it
+actually asks about, never about the checkpoint's tensor names alone. The rules follow vLLM 0.32.0, one
+``Family`` per model class (or set of classes with the same rules); each cites the file and function it comes
+from (paths below ``vllm/model_executor/``). Fused linear layers replace their checkpoint members
+(``qkv_proj`` for q/k/v, ``gate_up_proj`` for gate/up, ``fused_qkv_a_proj`` for MLA's q_a/kv_a), one
+``FusedMoE`` layer (prefix ``...experts``) replaces all routed experts of a MoE block, ``lm_head`` is built
+and asked about even when it is tied to the embedding and has no tensor, and some classes rename modules
+(GPT-OSS ``self_attn`` -> ``attn``). How vLLM then matches an exclude list against these layers is
+``consumers.exclusions``. ``tests/test_consumer_vllm.py`` checks this table against vLLM's own code: it
 builds each model class from our config.json and records every prefix vLLM asks about.
-
-Two readings matter:
-
-* **The layers vLLM builds.** Fused linear layers replace their checkpoint members (``qkv_proj`` for
-  q/k/v, ``gate_up_proj`` for gate/up, ``fused_qkv_a_proj`` for MLA's q_a/kv_a), one ``FusedMoE`` layer
-  (prefix ``...experts``) replaces all routed experts of a MoE block, ``lm_head`` is built and asked about
-  even when it is tied to the embedding and has no tensor, and some classes rename modules
-  (GPT-OSS ``self_attn`` -> ``attn``).
-* **How vLLM matches a name against the list** (``ModelOptQuantConfigBase.is_layer_excluded`` in
-  ``layers/quantization/modelopt.py``): exact match with fused-shard expansion (``is_layer_skipped`` in
-  ``layers/quantization/utils/quant_utils.py``), then substring, then ``fnmatch``; before that,
-  ``apply_vllm_mapper`` rewrites each ``prefix*`` entry into ``prefix`` and ``prefix.*`` and renames entries
-  with the class's ``hf_to_vllm_mapper`` (only for classes that have one).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelopt_streaming.errors import CheckpointError, PartlyExcludedFusedLayer
+from modelopt_streaming.errors import CheckpointError
+from modelopt_streaming.formats.names import experts_of, is_embedding, is_lm_head, is_mtp, is_router
 from modelopt_streaming.source.index import load_json
 
 VLLM_VERSION = "0.32.0"
-
-# ModelOptQuantConfigBase.get_quant_method (layers/quantization/modelopt.py): a prefix containing one of
-# these is built unquantized even when the exclude list does not name it.
-_ALWAYS_UNQUANTIZED_SUBSTRINGS = ("vision_tower", "vision_model", "vit_large_projector")
 
 # Checkpoint members that vLLM builds as one fused linear layer, by parent module. The fused names are the
 # keys of the model classes' packed_modules_mapping (models/llama.py LlamaForCausalLM, models/deepseek_v2.py
@@ -49,26 +37,6 @@ FUSED_LINEARS: dict[tuple[str, ...], str] = {
     ("q_a_proj", "kv_a_proj_with_mqa"): "fused_qkv_a_proj",
 }
 _FUSED_OF_LEAF = {leaf: (members, fused) for members, fused in FUSED_LINEARS.items() for leaf in members}
-
-_ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
-# GPT-OSS / Llama-4: each MoE block's experts as two 3-D tensors named without ``.weight``.
-_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(?:gate_up_proj|down_proj)$")
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# Embeddings are VocabParallelEmbedding in vLLM: get_quant_method returns None for them whatever the list
-# says (ModelOptQuantConfigBase.get_quant_method handles only LinearBase, ParallelLMHead and RoutedExperts).
-# The plan never quantizes them either. GPT-NeoX names its embedding ``embed_in``; OPT/BART/Whisper-style
-# models learn ``embed_positions``.
-EMBEDDING_LEAVES = {
-    "embed_tokens",
-    "wte",
-    "wpe",
-    "word_embeddings",
-    "embeddings",
-    "tok_embeddings",
-    "embed_in",
-    "embed_positions",
-    "embedding",
-}
 
 
 @dataclass(frozen=True)
@@ -274,6 +242,8 @@ UNFUSED = Family("unfused", (), (), _fixed({}), None, routers_asked=True, source
 
 
 def text_config(config: dict) -> dict:
+    """The language model's part of a config.json: a nested ``text_config`` or ``language_config`` that has
+    ``num_hidden_layers`` (multimodal classes), else the config itself."""
     for key in ("text_config", "language_config"):
         sub = config.get(key)
         if isinstance(sub, dict) and sub.get("num_hidden_layers") is not None:
@@ -282,7 +252,16 @@ def text_config(config: dict) -> dict:
 
 
 def family_of(config: dict | None) -> Family | None:
-    """The family of a config.json (``architectures`` first, then ``model_type``), or None if unknown."""
+    """The consumer rules of the vLLM model class a config.json names.
+
+    Args:
+        config: a config.json; None or empty reads as an unknown class.
+
+    Returns:
+        The family listing one of ``architectures``; when the config names no architecture, the family of its
+        ``model_type``; None when the class is not in the table (callers then read under ``GENERIC`` or
+        both ``GENERIC`` and ``UNFUSED``).
+    """
     config = config or {}
     archs = config.get("architectures") or []
     for fam in FAMILIES:
@@ -306,10 +285,19 @@ class ConsumerLayer:
 
 
 def consumer_layers(modules: Iterable[str], config: dict | None, family: Family | None = None) -> list[ConsumerLayer]:
-    """The layers vLLM builds from a checkpoint whose weight-bearing modules are ``modules``.
+    """The layers vLLM builds from a checkpoint, under the names it asks its quantization config about.
 
-    ``modules`` are checkpoint module names (``X`` for ``X.weight``, and the tensor name of 3-D fused
-    experts). Modules vLLM does not build (embeddings, MTP layers past ``num_hidden_layers``) are left out.
+    Modules vLLM does not build as layers that can be quantized (embeddings, MTP layers past
+    ``num_hidden_layers``) are left out; ``lm_head`` is added when the checkpoint has none (tied embeddings).
+
+    Args:
+        modules: the checkpoint's weight-bearing module names (``X`` for ``X.weight``, and the tensor name of
+            fused 3-D experts), quantized or not.
+        config: the checkpoint's config.json (None: an unknown class with no nested language model).
+        family: the consumer rules to apply; by default ``family_of(config)``, else ``GENERIC``.
+
+    Returns:
+        Every layer, sorted by its vLLM prefix.
     """
     config = config or {}
     family = family or family_of(config) or GENERIC
@@ -327,25 +315,17 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
     fused: dict[tuple[str, str], list[str]] = defaultdict(list)
     for m in modules:
         parent, _, leaf = m.rpartition(".")
-        parts = m.split(".")
-        if leaf in EMBEDDING_LEAVES:
+        # vLLM's main model builds num_hidden_layers layers; MTP layers are another model.
+        if is_embedding(m) or is_mtp(m, num_layers):
             continue
-        layer = _LAYER_INDEX.search(m)
-        if "mtp_layers" in parts or parts[0] == "mtp":
+        moe = experts_of(m, projection_only=True)
+        if moe:
+            experts[moe].append(m)
             continue
-        if layer and isinstance(num_layers, int) and int(layer.group(1)) >= num_layers:
-            continue  # vLLM's main model builds num_hidden_layers layers; MTP layers are another model
-        expert = _ROUTED_EXPERT.match(m) or _FUSED_EXPERTS.match(m)
-        if expert:
-            experts[expert.group(1)].append(m)
-            continue
-        if leaf in ("lm_head", "embed_out") or m == "output":
+        if is_lm_head(m):
             layers[m] = ConsumerLayer(rename(m), m, (m,), "lm_head", family.lm_head_asked)
             continue
-        router = leaf in ("router", "shared_expert_gate") or (
-            leaf == "gate" and parts[-2:-1] in (["mlp"], ["block_sparse_moe"], ["feed_forward"], ["moe"])
-        )
-        if router:
+        if is_router(m):
             layers[m] = ConsumerLayer(rename(m), m, (m,), "router", family.routers_asked)
             continue
         group = _FUSED_OF_LEAF.get(leaf)
@@ -367,173 +347,20 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
     return sorted(layers.values(), key=lambda lay: lay.prefix)
 
 
-def vllm_exclude_modules(exclude_modules: Iterable[str], family: Family | None) -> list[str]:
-    """The list as vLLM holds it after ``ModelOptQuantConfigBase.apply_vllm_mapper`` (modelopt.py): run only
-    for classes with an ``hf_to_vllm_mapper``; ``prefix*`` becomes ``prefix`` and ``prefix.*``, then every
-    entry is renamed."""
-    entries = list(exclude_modules)
-    if family is None or family.mapper is None or not entries:
-        return entries
-    split: list[str] = []
-    for e in entries:
-        if len(e) >= 2 and e[-1] == "*" and e[-2] != ".":
-            split += [e[:-1], e[:-1] + ".*"]
-        else:
-            split.append(e)
-    return [family.mapper(e) for e in split]
-
-
-class VllmExclusion:
-    """``ModelOptQuantConfigBase.is_layer_excluded`` (layers/quantization/modelopt.py) for one list and class.
-
-    Compiled once (substring and wildcard passes as one regular expression each), since a 1T-parameter
-    checkpoint's list can name tens of thousands of modules.
-    """
-
-    def __init__(self, exclude_modules: Iterable[str], family: Family | None, config: dict | None = None):
-        self.family = family
-        self.raw = tuple(exclude_modules)
-        self.entries = tuple(vllm_exclude_modules(self.raw, family))
-        self.packed = family.packed(text_config(config or {})) if family else {}
-        self._exact = set(self.entries)
-        self._expert_entries = tuple(e for e in self.entries if "experts" in e)
-        plain = [re.escape(e) for e in self.entries]  # an empty entry is a substring of every name, as there
-        self._substring = re.compile("|".join(plain)) if plain else None
-        wild = [fnmatch.translate(e) for e in self.entries]
-        self._wildcard = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
-
-    def _skipped(self, prefix: str) -> bool:
-        """``is_layer_skipped`` in exact mode (layers/quantization/utils/quant_utils.py)."""
-        proj = prefix.split(".")[-1]
-        if proj in self.packed and prefix in self._exact:
-            return True
-        if proj in self.packed:
-            # Every occurrence of the fused name is replaced, as str.replace does there.
-            shards = [prefix.replace(proj, shard) for shard in self.packed[proj]]
-            states = {s: s in self._exact for s in shards}
-            if len(set(states.values())) > 1:
-                listed = [s for s, v in states.items() if v]
-                raise PartlyExcludedFusedLayer(
-                    f"{prefix}: the exclude list names {', '.join(listed)} but not every shard of the fused "
-                    "layer; vLLM refuses to load ('Detected some but not all shards ... are quantized')"
-                )
-            return next(iter(states.values()))
-        if "experts" in prefix:
-            return any(prefix in e for e in self._expert_entries)
-        return prefix in self._exact
-
-    def excluded(self, prefix: str) -> bool:
-        if not self.entries:
-            return False
-        if self._skipped(prefix):
-            return True
-        # Substring pass, skipping an entry equal to the prefix (the exact pass judged it). Stripping a
-        # leading "language_model." there cannot add a match: a substring of the rest is one of the whole.
-        if (
-            self._substring
-            and self._substring.search(prefix)
-            and (prefix not in self._exact or any(e != prefix and e in prefix for e in self.entries))
-        ):
-            return True
-        return bool(self._wildcard and self._wildcard.match(prefix))
-
-    def quantizes(self, layer: ConsumerLayer) -> bool:
-        """Whether vLLM builds this layer NVFP4 (``ModelOptQuantConfigBase.get_quant_method``)."""
-        if not layer.asked:
-            return False
-        if self.excluded(layer.prefix):
-            return False
-        return not any(s in layer.prefix for s in _ALWAYS_UNQUANTIZED_SUBSTRINGS)
-
-
-@dataclass(frozen=True)
-class Disagreement:
-    layer: ConsumerLayer
-    tensors_quantized: bool | None  # None: members disagree among themselves
-    vllm: str  # "NVFP4", "unquantized" or "refuses to load: ..."
-    entries: tuple[str, ...] = ()  # the list's entries that exclude the layer, when vLLM excludes it
-
-    def message(self, tensors: str = "") -> str:
-        lay = self.layer
-        members = ", ".join(lay.members[:3]) + (f", ... ({len(lay.members)} modules)" if len(lay.members) > 3 else "")
-        what = f"{lay.prefix}" + (f" (checkpoint {members})" if lay.members != (lay.prefix,) else "")
-        if lay.kind == "lm_head" and not lay.members:
-            what = f"{lay.prefix} (no tensor of its own: vLLM ties it to the bf16 embedding)"
-            tensors = "never loaded"
-        if self.vllm.startswith("refuses"):
-            return f"{what}: vLLM {self.vllm}; list every shard or the fused name '{lay.checkpoint_name}'"
-        if self.tensors_quantized:
-            if not lay.asked:
-                why, fix = "it is built without the quantization config", "leave it unquantized"
-            elif self.entries:
-                why = f"{', '.join(repr(e) for e in self.entries)} matches the name vLLM asks about"
-                fix = "remove or narrow that entry"
-            else:
-                why = f"vLLM never quantizes names containing {' or '.join(_ALWAYS_UNQUANTIZED_SUBSTRINGS)}"
-                fix = "leave it unquantized"
-            return f"{what}: vLLM builds it unquantized ({why}) but its tensors are NVFP4; {fix}"
-        held = tensors or "absent (the tensors are unquantized)"
-        return (
-            f"{what}: vLLM builds it NVFP4 (no exclude entry matches the name vLLM asks about) but its NVFP4 "
-            f"scales are {held}; add '{lay.checkpoint_name}' to exclude_modules (and config.json's ignore)"
-        )
-
-
-def disagreements(
-    layers: Iterable[ConsumerLayer], quantized: Callable[[str], bool], exclusion: VllmExclusion
-) -> list[Disagreement]:
-    """Layers where vLLM's decision differs from the tensors (``quantized(member)`` says what they hold)."""
-    out = []
-    for lay in layers:
-        states = {quantized(m) for m in lay.members}
-        held = False if not states else (states.pop() if len(states) == 1 else None)
-        try:
-            vllm_q = exclusion.quantizes(lay)
-            verdict = "NVFP4" if vllm_q else "unquantized"
-        except PartlyExcludedFusedLayer as e:
-            out.append(Disagreement(lay, held, f"refuses to load: {e}"))
-            continue
-        if held is None or vllm_q != held:
-            entries = _entries_excluding(exclusion, lay.prefix) if held and not vllm_q else ()
-            out.append(Disagreement(lay, held, verdict, entries))
-    return out
-
-
-def _entries_excluding(exclusion: VllmExclusion, prefix: str) -> tuple[str, ...]:
-    """The raw list entries that, each on its own, make vLLM exclude ``prefix`` (for messages)."""
-    found = []
-    for raw in exclusion.raw:
-        one = VllmExclusion([raw], exclusion.family)
-        one.packed = exclusion.packed
-        try:
-            if one.excluded(prefix):
-                found.append(raw)
-        except PartlyExcludedFusedLayer:
-            found.append(raw)
-    return tuple(found)
-
-
-class ExclusionMatcher:
-    """The exclude list read against checkpoint module names: exact, then substring, then fnmatch, as
-    ``is_layer_excluded`` reads it for a name vLLM does not fuse or rename (used for reference lists given
-    to ``--exclude_config`` and for compressed-tensors checkpoints)."""
-
-    def __init__(self, patterns: Iterable[str]):
-        self.patterns = tuple(patterns)
-        plain = [re.escape(p) for p in self.patterns if p]
-        self._substring = re.compile("|".join(plain)) if plain else None
-        wild = [fnmatch.translate(p) for p in self.patterns]
-        self._wildcard = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
-
-    def __call__(self, module: str) -> bool:
-        return bool(
-            (self._substring and self._substring.search(module)) or (self._wildcard and self._wildcard.match(module))
-        )
-
-
 def load_reference_exclusions(path: str | os.PathLike) -> tuple[str, ...]:
-    """``exclude_modules`` of an hf_quant_config.json, or ``ignore`` of a config.json's quantization_config
-    (read with ``ExclusionMatcher``, as vLLM reads a list it does not fuse or rename)."""
+    """The exclude list of a reference checkpoint's config, for ``--exclude_config`` (the plan reads it with
+    ``consumers.exclusions.ExclusionMatcher``, as vLLM reads a list it does not fuse or rename).
+
+    Args:
+        path: an hf_quant_config.json, or a config.json with a ``quantization_config``, or a JSON file with a
+            top-level ``exclude_modules`` or ``ignore`` list.
+
+    Returns:
+        ``quantization.exclude_modules``, else ``quantization_config.ignore``, else the top-level list.
+
+    Raises:
+        CheckpointError: the file cannot be read as JSON, or holds none of those lists.
+    """
     data = load_json(Path(path))
     quant = data.get("quantization")
     if isinstance(quant, dict) and "exclude_modules" in quant:

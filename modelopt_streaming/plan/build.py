@@ -10,16 +10,16 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
-import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, ExclusionMatcher
+from modelopt_streaming.consumers import ExclusionMatcher
 from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.interchange import LEAVES, SCALAR_SHAPE
+from modelopt_streaming.formats.names import FUSED_EXPERTS, experts_of
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
+from modelopt_streaming.plan.names import KIND_ORDER, default_exclusion, fusion_key, module_kind
 from modelopt_streaming.source.index import (
     DTYPES,
     FLOAT_DTYPES,
@@ -29,41 +29,20 @@ from modelopt_streaming.source.index import (
     decoded_weights,
 )
 
+__all__ = [
+    "CopyUnit",
+    "OutputTensor",
+    "Plan",
+    "QuantizeUnit",
+    "Recipe",
+    "Scope",
+    "Shard",
+    "Unit",
+    "build_plan",
+    "unit_sources",
+]
+
 Scope = Literal["all", "mlp", "experts"]
-
-# Members of one fused group: vLLM runs them as one matrix with one global scale (spec section 3).
-FUSION_KINDS: dict[str, str] = {
-    "q_proj": "q/k/v",
-    "k_proj": "q/k/v",
-    "v_proj": "q/k/v",
-    "gate_proj": "gate/up",
-    "up_proj": "gate/up",
-    "w1": "w1/w3",
-    "w3": "w1/w3",
-    "q_a_proj": "q_a/kv_a",
-    "kv_a_proj_with_mqa": "q_a/kv_a",
-}
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_ROUTED_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")
-# GPT-OSS and Llama-4 keep each MoE layer's experts as two 3-D tensors with the input dimension in the
-# middle: ``gate_up_proj`` [E, hidden, 2 * inter] and ``down_proj`` [E, inter, hidden] (no ``.weight``).
-_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(?:gate_up_proj|down_proj)$")
-_SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
-_ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|attention|attn|cross_attn)\.")
-_MLP = re.compile(r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe)\.")
-_TOWER = re.compile(
-    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision|audio_tower|audio_model|audio_encoder|"
-    r"multi_modal_projector|mm_projector|vision_projector|audio_projector)(?:\.|$)"
-)
-# The output projection: GPT-NeoX calls its lm_head ``embed_out`` (GPTNeoXForCausalLM.embed_out).
-_LM_HEAD_LEAVES = {"lm_head", "embed_out"}
-_ROUTER_PARENTS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
-_ROUTER_LEAVES = {"router", "shared_expert_gate"}
-# MTP modules kept outside ``layers``: MiMo's ``model.mtp_layers.N``, DeepSeek-style ``mtp.*``.
-_MTP_PARTS = {"mtp_layers"}
-
-KIND_ORDER = ("attention", "dense_mlp", "shared_expert", "routed_expert", "other")
 
 
 @dataclass(frozen=True)
@@ -225,20 +204,9 @@ class Plan:
         return {t.name: s.file for s in self.shards for t in s.outputs}
 
 
-def unit_sources(unit: Unit) -> tuple[TensorInfo, ...]:
+def unit_sources(unit: Unit) -> tuple[TensorInfo | DecodedWeight, ...]:
+    """The source tensors a unit reads."""
     return (unit.source,) if isinstance(unit, CopyUnit) else unit.sources
-
-
-def module_kind(module: str) -> str:
-    if _ROUTED_EXPERT.search(module) or _FUSED_EXPERTS.match(module):
-        return "routed_expert"
-    if _SHARED_EXPERT.search(module):
-        return "shared_expert"
-    if _ATTENTION.search(module):
-        return "attention"
-    if _MLP.search(module):
-        return "dense_mlp"
-    return "other"
 
 
 def _config_int(config: dict, key: str) -> int | None:
@@ -272,39 +240,22 @@ def _check_experts_layout(index: CheckpointIndex, experts_3d: dict[str, TensorIn
             )
 
 
-def default_exclusion(module: str, num_layers: int | None) -> str | None:
-    """Why a Linear is never quantized by default, or None."""
-    parts = module.split(".")
-    leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
-    if _TOWER.search(module):
-        return "vision/audio tower or projector"
-    layer = _LAYER_INDEX.search(module)
-    mtp = parts[0] == "mtp" or not _MTP_PARTS.isdisjoint(parts)
-    if mtp or (layer and num_layers is not None and int(layer.group(1)) >= num_layers):
-        return "MTP layer"
-    if leaf in EMBEDDING_LEAVES:
-        return "embedding"
-    if leaf in _LM_HEAD_LEAVES or module == "output":
-        return "lm_head"
-    # DBRX (``ffn.router.layer``) and Granite-MoE (``block_sparse_moe.router.layer``) wrap the router Linear.
-    if leaf in _ROUTER_LEAVES or (leaf == "gate" and parent in _ROUTER_PARENTS):
-        return "MoE router"
-    if (parent, leaf) == ("router", "layer"):
-        return "MoE router"
-    return None
-
-
-def matches_vllm_exclusion(module: str, patterns: Iterable[str]) -> bool:
-    return ExclusionMatcher(patterns)(module)
-
-
-def fusion_key(module: str) -> tuple[str, str] | None:
-    parent, _, leaf = module.rpartition(".")
-    kind = FUSION_KINDS.get(leaf)
-    return (kind, parent) if kind else None
-
-
 def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
+    """Every unit of work for one checkpoint and recipe, laid out in output shards; reads no tensor data.
+
+    Args:
+        index: the source checkpoint's tensors and config.
+        recipe: what to quantize and how.
+
+    Returns:
+        The plan: shards of units in source order, which modules are quantized (with their kind) and which
+        Linear modules are not (with the reason), and warnings for fused groups and MoE layers left wholly
+        unquantized because one member was.
+
+    Raises:
+        CheckpointError: a weight the recipe would quantize has a non-float dtype, or fused 3-D experts do
+            not keep the input dimension in the middle.
+    """
     num_layers = _num_hidden_layers(index.config)
     decoded = decoded_weights(index)
     consumed = {p.name for d in decoded.values() for p in d.parts}
@@ -319,7 +270,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     experts_3d = {
         name: info
         for name, info in {**index.tensors, **decoded}.items()
-        if _FUSED_EXPERTS.match(name) and len(info.shape) == 3
+        if FUSED_EXPERTS.match(name) and len(info.shape) == 3
     }
     _check_experts_layout(index, experts_3d)
     weights.update(experts_3d)
@@ -385,9 +336,9 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     # One unquantized routed expert makes vLLM treat the whole MoE layer as unquantized.
     moe_layers: dict[str, list[str]] = defaultdict(list)
     for module in weights:
-        m = _ROUTED_EXPERT.match(module) or _FUSED_EXPERTS.match(module)
-        if m:
-            moe_layers[m.group(1)].append(module)
+        moe = experts_of(module)
+        if moe:
+            moe_layers[moe].append(module)
     for layer, members in moe_layers.items():
         excluded = [m for m in members if m in reasons]
         if excluded and len(excluded) < len(members):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from modelopt_streaming.consumers.vllm import (
-    EMBEDDING_LEAVES,
+from modelopt_streaming.consumers import (
     GENERIC,
     UNFUSED,
     ExclusionMatcher,
@@ -20,123 +17,14 @@ from modelopt_streaming.consumers.vllm import (
     disagreements,
     family_of,
 )
-from modelopt_streaming.plan.build import FUSION_KINDS, fusion_key, module_kind
-from modelopt_streaming.validate.checkpoint import COMPRESSED_TENSORS, MODELOPT, Finding, ModuleView, NVFP4Checkpoint
+from modelopt_streaming.formats.names import experts_of, is_embedding
+from modelopt_streaming.plan.names import FUSION_KINDS, fusion_key
+from modelopt_streaming.validate.checkpoint import COMPRESSED_TENSORS, MODELOPT, ModuleView, NVFP4Checkpoint
+from modelopt_streaming.validate.report import GroupStats, Report
 
 # Row-parallel layers: vLLM splits their input dim across tensor-parallel ranks.
 _ROW_PARALLEL = {"down_proj", "o_proj", "w2", "dense_4h_to_h", "out_proj"}
 _REQUIRED_HF_KEYS = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
-MAX_LISTED = 10
-
-
-@dataclass
-class GroupStats:
-    kind: str
-    total: int = 0
-    matched: int = 0
-    mismatched: list[str] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)  # second member's weight_scale_2 / first's, mismatches
-    input_mismatched: list[str] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        if self.total == 0 or self.matched == self.total:
-            return "perfect"
-        return "acceptable" if self.matched / self.total > 0.99 else "broken"
-
-    def as_dict(self) -> dict:
-        d = {
-            "kind": self.kind,
-            "total": self.total,
-            "matched": self.matched,
-            "mismatched": self.total - self.matched,
-            "verdict": self.verdict,
-            "first_mismatched": self.mismatched[:MAX_LISTED],
-            "input_scale_mismatched": len(self.input_mismatched),
-        }
-        if self.ratios:
-            d["ratio"] = {"min": min(self.ratios), "median": statistics.median(self.ratios), "max": max(self.ratios)}
-        return d
-
-
-@dataclass
-class Report:
-    path: str
-    format: str | None
-    quant_algo: str | None
-    shards: int
-    tensors: int
-    quantized_modules: int
-    unquantized_linear: int
-    groups: dict[str, GroupStats]
-    block_scales: dict[str, int]
-    findings: list[Finding]
-    # Input dim of every quantized row-parallel module: what tensor parallelism splits.
-    row_parallel_in: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not any(f.level == "error" for f in self.findings)
-
-    def tp_misfits(self, tp: int) -> list[str]:
-        """Row-parallel modules whose per-rank input slice at this TP is not a multiple of 16."""
-        return [m for m, d in self.row_parallel_in.items() if d % tp or (d // tp) % 16]
-
-    def as_dict(self) -> dict:
-        return {
-            "path": self.path,
-            "ok": self.ok,
-            "format": self.format,
-            "quant_algo": self.quant_algo,
-            "shards": self.shards,
-            "tensors": self.tensors,
-            "quantized_modules": self.quantized_modules,
-            "unquantized_linear_modules": self.unquantized_linear,
-            "fused_groups": {k: g.as_dict() for k, g in self.groups.items()},
-            "block_scales": self.block_scales,
-            "findings": [f.as_dict() for f in self.findings],
-        }
-
-    def text(self) -> str:
-        lines = [
-            f"Checkpoint: {self.path}",
-            f"  format {self.format or 'unknown'}, quant_algo {self.quant_algo}, {self.shards} shard(s), "
-            f"{self.tensors} tensors, {self.quantized_modules} quantized modules, "
-            f"{self.unquantized_linear} unquantized Linear modules",
-            "",
-        ]
-        for kind, g in self.groups.items():
-            lines.append(f"Fused groups {kind}:")
-            lines.append(f"  ✅ Matched pairs: {g.matched}/{g.total}")
-            lines.append(f"  {'❌' if g.matched < g.total else '✅'} Mismatched pairs: {g.total - g.matched}/{g.total}")
-            if g.ratios:
-                lines.append(
-                    f"  weight_scale_2 ratio of mismatched pairs: min {min(g.ratios):.4g}, "
-                    f"median {statistics.median(g.ratios):.4g}, max {max(g.ratios):.4g}"
-                )
-                lines += [f"    {name}" for name in g.mismatched[:MAX_LISTED]]
-            if g.input_mismatched:
-                lines.append(
-                    f"  ❌ input_scale differs within {len(g.input_mismatched)} group(s), e.g. {g.input_mismatched[0]}"
-                )
-            verdict = {
-                "perfect": f"✅ ALL {kind.upper()} GROUPS PERFECTLY MATCHED!",
-                "acceptable": f"⚠️ {kind} >99% matched: acceptable, vLLM will warn for the rest",
-                "broken": f"❌ {kind} <99% matched: expect accuracy loss or kernel failures",
-            }[g.verdict]
-            lines += [f"  {verdict}", ""]
-        if self.block_scales:
-            bs = self.block_scales
-            lines.append(f"Block scales: {bs.get('total', 0)} read, {bs.get('zero', 0)} zero, {bs.get('nan', 0)} NaN")
-        errors = [f for f in self.findings if f.level == "error"]
-        warnings = [f for f in self.findings if f.level == "warning"]
-        for f in errors:
-            lines.append(f"❌ [{f.check}] {f.message}")
-        for f in warnings:
-            lines.append(f"⚠️ [{f.check}] {f.message}")
-        lines.append("")
-        lines.append("✅ VALID" if self.ok else f"❌ INVALID: {len(errors)} error(s)")
-        return "\n".join(lines)
 
 
 def _fusion_groups(names: list[str]) -> dict[tuple[str, str], list[str]]:
@@ -273,7 +161,7 @@ def _check_experts_3d(ck: NVFP4Checkpoint, v: ModuleView) -> None:
 
 def _check_consumer(ck: NVFP4Checkpoint, hf_exclude: list[str], modules: list[ModuleView]) -> None:
     """Every layer vLLM builds: its decision (NVFP4 or not), read from the list the way vLLM reads it for
-    this architecture (``consumer``), must agree with the tensors."""
+    this architecture (``consumers``), must agree with the tensors."""
     qc = ck.quant_config
     # vLLM reads config.json's quantization_config before hf_quant_config.json (get_quant_config in
     # model_loader/weight_utils.py), so its ``ignore`` is the list that counts when both exist.
@@ -324,6 +212,20 @@ def _scan_block_scales(ck: NVFP4Checkpoint, modules: list[ModuleView]) -> dict[s
 
 
 def validate(path: str | Path, tp: int | None = None, block_scales: bool = True) -> Report:
+    """Judge an NVFP4 checkpoint (ModelOpt or compressed-tensors) from its files alone.
+
+    Args:
+        path: the checkpoint directory.
+        tp: a tensor-parallel size to check row-parallel input dims against (per-rank multiples of 16).
+        block_scales: read every fp8 block scale to count zeros and NaNs (reads all ``weight_scale`` data).
+
+    Returns:
+        The report; ``Report.ok`` is False when any check found an error. Problems in the headers, configs
+        and index are findings in the report.
+
+    Raises:
+        CheckpointError: a tensor's bytes cannot be read (a shard ends before the data its header lists).
+    """
     ck = NVFP4Checkpoint(path)
     try:
         return _validate(ck, tp, block_scales)
@@ -340,10 +242,7 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
     linear_unquantized = [
         v.name
         for v in modules
-        if not v.quantized
-        and v.weight is not None
-        and len(v.weight.shape) >= 2
-        and v.name.rpartition(".")[2] not in EMBEDDING_LEAVES
+        if not v.quantized and v.weight is not None and len(v.weight.shape) >= 2 and not is_embedding(v.name)
     ]
     if ck.format and not quantized:
         ck.error("tensors", "no quantized module found")
@@ -411,11 +310,13 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
     # One MoE layer is quantized all or nothing in vLLM.
     layers: dict[str, set[bool]] = defaultdict(set)
     for v in modules:
-        if module_kind(v.name) == "routed_expert" and v.weight is not None:
-            layers[v.name.split(".experts.")[0]].add(v.quantized)
-    for layer, states in sorted(layers.items()):
+        moe = experts_of(v.name)
+        if moe and v.weight is not None:
+            layers[moe].add(v.quantized)
+    for moe, states in sorted(layers.items()):
         if len(states) > 1:
-            ck.error("fused", f"{layer}: some routed experts quantized and some not; vLLM treats the MoE layer as one")
+            block = moe.rpartition(".")[0]
+            ck.error("fused", f"{block}: some routed experts quantized and some not; vLLM treats the MoE layer as one")
 
     _check_index(ck)
     row_parallel_in = {

@@ -108,14 +108,27 @@ def find_cublaslt_header() -> str | None:
 
 
 def doctor(checkpoint: str | Path | None = None) -> dict:
+    """What this machine's serving stack does with NVFP4: the installed vLLM against known-bad versions,
+    each GPU's compute capability and FP4 path, the CUDA ``cublasLt.h`` header.
+
+    Args:
+        checkpoint: an NVFP4 checkpoint to judge for this machine too (validity, the vLLM kernel path, the
+            tensor-parallel sizes that split cleanly, vLLM's disagreements with its exclude list).
+
+    Returns:
+        The report as a JSON-ready dict (``text`` renders it).
+
+    Raises:
+        CheckpointError: as ``validate``, for ``checkpoint``.
+    """
     vllm = _installed_version("vllm")
-    from modelopt_streaming.consumers.vllm import VLLM_VERSION
+    from modelopt_streaming.consumers import VLLM_VERSION
 
     report: dict = {
         "vllm": {
             "version": vllm,
             "known_issues": [i.__dict__ for i in known_issues_for("vllm", vllm)] if vllm else [],
-            # validate judges exclusions by this vLLM release's rules (consumer.py)
+            # validate judges exclusions by this vLLM release's rules (consumers/)
             "consumer_rules_of": VLLM_VERSION,
         },
         "gpus": gpu_report(),

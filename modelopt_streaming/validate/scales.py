@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from modelopt_streaming.plan.build import KIND_ORDER, module_kind
+from modelopt_streaming.plan.names import KIND_ORDER, module_kind
 from modelopt_streaming.validate.checkpoint import NVFP4Checkpoint
 
 TYPICAL_WEIGHT_SCALE_2 = (1e-5, 1e-3)
@@ -103,6 +103,19 @@ def _ordered(d: dict) -> list:
 
 
 def collect(path: str | Path, block_scales: bool = True) -> ScaleStats:
+    """The distributions of one NVFP4 checkpoint's scales, by module kind (``plan.names.module_kind``).
+
+    Args:
+        path: the checkpoint directory (ModelOpt or compressed-tensors; reciprocal global and input scales of
+            the latter are turned back into ModelOpt's convention).
+        block_scales: also histogram every fp8 block scale (reads all ``weight_scale`` data).
+
+    Returns:
+        ``weight_scale_2``, ``input_scale`` and (optionally) decoded block-scale distributions.
+
+    Raises:
+        CheckpointError: a tensor's bytes cannot be read.
+    """
     ck = NVFP4Checkpoint(path)
     stats = ScaleStats(str(ck.root))
     try:
@@ -141,6 +154,8 @@ def total_variation(a: Histogram, b: Histogram) -> float:
 
 
 def compare(a: ScaleStats, b: ScaleStats | None) -> dict:
+    """``a``'s statistics as a dict (``"a"``), and with ``b`` also ``b``'s and their distances by kind:
+    Kolmogorov-Smirnov over ``weight_scale_2``, total variation over block-scale histograms."""
     out = {"a": a.as_dict()}
     if b is not None:
         out["b"] = b.as_dict()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.codec.nvfp4 import dequantize
-from modelopt_streaming.plan.build import module_kind
+from modelopt_streaming.plan.names import module_kind
 from modelopt_streaming.source.index import build_index
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.validate.checkpoint import ModuleView, NVFP4Checkpoint
@@ -102,6 +102,21 @@ def _error(ck: NVFP4Checkpoint, v: ModuleView, source: torch.Tensor) -> dict:
 def compare_weights(
     a: str | Path, b: str | Path, tensor: str | None = None, source: str | Path | None = None
 ) -> WeightComparison:
+    """Compare every module quantized in both of two NVFP4 checkpoints, tensor by tensor.
+
+    Args:
+        a, b: the checkpoint directories.
+        tensor: an fnmatch pattern; only modules it matches are compared.
+        source: the unquantized source checkpoint; each module's dequantized weights are then measured
+            against it (relative MSE and SNR).
+
+    Returns:
+        Shapes, identical packed bytes and block scales, equal global and input scales per module, and the
+        tensors and quantized modules found in only one of the two.
+
+    Raises:
+        CheckpointError: a tensor's bytes cannot be read, or ``source`` is not a safetensors checkpoint.
+    """
     ca, cb = NVFP4Checkpoint(a), NVFP4Checkpoint(b)
     result = WeightComparison(str(ca.root), str(cb.root))
     src_index = build_index(source) if source else None

@@ -32,8 +32,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from modelopt_streaming.consumers.vllm import EMBEDDING_LEAVES, GENERIC, consumer_layers, family_of
+from modelopt_streaming.consumers import GENERIC, consumer_layers, family_of
 from modelopt_streaming.errors import ConsumerError
+from modelopt_streaming.formats.names import is_embedding
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
@@ -61,7 +62,7 @@ def compressed_tensors_ignore(
     linear_modules = set(linear_modules)
     quantized = linear_modules - unquantized
     family = family_of(config) or GENERIC
-    entries = {m for m in unquantized if m.rpartition(".")[2] not in EMBEDDING_LEAVES}
+    entries = {m for m in unquantized if not is_embedding(m)}
     for layer in consumer_layers(linear_modules, config, family):
         states = {m in quantized for m in layer.members}
         if len(states) > 1:

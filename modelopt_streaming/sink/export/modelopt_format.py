@@ -6,10 +6,9 @@ import bisect
 import copy
 import fnmatch
 import functools
-import re
 from collections.abc import Iterable
 
-from modelopt_streaming.consumers.vllm import (
+from modelopt_streaming.consumers import (
     GENERIC,
     UNFUSED,
     ExclusionMatcher,
@@ -20,11 +19,11 @@ from modelopt_streaming.consumers.vllm import (
     family_of,
 )
 from modelopt_streaming.errors import ConsumerError
+from modelopt_streaming.formats.names import any_layer
 
 PRODUCER_NAME = "modelopt"
 # The ModelOpt format revision our files follow; consumers read the name, and the version only for logs.
 PRODUCER_VERSION = "0.47.0"
-_LAYER = re.compile(r"\.layers\.\d+\.")
 
 
 def compact_exclusions(
@@ -99,7 +98,7 @@ def _fold_layers(
     """One ``layers.*`` entry instead of one per layer, where vLLM still reads the whole list exactly."""
     out: set[str] = set()
     for name in sorted(added):
-        general = _LAYER.sub(".layers.*.", name)
+        general = any_layer(name)
         if general in out:
             continue
         if general == name:
@@ -159,7 +158,7 @@ def _compact_names(unquantized: set[str], linear_modules: set[str]) -> list[str]
     # Fold per-layer entries into one across layers where that is still exact.
     folded: set[str] = set()
     for entry in sorted(entries):
-        general = _LAYER.sub(".layers.*.", entry)
+        general = any_layer(entry)
         if general != entry and safe(general):
             folded.add(general)
         else:
