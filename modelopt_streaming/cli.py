@@ -325,26 +325,13 @@ def _run_interchange(args) -> int:
     from modelopt_streaming.jobs.convert import convert
     from modelopt_streaming.jobs.decompress import decompress
 
+    resumable = {"overwrite": args.overwrite, "resume": args.resume, "verify": args.verify}
     with _messages_to_stderr(quiet=False):
         if args.command == "convert":
-            summary = convert(
-                args.input_dir,
-                args.output_dir,
-                args.to,
-                force=args.force,
-                overwrite=args.overwrite,
-                resume=args.resume,
-                verify=args.verify,
-            )
+            summary = convert(args.input_dir, args.output_dir, args.to, force=args.force, **resumable)
         else:
             summary = decompress(
-                args.input_dir,
-                args.output_dir,
-                args.dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-                resume=args.resume,
-                verify=args.verify,
+                args.input_dir, args.output_dir, args.dtype, max_shard_size=args.max_shard_size, **resumable
             )
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))

@@ -63,6 +63,8 @@ from modelopt_streaming.source.quantized import load_exact_reciprocals, nvfp4_mo
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.validate import validate
 
+__all__ = ["ConvertSummary", "convert", "linear_modules", "plan_conversion", "quantized_experts_3d"]
+
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
 _BLOCKING_CHECKS = ("format", "shards", "index", "tensors")
 _log = logging.getLogger(__name__)

@@ -50,6 +50,8 @@ from modelopt_streaming.source.index import (
 from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
 
+__all__ = ["OUTPUT_DTYPES", "DecompressSummary", "decompress", "dequantize_experts_3d", "dequantize_nvfp4"]
+
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Rows dequantized at once: the float32 and int64 temporaries stay small whatever the weight's size.
 _ROWS_PER_CHUNK_ELEMS = 4 * 1024 * 1024

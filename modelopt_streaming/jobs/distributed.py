@@ -20,6 +20,17 @@ from modelopt_streaming.plan.build import Shard, Unit, unit_sources
 from modelopt_streaming.sink.output_dir import OutputState
 from modelopt_streaming.sink.writer import PositionalShardWriter
 
+__all__ = [
+    "barrier",
+    "check_shared_output",
+    "contiguous_share",
+    "init_distributed",
+    "on_rank0",
+    "rank_and_world",
+    "world_size_env",
+    "write_shards_distributed",
+]
+
 # Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
 # rank's real work goes through barrier() with a timeout sized to that work instead.
 GROUP_TIMEOUT_S = 600

@@ -6,12 +6,17 @@ import logging
 import sys
 import time
 
+__all__ = ["PROGRESS_MODES", "Progress"]
+
 # "auto": the bar on a terminal, log lines otherwise.
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 _log = logging.getLogger(__name__)
 
 
 class Progress:
+    """Bytes done of ``total_bytes``: a bar (``mode`` "bar"), a log line every ``every_s`` seconds and at
+    the end ("log"), or nothing ("none"); "auto" is the bar on a terminal, else log lines."""
+
     def __init__(self, total_bytes: int, mode: str = "auto", every_s: float = 10.0):
         self.total = total_bytes
         self.done = 0

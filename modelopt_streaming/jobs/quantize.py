@@ -43,7 +43,7 @@ from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
 
 # init_distributed is public here: quantize's WORLD_SIZE error tells callers to call it from this module.
-__all__ = ["QuantizeOptions", "init_distributed", "quantize", "resolve_device", "resolve_io_threads"]
+__all__ = ["init_distributed", "quantize", "resolve_device", "resolve_io_threads"]
 
 _log = logging.getLogger(__name__)
 
