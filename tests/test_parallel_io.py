@@ -195,6 +195,8 @@ def test_a_full_file_system_is_refused_before_anything_is_written(src, tmp_path,
     real = output_dir.shutil.disk_usage
     monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
     out = tmp_path / "out"
-    with pytest.raises(modelopt_streaming.OutputStateError, match=r"take 0\.\d\d GB and its file system has 0\.00 GB free"):
+    with pytest.raises(
+        modelopt_streaming.OutputStateError, match=r"take 0\.\d\d GB and its file system has 0\.00 GB free"
+    ):
         modelopt_streaming.quantize(src, out, device="cpu")
     assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
