@@ -261,7 +261,7 @@ def main() -> None:
         import modelopt_streaming
 
         planned_out = modelopt_streaming.quantize(
-            src, dry_run=True, log=lambda *_: None, mlp_only=args.scope == "mlp", max_shard_size=args.max_shard_size
+            src, dry_run=True, mlp_only=args.scope == "mlp", max_shard_size=args.max_shard_size
         ).output_bytes
         if args.cache == "cold":
             drop_cache(files)

@@ -25,7 +25,6 @@ s = modelopt_streaming.quantize(
     src,
     out,
     progress="none",
-    log=lambda *_: None,
     device=device,
     mlp_only=scope == "mlp",
     io_threads=threads,

@@ -1,7 +1,9 @@
 """modelopt-streaming: any-size safetensors checkpoint in, ModelOpt-exact NVFP4 checkpoint out.
 
-The public surface: the jobs ``quantize``, ``convert`` and ``decompress``, the summary ``quantize`` returns,
-and every error the tool raises (all subclasses of ``ModeloptStreamingError``)."""
+The public surface: the jobs ``quantize``, ``convert`` and ``decompress``, the options ``quantize`` takes
+(``QuantizeOptions``) and the summary it returns, and every error the tool raises (all subclasses of
+``ModeloptStreamingError``). Messages go to the ``modelopt_streaming`` logger (configured by the command
+line only)."""
 
 from modelopt_streaming.errors import (
     CheckpointError,
@@ -18,6 +20,7 @@ from modelopt_streaming.errors import (
 from modelopt_streaming.jobs.convert import convert
 from modelopt_streaming.jobs.decompress import decompress
 from modelopt_streaming.jobs.quantize import quantize
+from modelopt_streaming.jobs.quantize_job import QuantizeOptions
 from modelopt_streaming.jobs.summary import Summary
 from modelopt_streaming.version import __version__
 
@@ -30,6 +33,7 @@ __all__ = [
     "OutputError",
     "OutputStateError",
     "PartlyExcludedFusedLayer",
+    "QuantizeOptions",
     "RankLostError",
     "Summary",
     "UsageError",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
 import os
 import re
 import shlex
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 
 from modelopt_streaming.errors import (
     CheckpointError,
@@ -20,6 +24,8 @@ from modelopt_streaming.errors import (
     UsageError,
 )
 
+# The logger every job writes its messages to (each module a child of it).
+LOGGER = "modelopt_streaming"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -262,37 +268,40 @@ def _resume_command(argv: list[str] | None) -> str:
     return "modelopt-streaming " + " ".join(shlex.quote(w) for w in words)
 
 
+@contextlib.contextmanager
+def _messages_to_stderr(quiet: bool) -> Iterator[None]:
+    """The jobs' messages (the ``modelopt_streaming`` logger) on stderr, one bare line each, for one command;
+    none at all when ``quiet``. The logger is put back as it was: ``main`` may run many times in a process."""
+    logger = logging.getLogger(LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    # Above CRITICAL when quiet: no record is made, so logging's last-resort handler prints none either.
+    logger.setLevel(logging.CRITICAL + 1 if quiet else logging.INFO)
+    logger.propagate = False  # printed here once, whatever handlers the root logger has
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def _run_quantize(args) -> int:
     from modelopt_streaming.jobs.distributed import init_distributed
     from modelopt_streaming.jobs.quantize import quantize
+    from modelopt_streaming.jobs.quantize_job import QuantizeOptions
 
     device, distributed = init_distributed(args.device)
     other_rank = distributed and int(os.environ.get("RANK", "0")) != 0  # rank 0 alone speaks
     quiet = args.quiet or other_rank
-    log = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        summary = quantize(
-            args.input_dir,
-            args.output_dir,
-            mlp_only=args.mlp_only,
-            experts_only=args.experts_only,
-            exclude=args.exclude,
-            exclude_config=args.exclude_config,
-            weight_only=args.weight_only,
-            scale_math=args.scale_math,
-            device=device,
-            max_shard_size=args.max_shard_size,
-            dry_run=args.dry_run,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            verify=args.verify,
-            allow_nonfinite=args.allow_nonfinite,
-            progress="none" if quiet else "auto",
-            format=args.format,
-            input_scales_from=args.input_scales_from,
-            io_threads=args.io_threads,
-            log=log,
-        )
+        # The options are the parser's arguments of the same names.
+        given = {f.name: vars(args)[f.name] for f in dataclasses.fields(QuantizeOptions) if f.name in vars(args)}
+        options = QuantizeOptions(**{**given, "device": device, "progress": "none" if quiet else "auto"})
+        with _messages_to_stderr(quiet):
+            summary = quantize(args.input_dir, args.output_dir, options=options)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -316,29 +325,14 @@ def _run_interchange(args) -> int:
     from modelopt_streaming.jobs.convert import convert
     from modelopt_streaming.jobs.decompress import decompress
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.command == "convert":
-        summary = convert(
-            args.input_dir,
-            args.output_dir,
-            args.to,
-            force=args.force,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            verify=args.verify,
-            log=log,
-        )
-    else:
-        summary = decompress(
-            args.input_dir,
-            args.output_dir,
-            args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            verify=args.verify,
-            log=log,
-        )
+    resumable = {"overwrite": args.overwrite, "resume": args.resume, "verify": args.verify}
+    with _messages_to_stderr(quiet=False):
+        if args.command == "convert":
+            summary = convert(args.input_dir, args.output_dir, args.to, force=args.force, **resumable)
+        else:
+            summary = decompress(
+                args.input_dir, args.output_dir, args.dtype, max_shard_size=args.max_shard_size, **resumable
+            )
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:

@@ -142,7 +142,7 @@ def rewrite_exclusions(directory: Path, edit) -> None:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("consumer")
-    quiet = dict(progress="none", log=lambda *_: None)
+    quiet = dict(progress="none")
     out: dict[str, Path] = {}
     for arch, variants in VARIANTS.items():
         src = base / f"{arch}-src"

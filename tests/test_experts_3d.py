@@ -18,10 +18,6 @@ from modelopt_streaming.source.index import build_index
 EXPERTS = ("gate_up_proj", "down_proj")
 
 
-def _silent(*_):
-    pass
-
-
 # The MoE block's name in each family: GPT-OSS ``mlp``, Llama-4 ``feed_forward`` (with a shared expert).
 MOE = {"gpt_oss": "mlp", "llama4": "feed_forward"}
 
@@ -31,7 +27,7 @@ def gpt_oss(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
     src = make_fused_experts_checkpoint(base / "src", request.param, n_shards=3)
     modelopt_export(src, base / "modelopt")
-    summary = quantize(src, base / "ours", scale_math="cpu", progress="none", log=_silent)
+    summary = quantize(src, base / "ours", scale_math="cpu", progress="none")
     return src, base / "modelopt", base / "ours", summary, MOE[request.param]
 
 
@@ -121,11 +117,11 @@ def test_dequantized_experts_are_close_to_the_source(gpt_oss):
 
 def test_scopes_and_weight_only(gpt_oss, tmp_path):
     src, moe = gpt_oss[0], gpt_oss[4]
-    summary = quantize(src, dry_run=True, log=_silent, experts_only=True)
+    summary = quantize(src, dry_run=True, experts_only=True)
     assert summary.quantized_by_kind == {"routed_expert": 4}
-    summary = quantize(src, dry_run=True, log=_silent, mlp_only=True)
+    summary = quantize(src, dry_run=True, mlp_only=True)
     assert summary.quantized_by_kind["routed_expert"] == 4 and "attention" not in summary.quantized_by_kind
-    quantize(src, tmp_path / "w4a16", weight_only=True, progress="none", log=_silent)
+    quantize(src, tmp_path / "w4a16", weight_only=True, progress="none")
     out = load_dir(tmp_path / "w4a16")
     assert f"model.layers.0.{moe}.experts.gate_up_proj_weight_scale_2" in out
     assert not [k for k in out if k.endswith("input_scale")]
@@ -134,9 +130,7 @@ def test_scopes_and_weight_only(gpt_oss, tmp_path):
 def test_excluding_one_fused_tensor_leaves_the_whole_moe_layer_unquantized(gpt_oss, tmp_path):
     """vLLM builds one FusedMoE per layer: gate_up and down are quantized together or not at all."""
     src, moe = gpt_oss[0], gpt_oss[4]
-    summary = quantize(
-        src, tmp_path / "out", exclude=[f"*.layers.1.{moe}.experts.down_proj"], progress="none", log=_silent
-    )
+    summary = quantize(src, tmp_path / "out", exclude=[f"*.layers.1.{moe}.experts.down_proj"], progress="none")
     out = load_dir(tmp_path / "out")
     for leaf in EXPERTS:
         assert out[f"model.layers.1.{moe}.experts.{leaf}"].dtype == torch.bfloat16

@@ -84,7 +84,7 @@ def source_with_extras(tmp_path):
 
 def test_side_files_copied_and_stale_quantization_config_replaced(source_with_extras, tmp_path):
     out = tmp_path / "out"
-    quantize(source_with_extras, out, mlp_only=True, weight_only=True, progress="none", log=lambda *_: None)
+    quantize(source_with_extras, out, mlp_only=True, weight_only=True, progress="none")
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",
@@ -118,6 +118,6 @@ def test_side_files_copied_and_stale_quantization_config_replaced(source_with_ex
 
 def test_source_directory_is_never_written(source_with_extras, tmp_path):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in source_with_extras.rglob("*") if p.is_file()}
-    quantize(source_with_extras, tmp_path / "out", progress="none", log=lambda *_: None)
+    quantize(source_with_extras, tmp_path / "out", progress="none")
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in source_with_extras.rglob("*") if p.is_file()}
     assert before == after

@@ -1,6 +1,7 @@
 """Fused groups share one weight_scale_2 (and input_scale) bit for bit, wherever their shards are."""
 
 import json
+import logging
 import re
 from collections import defaultdict
 
@@ -51,8 +52,8 @@ def groups_in_output(tensors):
 def run(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
     src = make_model_checkpoint(base / "src", request.param, n_shards=4)
-    plan = quantize(src, dry_run=True, log=lambda *_: None)
-    quantize(src, base / "out", progress="none", log=lambda *_: None, max_shard_size=20_000)
+    plan = quantize(src, dry_run=True)
+    quantize(src, base / "out", progress="none", max_shard_size=20_000)
     return request.param, src, base / "out", plan
 
 
@@ -148,7 +149,7 @@ def test_quantized_bytes_match_codec_on_group_scale(run):
 )
 def test_scopes_on_deepseek(tmp_path, scope, expected):
     src = make_model_checkpoint(tmp_path / "src", "deepseek_v3", n_shards=2)
-    summary = quantize(src, tmp_path / "out", progress="none", log=lambda *_: None, **{scope: True})
+    summary = quantize(src, tmp_path / "out", progress="none", **{scope: True})
     assert summary.fused_groups == expected
     tensors = load_dir(tmp_path / "out")
     assert not any("self_attn" in k and k.endswith("weight_scale") for k in tensors)
@@ -158,35 +159,31 @@ def test_scopes_on_deepseek(tmp_path, scope, expected):
     assert any("*" in e for e in exclude)  # per-layer attention compacted into wildcards
 
 
-def test_partly_excluded_group_stays_wholly_unquantized(tmp_path):
+def test_partly_excluded_group_stays_wholly_unquantized(tmp_path, caplog):
     src = make_model_checkpoint(tmp_path / "src", "llama", n_shards=2)
-    logs = []
-    summary = quantize(
-        src, tmp_path / "out", exclude=["model.layers.0.self_attn.k_proj"], progress="none", log=logs.append
-    )
+    caplog.set_level(logging.INFO, logger="modelopt_streaming")
+    summary = quantize(src, tmp_path / "out", exclude=["model.layers.0.self_attn.k_proj"], progress="none")
     tensors = load_dir(tmp_path / "out")
     for leaf in ("q_proj", "k_proj", "v_proj"):
         assert tensors[f"model.layers.0.self_attn.{leaf}.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.0.self_attn.o_proj.weight"].dtype == torch.uint8
     assert summary.fused_groups == {"gate/up": 2, "q/k/v": 1}
-    assert any("q/k/v group left wholly unquantized" in line for line in logs)
+    assert any("q/k/v group left wholly unquantized" in line for line in caplog.messages)
     # q and v are counted under one category, k under the option that excluded it.
     assert summary.unquantized_by_reason["fused partner unquantized"] == 2
     assert summary.unquantized_by_reason["--exclude"] == 1
 
 
-def test_one_excluded_expert_unquantizes_its_moe_layer(tmp_path):
+def test_one_excluded_expert_unquantizes_its_moe_layer(tmp_path, caplog):
     src = make_model_checkpoint(tmp_path / "src", "qwen3_moe", n_shards=2)
-    logs = []
-    quantize(
-        src, tmp_path / "out", exclude=["model.layers.1.mlp.experts.2.down_proj"], progress="none", log=logs.append
-    )
+    caplog.set_level(logging.INFO, logger="modelopt_streaming")
+    quantize(src, tmp_path / "out", exclude=["model.layers.1.mlp.experts.2.down_proj"], progress="none")
     tensors = load_dir(tmp_path / "out")
     assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if "layers.1.mlp.experts" in k)
     assert all(
         t.dtype == torch.uint8 for k, t in tensors.items() if "layers.0.mlp.experts" in k and k.endswith("proj.weight")
     )
-    assert any("routed experts left wholly unquantized" in line for line in logs)
+    assert any("routed experts left wholly unquantized" in line for line in caplog.messages)
 
 
 def test_exclude_config_reuses_reference_list(tmp_path):
@@ -197,7 +194,7 @@ def test_exclude_config_reuses_reference_list(tmp_path):
             {"quantization": {"exclude_modules": ["lm_head", "model.layers.*.self_attn*", "model.layers.0.mlp*"]}}
         )
     )
-    summary = quantize(src, tmp_path / "out", exclude_config=ref, progress="none", log=lambda *_: None)
+    summary = quantize(src, tmp_path / "out", exclude_config=ref, progress="none")
     tensors = load_dir(tmp_path / "out")
     assert tensors["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.1.mlp.shared_experts.gate_proj.weight"].dtype == torch.uint8

@@ -20,7 +20,7 @@ from modelopt_streaming.jobs.convert import convert
 from modelopt_streaming.jobs.decompress import decompress
 from modelopt_streaming.validate import validate
 
-QUIET = dict(progress="none", log=lambda *_: None)
+QUIET = dict(progress="none")
 ARCHS = ["llama", "qwen3_moe", "deepseek_v3"]
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
@@ -152,8 +152,8 @@ def test_compressed_tensors_ignore_names_every_unquantized_linear(outputs):
 
 def test_convert_round_trip_is_byte_identical(outputs, tmp_path):
     base, _, mo_dir, ct_dir = outputs
-    s1 = convert(mo_dir, tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
-    s2 = convert(tmp_path / "ct", tmp_path / "mo", "modelopt", log=lambda *_: None)
+    s1 = convert(mo_dir, tmp_path / "ct", "compressed-tensors")
+    s2 = convert(tmp_path / "ct", tmp_path / "mo", "modelopt")
     assert s1.reciprocals == s2.reciprocals >= 28 and not s1.output_findings and not s2.output_findings
     names = sorted(p.name for p in mo_dir.iterdir() if p.suffix == ".safetensors") + [
         "config.json",
@@ -165,7 +165,7 @@ def test_convert_round_trip_is_byte_identical(outputs, tmp_path):
     # other way round, file for file: quantize keeps its exact-reciprocal record as convert does.
     same_tensors(load_dir(tmp_path / "ct"), load_dir(ct_dir))
     assert json.loads((ct_dir / "modelopt_streaming.json").read_text())["exact_reciprocals"]
-    convert(ct_dir, tmp_path / "mo_from_ct", "modelopt", log=lambda *_: None)
+    convert(ct_dir, tmp_path / "mo_from_ct", "modelopt")
     assert all(filecmp.cmp(mo_dir / n, tmp_path / "mo_from_ct" / n, shallow=False) for n in names)
 
 
@@ -180,10 +180,10 @@ def test_reciprocals_that_do_not_invert_back_are_restored_exactly(tmp_path):
     lossy = [k for k in scalars if not torch.equal(1 / (1 / start[k]), start[k])]
     assert lossy, "the test needs scales whose float32 reciprocal does not invert back"
     assert len({float(start[k]) for k in scalars if k.endswith("input_scale")}) > 4  # calibrated, not 1.0
-    convert(export, tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
+    convert(export, tmp_path / "ct", "compressed-tensors")
     record = json.loads((tmp_path / "ct" / "modelopt_streaming.json").read_text())["exact_reciprocals"]
     assert len(record) == len(lossy)
-    convert(tmp_path / "ct", tmp_path / "back", "modelopt", log=lambda *_: None)
+    convert(tmp_path / "ct", tmp_path / "back", "modelopt")
     same_tensors(load_dir(tmp_path / "back"), start)
     for name in ("config.json", "hf_quant_config.json"):
         assert json.loads((tmp_path / "back" / name).read_text()) == json.loads((export / name).read_text()), name
@@ -210,7 +210,7 @@ def test_unequal_fused_scales_refused_then_forced(tmp_path, capsys):
     unequal = _unequal_groups(ct)
     assert len(unequal) >= 8
     with pytest.raises(ConversionRefused) as refused:
-        convert(ct_dir, tmp_path / "refused", "modelopt", log=lambda *_: None)
+        convert(ct_dir, tmp_path / "refused", "modelopt")
     listed = {line.strip().split(":")[0] for line in str(refused.value).splitlines()[1:]}
     assert listed == unequal
     assert not (tmp_path / "refused").exists()
@@ -230,7 +230,7 @@ def test_unequal_fused_scales_refused_then_forced(tmp_path, capsys):
     assert reported == unequal and not report.ok
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
     # Another producer's compressed-tensors checkpoint decompresses as that library decompresses it.
-    decompress(ct_dir, tmp_path / "dense", log=lambda *_: None)
+    decompress(ct_dir, tmp_path / "dense")
     dense = load_dir(tmp_path / "dense")
     for m in modelopt_modules(mo):
         packed, scale, divisor = (ct[f"{m}.{k}"] for k in ("weight_packed", "weight_scale", "weight_global_scale"))
@@ -241,8 +241,8 @@ def test_decompress_nvfp4_equals_the_spec_in_both_dialects(outputs, tmp_path):
     import transformers as tf
 
     _, src, mo_dir, ct_dir = outputs
-    decompress(mo_dir, tmp_path / "from_mo", log=lambda *_: None)
-    decompress(ct_dir, tmp_path / "from_ct", log=lambda *_: None)
+    decompress(mo_dir, tmp_path / "from_mo")
+    decompress(ct_dir, tmp_path / "from_ct")
     mo, source = load_dir(mo_dir), load_dir(src)
     modules = modelopt_modules(mo)
     want = {
@@ -269,7 +269,7 @@ def test_decompress_nvfp4_equals_the_spec_in_both_dialects(outputs, tmp_path):
 
 def test_decompress_fp32_keeps_the_spec_value_unrounded(outputs, tmp_path):
     _, _, mo_dir, _ = outputs
-    decompress(mo_dir, tmp_path / "fp32", "fp32", log=lambda *_: None)
+    decompress(mo_dir, tmp_path / "fp32", "fp32")
     mo, dense = load_dir(mo_dir), load_dir(tmp_path / "fp32")
     for m in modelopt_modules(mo):
         assert torch.equal(
@@ -284,7 +284,7 @@ def test_decompress_vendor_formats(make, tmp_path):
     import transformers as tf
 
     src, expected = make(tmp_path / "src")
-    summary = decompress(src, tmp_path / "dense", log=lambda *_: None)
+    summary = decompress(src, tmp_path / "dense")
     dense = load_dir(tmp_path / "dense")
     assert sum(summary.dequantized.values()) == len(expected) >= 8
     for name, value in expected.items():
@@ -305,7 +305,7 @@ def test_input_scales_from_a_calibrated_modelopt_export(tmp_path):
     summary = quantize(src, tmp_path / "ours", scale_math="cpu", input_scales_from=export, **QUIET)
     assert summary.input_scales_missing == []
     same_tensors(load_dir(tmp_path / "ours"), ref)
-    convert(export, tmp_path / "ref_ct", "compressed-tensors", log=lambda *_: None)
+    convert(export, tmp_path / "ref_ct", "compressed-tensors")
     quantize(src, tmp_path / "ours2", scale_math="cpu", input_scales_from=tmp_path / "ref_ct", **QUIET)
     same_tensors(load_dir(tmp_path / "ours2"), ref)
     # A reference without one module's input scale.
@@ -491,9 +491,9 @@ def test_compressed_tensors_has_no_form_for_3d_experts(tmp_path):
     assert not (tmp_path / "out").exists()
     quantize(src, tmp_path / "mo", **QUIET)
     with pytest.raises(ConversionRefused, match="3-D fused experts"):
-        convert(tmp_path / "mo", tmp_path / "ct", "compressed-tensors", log=lambda *_: None)
+        convert(tmp_path / "mo", tmp_path / "ct", "compressed-tensors")
     # Their ModelOpt form decompresses, expert by expert, to the spec's values.
-    decompress(tmp_path / "mo", tmp_path / "dense", log=lambda *_: None)
+    decompress(tmp_path / "mo", tmp_path / "dense")
     mo, dense = load_dir(tmp_path / "mo"), load_dir(tmp_path / "dense")
     cubes = [k for k in mo if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert cubes

@@ -65,12 +65,12 @@ CHILD = textwrap.dedent("""
     import torch
     import modelopt_streaming
     from modelopt_streaming.jobs import pipeline
-    from modelopt_streaming.jobs import quantize as runner
+    from modelopt_streaming.jobs import quantize_stream
     torch.ones(4096, 16).sum()  # warm the allocator and thread pool the way a real run would
     fullest = [0]
     if sys.argv[1] == "run":
-        runner.READ_AHEAD_BYTES = int(sys.argv[4])
-        runner.WRITE_AHEAD_BYTES = int(sys.argv[5])
+        quantize_stream.READ_AHEAD_BYTES = int(sys.argv[4])
+        quantize_stream.WRITE_AHEAD_BYTES = int(sys.argv[5])
         budgets = []
 
         class Watched(pipeline._ByteBudget):
@@ -83,7 +83,7 @@ CHILD = textwrap.dedent("""
                 fullest[0] = max(fullest[0], self.used)
 
         pipeline._ByteBudget = Watched
-        encode = runner._encode_unit
+        encode = quantize_stream._encode_unit
 
         def slow_consumer(*args, **kw):
             # Hold each unit until the reader waits for room (or has read everything): the read-ahead
@@ -95,8 +95,8 @@ CHILD = textwrap.dedent("""
             gate.waiting.clear()
             return encode(*args, **kw)
 
-        runner._encode_unit = slow_consumer
-        modelopt_streaming.quantize(sys.argv[2], sys.argv[3], progress="none", log=lambda *_: None,
+        quantize_stream._encode_unit = slow_consumer
+        modelopt_streaming.quantize(sys.argv[2], sys.argv[3], progress="none",
                                     device="cpu", max_shard_size=10**12)
     # VmHWM belongs to this process image; ru_maxrss would carry the forking parent's peak over exec.
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))

@@ -77,8 +77,8 @@ def test_decode_equals_hand_computation_and_transformers(pair):
 
 def test_mxfp4_source_quantizes_like_its_bf16_values(pair, tmp_path):
     mx_src, plain_src, _, _ = pair
-    a = quantize(mx_src, tmp_path / "a", scale_math="cpu", progress="none", log=lambda *_: None)
-    b = quantize(plain_src, tmp_path / "b", scale_math="cpu", progress="none", log=lambda *_: None)
+    a = quantize(mx_src, tmp_path / "a", scale_math="cpu", progress="none")
+    b = quantize(plain_src, tmp_path / "b", scale_math="cpu", progress="none")
     assert a.quantized_by_kind == b.quantized_by_kind and a.quantized_by_kind["routed_expert"] == 4
     ta, tb = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert sorted(ta) == sorted(tb)
@@ -92,7 +92,7 @@ def test_mxfp4_source_quantizes_like_its_bf16_values(pair, tmp_path):
 
 def test_unquantized_mxfp4_experts_are_written_as_bf16(pair, tmp_path):
     mx_src, _, _, plain = pair
-    quantize(mx_src, tmp_path / "out", exclude=["*.mlp.experts.*"], progress="none", log=lambda *_: None)
+    quantize(mx_src, tmp_path / "out", exclude=["*.mlp.experts.*"], progress="none")
     out = load_dir(tmp_path / "out")
     for name in (n for n in plain if n.endswith(EXPERTS)):
         assert torch.equal(out[name], plain[name]), name

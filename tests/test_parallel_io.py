@@ -11,8 +11,7 @@ from forkrun import tree_hashes as tree
 from safetensors.torch import load_file, save_file
 
 import modelopt_streaming
-from modelopt_streaming.jobs import pipeline
-from modelopt_streaming.jobs import quantize as runner
+from modelopt_streaming.jobs import pipeline, quantize_stream
 from modelopt_streaming.plan.build import Recipe, build_plan, unit_sources
 from modelopt_streaming.sink import output_dir, writer
 from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec, file_digest
@@ -35,7 +34,6 @@ def quantize_small_shards(src, out, threads: int) -> dict[str, str]:
         max_shard_size=30_000,
         io_threads=threads,
         progress="none",
-        log=lambda *_: None,
     )
     return tree(out)
 
@@ -64,14 +62,14 @@ def test_thread_counts_give_modelopts_bytes_and_the_same_files(src, tmp_path):
 
 def test_io_threads_must_be_positive(src, tmp_path):
     with pytest.raises(modelopt_streaming.UsageError, match="--io_threads"):
-        modelopt_streaming.quantize(src, tmp_path / "out", io_threads=0, log=lambda *_: None)
+        modelopt_streaming.quantize(src, tmp_path / "out", io_threads=0)
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 3, 5, 64])
 def test_lanes_hand_out_every_unit_once_in_consecutive_balanced_runs(src, lanes):
     plan = build_plan(build_index(src), Recipe(max_shard_size=30_000))
     units = list(plan.units)
-    merged = runner.interleave_lanes(units, lanes)
+    merged = quantize_stream.interleave_lanes(units, lanes)
     assert sorted(id(u) for _, u in merged) == sorted(id(u) for u in units)
     size = {id(u): sum(s.nbytes for s in unit_sources(u)) for u in units}
     position = {id(u): i for i, u in enumerate(units)}
@@ -200,5 +198,5 @@ def test_a_full_file_system_is_refused_before_anything_is_written(src, tmp_path,
     with pytest.raises(
         modelopt_streaming.OutputStateError, match=r"take 0\.\d\d GB and its file system has 0\.00 GB free"
     ):
-        modelopt_streaming.quantize(src, out, device="cpu", log=lambda *_: None)
+        modelopt_streaming.quantize(src, out, device="cpu")
     assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()

@@ -82,8 +82,8 @@ def test_fp8_source_equals_its_bf16_dequantization(pair, scope):
     base, src_fp8, src_bf16 = pair
     tag = "mlp" if scope else "all"
     out_fp8, out_bf16 = base / f"out-fp8-{tag}", base / f"out-bf16-{tag}"
-    s8 = quantize(src_fp8, out_fp8, progress="none", log=lambda *_: None, **scope)
-    s16 = quantize(src_bf16, out_bf16, progress="none", log=lambda *_: None, **scope)
+    s8 = quantize(src_fp8, out_fp8, progress="none", **scope)
+    s16 = quantize(src_bf16, out_bf16, progress="none", **scope)
     assert s8.fused_groups == s16.fused_groups and s8.quantized_weights == s16.quantized_weights
     a, b = load_dir(out_fp8), load_dir(out_bf16)
     assert sorted(a) == sorted(b)  # no weight_scale_inv survives
@@ -179,8 +179,8 @@ def test_kimi_int4_experts_equal_their_bf16_dequantization(tmp_path):
     src_bf16 = write_checkpoint(tmp_path / "bf16", bf16, cfg, lambda names: [i % 3 for i in range(len(names))])
     for scope in ({"mlp_only": True}, {"experts_only": True}):
         a_dir, b_dir = tmp_path / f"a-{len(str(scope))}", tmp_path / f"b-{len(str(scope))}"
-        sa = quantize(src_int4, a_dir, progress="none", log=lambda *_: None, **scope)
-        sb = quantize(src_bf16, b_dir, progress="none", log=lambda *_: None, **scope)
+        sa = quantize(src_int4, a_dir, progress="none", **scope)
+        sb = quantize(src_bf16, b_dir, progress="none", **scope)
         assert sa.fused_groups == sb.fused_groups and sa.fused_groups["gate/up"] >= 8
         a, b = load_dir(a_dir), load_dir(b_dir)
         assert sorted(a) == sorted(b)

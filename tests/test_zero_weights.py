@@ -69,7 +69,7 @@ def zeroed(tmp_path_factory):
         tensors[f"{module}.weight"] = torch.zeros_like(tensors[f"{module}.weight"])
     src = write_checkpoint(base / "src", tensors, cfg, round_robin(3))
     modelopt_export(src, base / "modelopt")
-    summary = quantize(src, base / "ours", scale_math="cpu", progress="none", log=lambda *_: None)
+    summary = quantize(src, base / "ours", scale_math="cpu", progress="none")
     return src, base / "modelopt", base / "ours", summary
 
 
@@ -131,7 +131,7 @@ def test_zero_fused_experts_end_to_end(tmp_path):
     tensors = load_dir(src)
     tensors[name] = torch.zeros_like(tensors[name])
     src = write_checkpoint(tmp_path / "src0", tensors, json.loads((src / "config.json").read_text()))
-    summary = quantize(src, tmp_path / "out", progress="none", log=lambda *_: None)
+    summary = quantize(src, tmp_path / "out", progress="none")
     assert summary.zero_weights == [name]
     out = load_dir(tmp_path / "out")
     assert out[f"{name}_weight_scale_2"].item() == 1.0 and (out[name] == 0).all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,10 +37,12 @@ from modelopt_streaming.formats.interchange import (
     SCALAR_SHAPE,
     ExactReciprocals,
 )
+from modelopt_streaming.jobs.shard_copy import write_shards_in_order
 from modelopt_streaming.sink.export import compact_exclusions, copy_side_files, hf_quant_config, safetensors_index
 from modelopt_streaming.sink.export import model_config as modelopt_model_config
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.export.compressed_tensors_format import model_config as ct_model_config
+from modelopt_streaming.sink.export.provenance import provenance
 from modelopt_streaming.sink.output_dir import (
     FINISHED_MARKER,
     OutputState,
@@ -47,7 +50,7 @@ from modelopt_streaming.sink.output_dir import (
     job_fingerprint,
     single_process_job,
 )
-from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.sink.writer import TensorSpec, write_json_atomic
 from modelopt_streaming.source.index import (
     FLOAT_DTYPES,
     INDEX_FILE,
@@ -59,11 +62,12 @@ from modelopt_streaming.source.index import (
 from modelopt_streaming.source.quantized import load_exact_reciprocals, nvfp4_modules, read_positive_scalar
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.validate import validate
-from modelopt_streaming.version import __version__
 
-COPY_CHUNK_BYTES = 16 * 1024 * 1024
+__all__ = ["ConvertSummary", "convert", "linear_modules", "plan_conversion", "quantized_experts_3d"]
+
 # Checks whose errors mean the files cannot be read as the format they claim: nothing to convert.
 _BLOCKING_CHECKS = ("format", "shards", "index", "tensors")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -242,11 +246,31 @@ def convert(
     overwrite: bool = False,
     resume: bool = False,
     verify: bool = False,
-    log=print,
 ) -> ConvertSummary:
     """Convert an NVFP4 checkpoint (ModelOpt or compressed-tensors ``nvfp4-pack-quantized``) to the other
     dialect: same codes and block scales, renamed tensors, reciprocal global and input scales, the other
-    config. Refuses (ConversionRefused) what it cannot convert exactly unless ``force``."""
+    config. Warnings go to the ``modelopt_streaming`` logger.
+
+    Args:
+        input_dir: the NVFP4 checkpoint, or a Hub id already in the local cache.
+        output_dir: where the converted checkpoint goes (empty, or an earlier output with ``overwrite``).
+        to: the target dialect, ``"modelopt"`` or ``"compressed-tensors"``.
+        force: convert fused groups whose members carry different scales unchanged instead of refusing.
+        overwrite: replace an earlier output of this tool.
+        resume: continue an interrupted run in the same output directory.
+        verify: with ``resume``, check finished shards by digest.
+
+    Returns:
+        The summary, with what ``validate`` finds wrong in the output (``failed`` tells whether that is the
+        conversion's fault).
+
+    Raises:
+        UsageError: bad options, paths, or a source already in the ``to`` dialect.
+        ConversionRefused: the source is no readable NVFP4 checkpoint, or cannot be converted exactly.
+        ConsumerError: no exclude list describes the source's quantized modules for vLLM.
+        CheckpointError: a tensor of the source cannot be read or is inconsistent.
+        OutputStateError: the output directory cannot be used.
+    """
     if to not in FORMATS:
         raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
     if resume and overwrite:
@@ -287,7 +311,7 @@ def convert(
         # Not converted: compressed-tensors describes KV-cache quantization with its own kv_cache_scheme.
         warnings.append(f"source declares KV-cache quantization {kv!r}: its k/v scales are copied, not described")
     for w in warnings:
-        log(f"warning: {w}")
+        _log.warning(f"warning: {w}")
 
     reciprocals = ExactReciprocals(load_exact_reciprocals(input_dir))
     with TensorReader(input_dir) as reader:
@@ -332,71 +356,68 @@ def convert(
     with single_process_job(
         output_dir, fingerprint, planned, resume=resume, verify=verify, overwrite=overwrite, source_dir=input_dir
     ) as (state, done):
-        _write_shards({f: o for f, o in shards.items() if f not in done}, input_dir, state)
-        _export(index, input_dir, output_dir, state, fingerprint, shards, summary, reciprocals, configs, restored)
+        write_shards_in_order(input_dir, state, [(f, o) for f, o in shards.items() if f not in done], _content)
+        conversion = _Conversion(
+            index, input_dir, output_dir, fingerprint, shards, summary, reciprocals, configs, restored
+        )
+        _export(conversion, state)
     after = validate(output_dir, block_scales=False)
     summary.output_findings = [f"{f.level}: [{f.check}] {f.message}" for f in after.findings if f.level == "error"]
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _write_shards(shards: dict[str, list[Output]], input_dir: Path, state: OutputState) -> None:
-    with TensorReader(input_dir) as reader:
-        for file, outputs in shards.items():
-            writer = ShardWriter(state.dir, file, [o.spec for o in outputs])
-            try:
-                for o in outputs:
-                    if o.reciprocal is not None:
-                        writer.write(o.name, torch.tensor(o.reciprocal, dtype=torch.float32).reshape(o.shape))
-                        continue
-                    writer.begin(o.name)
-                    for offset in range(0, o.source.nbytes, COPY_CHUNK_BYTES):
-                        n = min(COPY_CHUNK_BYTES, o.source.nbytes - offset)
-                        writer.write_bytes(reader.read_chunk(o.source, offset, n))
-                state.record(writer.close())
-            except BaseException:
-                writer.abort()
-                raise
+def _content(output: Output, reader: TensorReader) -> torch.Tensor | TensorInfo:
+    """An inverted scale as its new tensor; any other output is its source's bytes."""
+    if output.reciprocal is not None:
+        return torch.tensor(output.reciprocal, dtype=torch.float32).reshape(output.shape)
+    return output.source
 
 
-def _export(
-    index: CheckpointIndex,
-    input_dir: Path,
-    output_dir: Path,
-    state: OutputState,
-    fingerprint: dict,
-    shards: dict[str, list[Output]],
-    summary: ConvertSummary,
-    reciprocals: ExactReciprocals,
-    configs: dict,
-    restored: dict | None,
-) -> None:
+@dataclass(frozen=True)
+class _Conversion:
+    """A conversion once planned: what its export writes from, besides the output directory's state."""
+
+    index: CheckpointIndex
+    input_dir: Path
+    output_dir: Path
+    fingerprint: dict
+    shards: dict[str, list[Output]]
+    summary: ConvertSummary
+    reciprocals: ExactReciprocals
+    # The source's own configs, recorded in the provenance (source_configs), and those of the target format
+    # this checkpoint was converted from, when converting back restores them (restorable_configs).
+    configs: dict
+    restored: dict | None
+
+
+def _export(conversion: _Conversion, state: OutputState) -> None:
     """Index, side files, provenance, then the config the consumers read: written last, so that an
     unfinished directory never looks loadable."""
-    weight_map = {o.name: f for f, outs in shards.items() for o in outs}
-    total = sum(TensorSpec(o.name, o.dtype, o.shape).nbytes for outs in shards.values() for o in outs)
+    c, summary, output_dir = conversion, conversion.summary, conversion.output_dir
+    config_of = c.index.config
+    weight_map = {o.name: f for f, outs in c.shards.items() for o in outs}
+    total = sum(o.spec.nbytes for outs in c.shards.values() for o in outs)
     write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total))
-    copied = copy_side_files(input_dir, output_dir)
-    records = state.finish(fingerprint, list(shards))
-    write_json_atomic(
-        output_dir / PROVENANCE_FILE,
-        {
-            "tool": "modelopt-streaming",
-            "version": __version__,
-            "command": "convert",
-            "options": fingerprint["options"],
-            "source": {"format": summary.source_format, "files": index.file_sizes},
+    copied = copy_side_files(c.input_dir, output_dir)
+    records = state.finish(c.fingerprint, list(c.shards))
+    record = provenance(
+        command="convert",
+        options=c.fingerprint["options"],
+        source={"format": summary.source_format, "files": c.index.file_sizes},
+        details={
             "forced_groups": summary.forced_groups,
-            RECORD_KEY: reciprocals.as_json(),
-            SOURCE_CONFIGS_KEY: configs,
-            "side_files": copied,
-            "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in records],
-            "shard_digest": DIGEST_SCHEME,
+            RECORD_KEY: c.reciprocals.as_json(),
+            SOURCE_CONFIGS_KEY: c.configs,
         },
+        side_files=copied,
+        shards=records,
     )
+    write_json_atomic(output_dir / PROVENANCE_FILE, record)
+    restored = c.restored
     if restored is not None:
         # Converting back: the configs the checkpoint had in this format, as they were.
-        config = copy.deepcopy(index.config)
+        config = copy.deepcopy(config_of)
         config.pop("quantization_config", None)
         if restored["quantization_config"] is not None:
             config["quantization_config"] = restored["quantization_config"]
@@ -405,9 +426,10 @@ def _export(
         if restored["hf_quant_config"] is not None:
             write_json_atomic(output_dir / FINISHED_MARKER, restored["hf_quant_config"])
     elif summary.target_format == MODELOPT:
-        config = modelopt_model_config(index.config, summary.exclusions, summary.weight_only)
+        config = modelopt_model_config(config_of, summary.exclusions, summary.weight_only)
         write_json_atomic(output_dir / "config.json", config)
         write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(summary.exclusions, summary.weight_only))
     else:
-        config = ct_model_config(index.config, summary.exclusions, summary.weight_only)
-        write_json_atomic(output_dir / "config.json", config)
+        write_json_atomic(
+            output_dir / "config.json", ct_model_config(config_of, summary.exclusions, summary.weight_only)
+        )

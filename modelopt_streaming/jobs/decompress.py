@@ -17,6 +17,7 @@ compressed-tensors' own conversions produce) and are cast to the output dtype.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -30,9 +31,11 @@ from modelopt_streaming.errors import CheckpointError, UsageError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.jobs.convert import quantized_experts_3d
+from modelopt_streaming.jobs.shard_copy import write_shards_in_order
 from modelopt_streaming.sink.export import copy_side_files, safetensors_index
-from modelopt_streaming.sink.output_dir import OutputState, check_paths, job_fingerprint, single_process_job
-from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.sink.export.provenance import provenance
+from modelopt_streaming.sink.output_dir import check_paths, job_fingerprint, single_process_job
+from modelopt_streaming.sink.writer import TensorSpec, write_json_atomic
 from modelopt_streaming.source.index import (
     DTYPE_NAMES,
     DTYPES,
@@ -46,12 +49,13 @@ from modelopt_streaming.source.index import (
 )
 from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
-from modelopt_streaming.version import __version__
+
+__all__ = ["OUTPUT_DTYPES", "DecompressSummary", "decompress", "dequantize_experts_3d", "dequantize_nvfp4"]
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Rows dequantized at once: the float32 and int64 temporaries stay small whatever the weight's size.
 _ROWS_PER_CHUNK_ELEMS = 4 * 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ class Unit:
     dtype: str
     shape: tuple[int, ...]
     sources: tuple[TensorInfo | DecodedWeight, ...]
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
 
     @property
     def position(self) -> tuple[str, int]:
@@ -216,9 +224,28 @@ def decompress(
     overwrite: bool = False,
     resume: bool = False,
     verify: bool = False,
-    log=print,
 ) -> DecompressSummary:
-    """Write a plain safetensors checkpoint with every quantized weight dequantized to ``dtype``."""
+    """Write a plain safetensors checkpoint with every quantized weight dequantized to ``dtype``: NVFP4 of
+    both dialects and the vendor formats the reader decodes; every other tensor is copied unchanged and the
+    scale tensors are dropped. Messages go to the ``modelopt_streaming`` logger.
+
+    Args:
+        input_dir: the quantized checkpoint, or a Hub id already in the local cache.
+        output_dir: where the plain checkpoint goes (empty, or an earlier output with ``overwrite``).
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``, the dtype of the dequantized weights.
+        max_shard_size: largest output shard, in bytes.
+        overwrite: replace an earlier output of this tool.
+        resume: continue an interrupted run in the same output directory.
+        verify: with ``resume``, check finished shards by digest.
+
+    Returns:
+        The summary: weights dequantized by kind, tensors copied and dropped, the output's size.
+
+    Raises:
+        UsageError: bad options or paths.
+        CheckpointError: a quantized weight lacks its scales or they do not fit it.
+        OutputStateError: the output directory cannot be used.
+    """
     if dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     if resume and overwrite:
@@ -254,50 +281,30 @@ def decompress(
         output_dir, fingerprint, planned, resume=resume, verify=verify, overwrite=overwrite, source_dir=input_dir
     ) as (state, done):
         if done:
-            log(f"resuming: {len(done)} of {len(shards)} shards already finished")
-        _write(input_dir, [(f, us) for f, us in shards if f not in done], state, OUTPUT_DTYPES[dtype])
+            _log.info(f"resuming: {len(done)} of {len(shards)} shards already finished")
+        out_dtype = OUTPUT_DTYPES[dtype]
+
+        def content(unit: Unit, reader: TensorReader) -> torch.Tensor | TensorInfo:
+            return unit.sources[0] if unit.kind == "copy" else _dense(unit, reader, out_dtype)
+
+        write_shards_in_order(input_dir, state, [(f, us) for f, us in shards if f not in done], content)
         weight_map = {u.name: f for f, us in shards for u in us}
         write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, summary.output_bytes))
         copied = copy_side_files(input_dir, output_dir)
         records = state.finish(fingerprint, [f for f, _ in shards])
-        write_json_atomic(
-            output_dir / PROVENANCE_FILE,
-            {
-                "tool": "modelopt-streaming",
-                "version": __version__,
-                "command": "decompress",
-                "options": fingerprint["options"],
-                "source": {"files": index.file_sizes},
-                "dequantized": summary.dequantized,
-                "side_files": copied,
-                "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in records],
-                "shard_digest": DIGEST_SCHEME,
-            },
+        record = provenance(
+            command="decompress",
+            options=fingerprint["options"],
+            source={"files": index.file_sizes},
+            details={"dequantized": summary.dequantized},
+            side_files=copied,
+            shards=records,
         )
+        write_json_atomic(output_dir / PROVENANCE_FILE, record)
         # Last: what a framework loads first, so an unfinished directory never looks loadable.
         write_json_atomic(output_dir / "config.json", strip_quantization_config(index.config))
     summary.seconds = time.monotonic() - started
     return summary
-
-
-def _write(input_dir: Path, shards: list[tuple[str, list[Unit]]], state: OutputState, dtype: torch.dtype) -> None:
-    with TensorReader(input_dir) as reader:
-        for file, units in shards:
-            writer = ShardWriter(state.dir, file, [TensorSpec(u.name, u.dtype, u.shape) for u in units])
-            try:
-                for u in units:
-                    if u.kind == "copy":
-                        (src,) = u.sources
-                        writer.begin(u.name)
-                        for offset in range(0, src.nbytes, COPY_CHUNK_BYTES):
-                            n = min(COPY_CHUNK_BYTES, src.nbytes - offset)
-                            writer.write_bytes(reader.read_chunk(src, offset, n))
-                        continue
-                    writer.write(u.name, _dense(u, reader, dtype))
-                state.record(writer.close())
-            except BaseException:
-                writer.abort()
-                raise
 
 
 def _dense(unit: Unit, reader: TensorReader, dtype: torch.dtype) -> torch.Tensor:

@@ -15,11 +15,21 @@ import torch
 
 from modelopt_streaming import errors
 from modelopt_streaming.errors import ModeloptStreamingError, OutputStateError, RankLostError, UsageError
-from modelopt_streaming.formats.interchange import ExactReciprocals
-from modelopt_streaming.jobs.progress import Progress
+from modelopt_streaming.jobs.quantize_job import QuantizeJob, shard_specs
 from modelopt_streaming.plan.build import Shard, Unit, unit_sources
 from modelopt_streaming.sink.output_dir import OutputState
-from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
+from modelopt_streaming.sink.writer import PositionalShardWriter
+
+__all__ = [
+    "barrier",
+    "check_shared_output",
+    "contiguous_share",
+    "init_distributed",
+    "on_rank0",
+    "rank_and_world",
+    "world_size_env",
+    "write_shards_distributed",
+]
 
 # Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
 # rank's real work goes through barrier() with a timeout sized to that work instead.
@@ -213,31 +223,20 @@ def contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
 
 
 def write_shards_distributed(
-    todo: list[Shard],
-    state: OutputState,
-    rank: int,
-    world: int,
-    *,
-    specs: dict[str, list[TensorSpec]],
-    stream: Callable[[list[Unit], Callable[[Unit], PositionalShardWriter]], None],
-    meter: Progress,
-    reciprocals: ExactReciprocals,
-    finished_record: Callable[[dict, dict[str, tuple[int, int]]], dict],
-    phases: dict[str, float] | None = None,
+    job: QuantizeJob, todo: list[Shard], stream: Callable[[list[Unit], Callable[[Unit], PositionalShardWriter]], None]
 ) -> None:
     """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
     the units at their planned offsets, digesting each tensor as it writes it, so the work splits evenly
     whatever the shard count; then rank 0 gathers the tensor digests and renames and records each shard whose
     tensors were all written. No output byte is read back. The bytes are those of a single process.
 
-    ``specs``: each shard file's planned tensors; ``stream(units, sink_of)`` reads, encodes and writes
-    ``units`` into ``sink_of(unit)``; ``finished_record(record, reciprocals)`` is what ``state`` records
-    for a finished shard, given every rank's exact reciprocals; ``phases`` receives the seconds of each step.
-
-    """
+    ``stream(units, sink_of)`` reads, encodes and writes ``units`` into ``sink_of(unit)``; the seconds of each
+    step go to ``job.summary.phases``, and a finished shard's record is ``job.finished_record`` of it given
+    every rank's exact reciprocals."""
     import torch.distributed as dist
 
-    phases = {} if phases is None else phases
+    state, rank, world, phases = job.state, job.rank, job.world, job.summary.phases
+    specs = {shard.file: shard_specs(shard) for shard in todo}
     clock = [time.perf_counter()]
 
     def lap(step: str) -> None:
@@ -254,7 +253,7 @@ def write_shards_distributed(
     shard_of = {id(u): shard.file for shard in todo for u in shard.units}
     units = [u for shard in todo for u in shard.units]
     mine = contiguous_share(units, rank, world)
-    meter.set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
+    job.meter.set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
     try:
         stream(mine, lambda unit: writers[shard_of[id(unit)]])
     finally:
@@ -272,13 +271,13 @@ def write_shards_distributed(
     names = {f: [t.name for t in w.tensors] for f, w in writers.items()}
     mine_done = {f: _pack_digests(names[f], w.digests()) for f, w in writers.items()}
     everyone: list | None = [None] * world if rank == 0 else None
-    dist.gather_object((mine_done, reciprocals.record), everyone, dst=0)
+    dist.gather_object((mine_done, job.reciprocals.record), everyone, dst=0)
     if rank == 0:
         records = {k: v for _, theirs in everyone for k, v in theirs.items()}
         for shard in todo:
             digests: dict[str, bytes] = {}
             for done, _ in everyone:
                 _unpack_digests(names[shard.file], done[shard.file], digests)
-            state.record(finished_record(writers[shard.file].finish(digests), records))
+            state.record(job.finished_record(writers[shard.file].finish(digests), records))
     barrier(rank, world, "rename shards", rank_slack_s())
     lap("gather digests and rename")

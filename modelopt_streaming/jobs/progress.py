@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
+__all__ = ["PROGRESS_MODES", "Progress"]
+
+# "auto": the bar on a terminal, log lines otherwise.
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+_log = logging.getLogger(__name__)
+
 
 class Progress:
-    def __init__(self, total_bytes: int, mode: str = "auto", log=print, every_s: float = 10.0):
+    """Bytes done of ``total_bytes``: a bar (``mode`` "bar"), a log line every ``every_s`` seconds and at
+    the end ("log"), or nothing ("none"); "auto" is the bar on a terminal, else log lines."""
+
+    def __init__(self, total_bytes: int, mode: str = "auto", every_s: float = 10.0):
         self.total = total_bytes
         self.done = 0
-        self.log = log
         self.every = every_s
         self.started = self._last = time.monotonic()
         if mode == "auto":
@@ -43,7 +52,7 @@ class Progress:
                 elapsed = now - self.started
                 rate = self.done / max(elapsed, 1e-9)
                 eta = (self.total - self.done) / rate if rate else float("inf")
-                self.log(
+                _log.info(
                     f"progress: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s"
                 )
 

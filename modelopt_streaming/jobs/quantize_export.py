@@ -7,16 +7,18 @@ from pathlib import Path
 
 from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, PROVENANCE_FILE, RECORD_KEY
-from modelopt_streaming.jobs.summary import Summary
-from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe
+from modelopt_streaming.jobs.quantize_job import QuantizeJob
+from modelopt_streaming.plan.build import Plan, QuantizeUnit
 from modelopt_streaming.sink.export.compressed_tensors_format import model_config as ct_model_config
 from modelopt_streaming.sink.export.modelopt_format import hf_quant_config, model_config, safetensors_index
+from modelopt_streaming.sink.export.provenance import provenance
 from modelopt_streaming.sink.export.side_files import copy_side_files
-from modelopt_streaming.sink.output_dir import FINISHED_MARKER, OutputState, recipe_dict
-from modelopt_streaming.sink.writer import DIGEST_SCHEME, write_json_atomic
-from modelopt_streaming.source.index import INDEX_FILE, CheckpointIndex, TensorInfo, read_header
+from modelopt_streaming.sink.output_dir import FINISHED_MARKER, recipe_dict
+from modelopt_streaming.sink.writer import write_json_atomic
+from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, read_header
 from modelopt_streaming.source.reader import TensorReader
-from modelopt_streaming.version import __version__
+
+__all__ = ["export_checkpoint", "zero_weight_modules"]
 
 
 def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
@@ -42,60 +44,51 @@ def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
     return sorted(zero)
 
 
-def export_checkpoint(
-    plan: Plan,
-    index: CheckpointIndex,
-    input_dir: Path,
-    output_dir: Path,
-    state: OutputState,
-    fp: dict,
-    exclude_modules: list[str],
-    summary: Summary,
-    recipe: Recipe,
-) -> list[str]:
+def export_checkpoint(job: QuantizeJob) -> list[str]:
     """Index, side files, configs and provenance, from what was written; the finished marker last.
-    Returns the all-zero quantized modules (``zero_weight_modules``), which the provenance lists too."""
+
+    Returns:
+        The all-zero quantized modules (``zero_weight_modules``), which the provenance lists too.
+    """
+    plan, recipe, summary, output_dir = job.plan, job.recipe, job.summary, job.output_dir
+    ct = recipe.format == COMPRESSED_TENSORS
     weight_map = plan.weight_map()
     total_size = sum(t.nbytes for s in plan.shards for t in s.outputs)
     write_json_atomic(output_dir / INDEX_FILE, safetensors_index(weight_map, total_size))
-    copied = copy_side_files(input_dir, output_dir)
-    if recipe.format == COMPRESSED_TENSORS:
-        config = ct_model_config(index.config, exclude_modules, recipe.weight_only)
+    copied = copy_side_files(job.input_dir, output_dir)
+    if ct:
+        config = ct_model_config(job.index.config, job.exclude_modules, recipe.weight_only)
     else:
-        config = model_config(index.config, exclude_modules, recipe.weight_only)
+        config = model_config(job.index.config, job.exclude_modules, recipe.weight_only)
         write_json_atomic(output_dir / "config.json", config)
-    shards = state.finish(fp, [s.file for s in plan.shards])
-    ct = recipe.format == COMPRESSED_TENSORS
+    shards = job.state.finish(job.fingerprint, [s.file for s in plan.shards])
     zero_weights = zero_weight_modules(plan, output_dir)
+    counts = {
+        "quantized_weights": summary.quantized_weights,
+        "quantized_by_kind": summary.quantized_by_kind,
+        "fused_groups": summary.fused_groups,
+        "copied_tensors": summary.copied_tensors,
+        "unquantized_by_reason": summary.unquantized_by_reason,
+        "zero_weights": len(zero_weights),
+    }
+    trailer: dict = {"warnings": plan.warnings}
+    if ct:
+        trailer[RECORD_KEY] = dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))
     # Nothing here depends on the device, the number of workers or the time: the same input and options
     # give the same bytes in this file too.
-    write_json_atomic(
-        output_dir / PROVENANCE_FILE,
-        {
-            "tool": "modelopt-streaming",
-            "version": __version__,
-            "options": recipe_dict(recipe),
-            "source": {"files": index.file_sizes},
-            "counts": {
-                "quantized_weights": summary.quantized_weights,
-                "quantized_by_kind": summary.quantized_by_kind,
-                "fused_groups": summary.fused_groups,
-                "copied_tensors": summary.copied_tensors,
-                "unquantized_by_reason": summary.unquantized_by_reason,
-                "zero_weights": len(zero_weights),
-            },
-            "unquantized": plan.unquantized,
-            "zero_weights": zero_weights,
-            "side_files": copied,
-            "shards": [{k: r[k] for k in ("file", "size", "digest")} for r in shards],
-            "shard_digest": DIGEST_SCHEME,
-            "warnings": plan.warnings,
-        }
-        | ({RECORD_KEY: dict(sorted(kv for r in shards for kv in r.get(RECORD_KEY, {}).items()))} if ct else {}),
+    record = provenance(
+        command=None,
+        options=recipe_dict(recipe),
+        source={"files": job.index.file_sizes},
+        details={"counts": counts, "unquantized": plan.unquantized, "zero_weights": zero_weights},
+        side_files=copied,
+        shards=shards,
+        trailer=trailer,
     )
-    if recipe.format == COMPRESSED_TENSORS:
+    write_json_atomic(output_dir / PROVENANCE_FILE, record)
+    if ct:
         # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.
         write_json_atomic(output_dir / "config.json", config)
     else:
-        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(exclude_modules, recipe.weight_only))
+        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(job.exclude_modules, recipe.weight_only))
     return zero_weights

@@ -10,6 +10,8 @@ from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS
 from modelopt_streaming.plan.build import CopyUnit, Plan, QuantizeUnit
 
+__all__ = ["Summary", "plan_details", "summarize"]
+
 
 @dataclass
 class Summary:

@@ -1,0 +1,146 @@
+"""What one quantize run is made of: the options it was asked for (``QuantizeOptions``, checked together before
+any work) and what the run derives from them (``QuantizeJob``: the index, the plan, the output directory's
+state, the device, the threads), handed whole to the stages that stream, schedule and export."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelopt_streaming.codec import Codec
+from modelopt_streaming.errors import UsageError
+from modelopt_streaming.formats.interchange import FORMATS, RECORD_KEY, ExactReciprocals
+from modelopt_streaming.jobs.pipeline import Throughput
+from modelopt_streaming.jobs.progress import PROGRESS_MODES, Progress
+from modelopt_streaming.jobs.summary import Summary
+from modelopt_streaming.plan.build import Plan, Recipe, Shard
+from modelopt_streaming.sink.output_dir import OutputState
+from modelopt_streaming.sink.writer import TensorSpec
+from modelopt_streaming.source.index import CheckpointIndex
+from modelopt_streaming.source.reader import TensorReader
+
+__all__ = ["QuantizeJob", "QuantizeOptions", "shard_specs"]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """The options of one ``quantize`` run, each checked on construction (UsageError names the CLI option).
+
+    Attributes:
+        mlp_only: quantize dense MLPs, shared and routed experts only.
+        experts_only: quantize routed experts only (excludes ``mlp_only``).
+        exclude: fnmatch patterns of modules left unquantized.
+        exclude_config: a reference ``hf_quant_config.json`` or ``config.json`` whose exclusions are reused.
+        weight_only: W4A16_NVFP4, no ``input_scale`` tensors.
+        scale_math: ``weight_scale_2`` as ModelOpt computes it on ``"cuda"`` (default) or ``"cpu"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; None or ``"auto"``: CUDA when available.
+        max_shard_size: largest output shard, in bytes.
+        dry_run: plan only, write nothing.
+        overwrite: replace an earlier output of this tool.
+        resume: continue an interrupted run in the same output directory (excludes ``overwrite``).
+        verify: with ``resume``, check finished shards by digest.
+        allow_nonfinite: quantize weights holding NaN/Inf instead of refusing.
+        progress: ``"auto"`` (a bar on a terminal, else log lines), ``"bar"``, ``"log"`` or ``"none"``.
+        format: ``"modelopt"`` or ``"compressed-tensors"``.
+        input_scales_from: a reference NVFP4 checkpoint whose ``input_scale`` values are written instead of 1.0.
+        io_threads: reader threads and writer threads of this process; None: from the CPUs.
+    """
+
+    mlp_only: bool = False
+    experts_only: bool = False
+    exclude: tuple[str, ...] = ()
+    exclude_config: str | os.PathLike | None = None
+    weight_only: bool = False
+    scale_math: str = "cuda"
+    device: str | None = None
+    max_shard_size: int = 5 * 10**9
+    dry_run: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    verify: bool = False
+    allow_nonfinite: bool = False
+    progress: str = "auto"
+    format: str = "modelopt"
+    input_scales_from: str | os.PathLike | None = None
+    io_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.mlp_only and self.experts_only:
+            raise UsageError("--mlp_only and --experts_only exclude each other")
+        if self.scale_math not in ("cuda", "cpu"):
+            raise UsageError(f"--scale_math must be cuda or cpu, not {self.scale_math!r}")
+        if self.max_shard_size <= 0:
+            raise UsageError("--max_shard_size must be positive")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.input_scales_from is not None and self.weight_only:
+            raise UsageError(
+                "--input_scales_from and --weight_only exclude each other (weight-only has no input scales)"
+            )
+        if self.io_threads is not None and self.io_threads < 1:
+            raise UsageError(f"--io_threads must be at least 1, not {self.io_threads}")
+        if self.progress not in PROGRESS_MODES:
+            raise UsageError(f"progress must be one of {', '.join(PROGRESS_MODES)}, not {self.progress!r}")
+        if self.device not in (None, "auto"):
+            # Only the spelling: whether CUDA is there is asked when the run starts writing (a dry run needs
+            # no device).
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise UsageError(f"--device {self.device}: {e}") from None
+
+    @property
+    def scope(self) -> str:
+        return "experts" if self.experts_only else "mlp" if self.mlp_only else "all"
+
+
+@dataclass
+class QuantizeJob:
+    """One quantize run once planned: its options and everything derived from them that the writing stages
+    share. ``reader``, ``codec`` and ``meter`` exist while the shards stream (set by the runner)."""
+
+    options: QuantizeOptions
+    input_dir: Path
+    output_dir: Path
+    index: CheckpointIndex
+    recipe: Recipe
+    plan: Plan
+    exclude_modules: list[str]
+    summary: Summary
+    state: OutputState
+    fingerprint: dict
+    rank: int
+    world: int
+    device: torch.device
+    threads: int
+    stats: Throughput = field(default_factory=Throughput)
+    # Filled by every unit encoded in the compressed-tensors dialect (interchange.ExactReciprocals).
+    reciprocals: ExactReciprocals = field(default_factory=ExactReciprocals)
+    reader: TensorReader | None = None
+    codec: Codec | None = None
+    meter: Progress | None = None
+
+    @property
+    def planned(self) -> dict[str, list[str]]:
+        """Each planned shard's tensor names, in file order (what the output directory checks a resume by)."""
+        return {s.file: [t.name for t in s.outputs] for s in self.plan.shards}
+
+    def finished_record(self, record: dict, reciprocals: dict[str, tuple[int, int]] | None = None) -> dict:
+        """A shard's record with the exact-reciprocal entries of its tensors (those of ``reciprocals``, by
+        default this process's): kept with the shard, so that a resumed run still knows those of the shards
+        a previous run finished."""
+        known = self.reciprocals.record if reciprocals is None else reciprocals
+        mine = ExactReciprocals()
+        mine.record = {n: known[n] for n in record["tensors"] if n in known}
+        return {**record, RECORD_KEY: mine.as_json()} if mine.record else record
+
+
+def shard_specs(shard: Shard) -> list[TensorSpec]:
+    """The planned tensors of one output shard, as the writers lay them out."""
+    return [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
