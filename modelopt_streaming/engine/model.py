@@ -1,0 +1,227 @@
+"""The model the engine runs, without building it: transformers' own causal-LM class instantiated on the meta
+device from ``config.json`` (no memory), so every module (embedding, decoder layers, final norm, ``lm_head``)
+is the class transformers would run, and one of them at a time is given real tensors, read through our index
+and reader, on the device.
+
+Checkpoint names map onto module parameters as transformers' own loading maps them
+(``transformers/conversion_mapping.py``): per-expert ``experts.E.{gate,up,down}_proj.weight`` (Mixtral
+``w1``/``w3``/``w2``) become the fused 3-D ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
+``experts.down_proj`` [E, H, I]; Mixtral's ``block_sparse_moe`` is the model's ``mlp``. The tests hold this
+plain stack/concatenate path to transformers' full-model loading bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from modelopt_streaming.errors import CheckpointError, UsageError
+from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
+
+# model_type of the text decoder -> how its checkpoint names its experts (gate, up, down leaves; None: the
+# checkpoint stores 3-D experts as the module does) and the renames transformers applies on loading.
+# Kimi-K2 / K2.5 report ``kimi_k2`` for a DeepSeek-V3 decoder, which transformers has no mapping for.
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # the transformers config class that runs it
+    expert_leaves: tuple[str, str, str] | None
+    renames: tuple[tuple[str, str], ...] = ()  # (checkpoint substring, module substring)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", None),
+    "qwen3": Family("qwen3", None),
+    "qwen3_moe": Family("qwen3_moe", ("gate_proj", "up_proj", "down_proj")),
+    # conversion_mapping.py "mixtral": WeightRenaming(".block_sparse_moe.", ".mlp.") and w1/w3 -> gate_up_proj.
+    "mixtral": Family("mixtral", ("w1", "w3", "w2"), renames=((".block_sparse_moe.", ".mlp."),)),
+    "deepseek_v3": Family("deepseek_v3", ("gate_proj", "up_proj", "down_proj")),
+    "kimi_k2": Family("deepseek_v3", ("gate_proj", "up_proj", "down_proj")),
+    "gpt_oss": Family("gpt_oss", None),
+}
+
+
+def text_config_dict(config: dict) -> tuple[dict, str]:
+    """The decoder's config of a checkpoint and the prefix of its tensor names: a multimodal config (Kimi-K2.5)
+    nests it under ``text_config`` and names its tensors ``language_model.*``."""
+    if isinstance(config.get("text_config"), dict) and config.get("model_type") not in FAMILIES:
+        return config["text_config"], "language_model."
+    return config, ""
+
+
+def family_of_config(config: dict, where: str) -> Family:
+    """The family the engine runs, or a UsageError naming the architecture, before any work."""
+    text, _ = text_config_dict(config)
+    model_type = text.get("model_type")
+    if model_type not in FAMILIES:
+        archs = ", ".join(config.get("architectures") or []) or str(model_type)
+        raise UsageError(
+            f"{where}: the engine does not run {archs} (model_type {model_type!r}); it runs "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass
+class Skeleton:
+    """transformers' causal-LM model of the checkpoint on the meta device, and how its names meet the files."""
+
+    model: torch.nn.Module
+    config: object  # the transformers config the modules were built from
+    family: Family
+    prefix: str  # checkpoint-name prefix of the text model ("" or "language_model.")
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def checkpoint_name(self, module_name: str) -> str:
+        """The checkpoint name of a module or parameter path of ``self.model``."""
+        name = module_name
+        for ckpt, mod in self.family.renames:
+            name = name.replace(mod, ckpt)
+        return self.prefix + name
+
+
+def build_skeleton(
+    config: dict,
+    where: str,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> Skeleton:
+    """The model of ``config`` (a checkpoint's config.json) on the meta device.
+
+    Args:
+        config: the checkpoint's config.json.
+        where: the checkpoint directory, for messages.
+        dtype: the dtype the model runs in (the checkpoint's own: a float32 forward reproduces none of
+            ModelOpt's calibration values).
+        attn_implementation: transformers' attention implementation ("sdpa", "eager").
+        trust_remote_code: custom model code of the checkpoint is never run unless this is set.
+
+    Raises:
+        UsageError: an architecture the engine does not run, or custom code without ``trust_remote_code``.
+    """
+    import transformers
+
+    family = family_of_config(config, where)
+    text, prefix = text_config_dict(config)
+    if text.get("auto_map") and not trust_remote_code:
+        raise UsageError(f"{where}: config.json names custom model code (auto_map); it is never run here")
+    fields = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "quantization_config")}
+    tf_config = transformers.AutoConfig.for_model(family.model_type, **fields)
+    # Set both explicitly: a config that did not pass through from_pretrained has neither, and then
+    # create_causal_mask returns None and eager attention runs without a causal mask (../shared/engine.md).
+    tf_config._attn_implementation = attn_implementation
+    tf_config._experts_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tf_config, dtype=dtype)
+    model.eval()
+    return Skeleton(model=model, config=model.config, family=family, prefix=prefix)
+
+
+_EXPERT_PARAM = re.compile(r"^(?P<experts>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """Where one module parameter comes from: one checkpoint tensor, or per-expert tensors stacked (each
+    expert's gate and up concatenated along the output rows first)."""
+
+    param: str  # name inside the module
+    tensors: tuple[tuple[TensorInfo | DecodedWeight, ...], ...]  # per expert: (gate, up) or (down,); or ((t,),)
+    stacked: bool
+
+
+def param_sources(
+    skeleton: Skeleton, index: CheckpointIndex, module: torch.nn.Module, module_name: str
+) -> list[ParamSource]:
+    """The checkpoint tensors of every parameter and persistent buffer of ``module`` (named ``module_name``
+    in ``skeleton.model``), checked for presence before anything is read.
+
+    Raises:
+        CheckpointError: a tensor the module needs is missing from the checkpoint (the first one named).
+    """
+    decoded = _decoded(index)
+    out = []
+    for param in module.state_dict(keep_vars=True):
+        full = f"{module_name}.{param}" if module_name else param
+        ckpt = skeleton.checkpoint_name(full)
+        hit = _lookup(index, decoded, ckpt)
+        if hit is not None:
+            out.append(ParamSource(param, ((hit,),), stacked=False))
+            continue
+        m = _EXPERT_PARAM.match(full)
+        leaves = skeleton.family.expert_leaves
+        if m is None or leaves is None:
+            raise CheckpointError(f"{index.root}: tensor {ckpt!r} is missing (the model's {full})")
+        experts_ckpt = skeleton.checkpoint_name(m["experts"])
+        n = getattr(module, "num_experts", None) or _num_experts(module, m["experts"], module_name)
+        wanted = leaves[:2] if m["param"] == "gate_up_proj" else leaves[2:]
+        per_expert = []
+        for e in range(n):
+            names = [f"{experts_ckpt}.{e}.{leaf}.weight" for leaf in wanted]
+            found = [_lookup(index, decoded, x) for x in names]
+            missing = [x for x, f in zip(names, found) if f is None]
+            if missing:
+                raise CheckpointError(f"{index.root}: tensor {missing[0]!r} is missing (the model's {full})")
+            per_expert.append(tuple(found))
+        out.append(ParamSource(param, tuple(per_expert), stacked=True))
+    return out
+
+
+def _num_experts(module: torch.nn.Module, experts_name: str, module_name: str) -> int:
+    rel = experts_name[len(module_name) + 1 :] if module_name else experts_name
+    return module.get_submodule(rel).num_experts
+
+
+_DECODED_CACHE: dict[int, dict[str, DecodedWeight]] = {}
+
+
+def _decoded(index: CheckpointIndex) -> dict[str, DecodedWeight]:
+    key = id(index)
+    if key not in _DECODED_CACHE:
+        _DECODED_CACHE.clear()
+        _DECODED_CACHE[key] = decoded_weights(index)
+    return _DECODED_CACHE[key]
+
+
+def _lookup(index: CheckpointIndex, decoded: dict[str, DecodedWeight], name: str) -> TensorInfo | DecodedWeight | None:
+    return decoded.get(name) or index.tensors.get(name)
+
+
+def materialize(
+    module: torch.nn.Module,
+    sources: list[ParamSource],
+    read: Callable[[TensorInfo | DecodedWeight], torch.Tensor],
+    device: torch.device,
+) -> torch.nn.Module:
+    """``module`` with real tensors: each parameter read (``read``: a source tensor as stored, decoded to
+    bf16 when it is a vendor encoding) and cast to the dtype the module declares, on ``device``."""
+    want = module.state_dict(keep_vars=True)
+    state = {}
+    for src in sources:
+        meta = want[src.param]
+        if src.stacked:
+            experts = [torch.cat([read(t).to(device) for t in parts], dim=0) for parts in src.tensors]
+            value = torch.stack(experts)
+        else:
+            value = read(src.tensors[0][0]).to(device)
+        if tuple(value.shape) != tuple(meta.shape):
+            raise CheckpointError(
+                f"tensor for {src.param!r}: shape {list(value.shape)}, the model expects {list(meta.shape)}"
+            )
+        state[src.param] = value.to(meta.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: they are computed by __init__.
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise CheckpointError(f"buffer {name!r} of {type(module).__name__} has no value on the meta device")
+    return module

@@ -1,0 +1,132 @@
+"""The forward pass one piece at a time: the embedding, each decoder layer, the final norm and ``lm_head``,
+each materialized on the device from the checkpoint only while it runs, on hidden states carried between
+layers. The inputs a layer gets are those transformers' own model forward gives it
+(``modeling_*.Model.forward``): position ids ``arange(L)[None]``, position embeddings from the model's rotary
+module, the causal mask of ``create_causal_mask`` (and the sliding-window one for the layers
+``config.layer_types`` marks), no cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from modelopt_streaming.engine import observe
+from modelopt_streaming.engine.model import Skeleton, build_skeleton, materialize, param_sources
+from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, TensorInfo
+from modelopt_streaming.source.reader import TensorReader
+
+
+@dataclass
+class EngineOptions:
+    """How the engine runs a checkpoint.
+
+    device: where each layer runs; dtype: the model's compute dtype (the checkpoint's own, bf16 for every
+    family we run); attn_implementation: transformers' attention ("sdpa" as from_pretrained picks it, or
+    "eager"); batch_size: sequences per forward call (the same rows batched differently give other bits, so
+    a comparison with a reference must batch as it does); trust_remote_code: run custom model code."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.bfloat16
+    attn_implementation: str = "sdpa"
+    batch_size: int = 1
+    trust_remote_code: bool = False
+
+
+class LayerStream:
+    """One checkpoint run piece by piece. ``layer(i)`` is a context manager giving decoder layer ``i`` on the
+    device (its tensors read once), freed on exit; ``forward(layer, i, hidden)`` runs it on a batch."""
+
+    def __init__(self, index: CheckpointIndex, reader: TensorReader, options: EngineOptions):
+        self.index, self.reader, self.options = index, reader, options
+        self.attention_name = observe.register(options.attn_implementation)
+        self.skeleton: Skeleton = build_skeleton(
+            index.config,
+            str(index.root),
+            dtype=options.dtype,
+            attn_implementation=self.attention_name,
+            trust_remote_code=options.trust_remote_code,
+        )
+        self.skeleton.config._experts_implementation = observe.EXPERTS_IMPLEMENTATION
+        config = self.skeleton.config
+        # The masks are those of the implementation we call through to: a copy of the config names it.
+        self._mask_config = type(config).from_dict(config.to_dict())
+        self._mask_config._attn_implementation = options.attn_implementation
+        device = options.device
+        rotary_class = type(self.skeleton.decoder.rotary_emb)
+        with torch.device(device):
+            self.rotary = rotary_class(config=config)
+        self._cache: dict[int, tuple] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.skeleton.num_layers
+
+    def _read(self, info: TensorInfo | DecodedWeight) -> torch.Tensor:
+        return self.reader.read(info)
+
+    @contextlib.contextmanager
+    def module(self, name: str) -> Iterator[torch.nn.Module]:
+        """The module ``name`` of the model (e.g. ``model.layers.3``) with its tensors, on the device."""
+        meta = self.skeleton.model.get_submodule(name)
+        sources = param_sources(self.skeleton, self.index, meta, name)
+        live = materialize(meta, sources, self._read, self.options.device)
+        try:
+            yield live
+        finally:
+            # Back to meta: the layer's tensors are freed, the skeleton keeps its structure.
+            live.to_empty(device="meta")
+
+    def checkpoint_name(self, module_path: str) -> str:
+        return self.skeleton.checkpoint_name(module_path)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with self.module("model.embed_tokens") as embed:
+            return embed(input_ids.to(self.options.device))
+
+    def _inputs(self, hidden: torch.Tensor) -> tuple:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        key = (tuple(hidden.shape), hidden.device)
+        if key not in self._cache:
+            self._cache.clear()
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            kwargs = dict(
+                config=self._mask_config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                past_key_values=None,
+                position_ids=position_ids,
+            )
+            masks = {"full_attention": create_causal_mask(**kwargs)}
+            if "sliding_attention" in (getattr(self.skeleton.config, "layer_types", None) or ()):
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+            self._cache[key] = (position_ids, masks, self.rotary(hidden, position_ids))
+        return self._cache[key]
+
+    def forward(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index`` on a batch of hidden states [B, L, H]."""
+        position_ids, masks, position_embeddings = self._inputs(hidden)
+        types = getattr(self.skeleton.config, "layer_types", None)
+        mask = masks[types[index]] if types else masks["full_attention"]
+        with torch.no_grad():
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                past_key_values=None,
+                use_cache=False,
+            )
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and ``lm_head`` (tied to the embedding when the checkpoint has no lm_head of its own)."""
+        with self.module("model.norm") as norm, torch.no_grad():
+            normed = norm(hidden)
+        head = "lm_head" if self.skeleton.checkpoint_name("lm_head.weight") in self.index.tensors else None
+        with self.module(head or "model.embed_tokens") as mod, torch.no_grad():
+            weight = mod.weight
+            return torch.nn.functional.linear(normed, weight)
