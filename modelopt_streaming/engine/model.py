@@ -21,6 +21,7 @@ import torch
 from modelopt_streaming.errors import CheckpointError, UsageError
 from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
 
+
 # model_type of the text decoder -> how its checkpoint names its experts (gate, up, down leaves; None: the
 # checkpoint stores 3-D experts as the module does) and the renames transformers applies on loading.
 # Kimi-K2 / K2.5 report ``kimi_k2`` for a DeepSeek-V3 decoder, which transformers has no mapping for.

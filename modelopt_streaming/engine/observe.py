@@ -42,20 +42,21 @@ class Amax:
 
 
 class ExpertObserver:
-    """Attached to one experts module (``module._modelopt_streaming_observer``) while its layer runs."""
+    """Attached to one experts module (``module._modelopt_streaming_observer``) while its layer runs: the
+    shared max |input| of gate/up and of down, and the tokens each expert received."""
 
-    def __init__(self, amax: Amax, gate_up_name: str, down_name: str, num_experts: int) -> None:
-        self.amax, self.gate_up_name, self.down_name = amax, gate_up_name, down_name
+    def __init__(self, num_experts: int) -> None:
+        self.amax = Amax()
         self.tokens = torch.zeros(num_experts, dtype=torch.int64)
 
     def block_input(self, x: torch.Tensor) -> None:
-        self.amax.update(self.gate_up_name, x)
+        self.amax.update("gate_up", x)
 
     def expert_input(self, expert: int, n_tokens: int) -> None:
         self.tokens[expert] += n_tokens
 
     def down_input(self, h: torch.Tensor) -> None:
-        self.amax.update(self.down_name, h)
+        self.amax.update("down", h)
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -1,0 +1,156 @@
+"""Max calibration, one decoder layer at a time: the statistics ModelOpt's ``mtq.quantize`` with max
+calibration keeps for the unquantized model in its own dtype (../shared/engine.md), by checkpoint module name.
+
+- every ``nn.Linear``: max |x| over every token of its input;
+- fused experts: one value per projection shared by the layer's experts (gate/up: the whole MoE block input;
+  down: every routed token's ``act(gate) * up``), written for every expert, those that saw no token too;
+- with ``kv=True``, each attention layer's max |k| and max |v| where they enter the attention function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from modelopt_streaming.engine import observe
+from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.runner import EngineOptions, LayerStream
+from modelopt_streaming.source.index import CheckpointIndex
+from modelopt_streaming.source.reader import TensorReader
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass measured, by checkpoint module name.
+
+    input_amax: module -> max |input| (experts: one entry per expert module, the shared value);
+    kv_amax: attention module (``...self_attn``) -> (max |k|, max |v|); expert_tokens: experts module ->
+    tokens routed to each expert; tokens: tokens run through the model."""
+
+    input_amax: dict[str, float] = field(default_factory=dict)
+    kv_amax: dict[str, tuple[float, float]] = field(default_factory=dict)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    tokens: int = 0
+
+    def experts_without_tokens(self) -> dict[str, list[int]]:
+        return {m: [e for e, n in enumerate(t) if n == 0] for m, t in self.expert_tokens.items() if 0 in t}
+
+
+def calibrate(
+    index: CheckpointIndex,
+    reader: TensorReader,
+    input_ids: torch.Tensor,
+    options: EngineOptions,
+    kv: bool = False,
+    on_layer: Callable[[int, int], None] | None = None,
+    host_budget_bytes: int = HOST_BUDGET_BYTES,
+) -> Calibration:
+    """Run ``input_ids`` [N, L] through the checkpoint layer by layer and return the statistics.
+
+    Args:
+        index, reader: the source checkpoint.
+        input_ids: the calibration rows, each used as given.
+        options: device, dtype, attention implementation, batch size.
+        kv: also measure keys and values.
+        on_layer: called with (layers done, layers in all) after each layer.
+        host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
+
+    Raises:
+        UsageError: an architecture the engine does not run.
+        CheckpointError: a tensor the model needs is missing or has another shape.
+    """
+    stream = LayerStream(index, reader, options)
+    n, length = input_ids.shape
+    hidden_size = stream.skeleton.config.hidden_size
+    batch = max(1, options.batch_size)
+    result = Calibration(tokens=n * length)
+    amax = observe.Amax()
+    kv_max: dict[str, list[torch.Tensor]] = {}
+    current = HiddenStore(n, (length, hidden_size), options.dtype, host_budget_bytes)
+    try:
+        with stream.module("model.embed_tokens") as embed, torch.no_grad():
+            for i in range(0, n, batch):
+                current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device)).cpu()
+        for layer_index in range(stream.num_layers):
+            path = f"model.layers.{layer_index}"
+            nxt = HiddenStore(n, (length, hidden_size), options.dtype, host_budget_bytes)
+            with stream.module(path) as layer:
+                handles = observe.observe_linears(
+                    layer, lambda p, path=path: stream.checkpoint_name(f"{path}.{p}"), amax
+                )
+                experts = _attach_expert_observers(stream, layer, path)
+                attentions = _attach_kv_observers(stream, layer, path, kv_max) if kv else []
+                try:
+                    for i in range(0, n, batch):
+                        h = current[i : i + batch].to(options.device)
+                        nxt[i : i + batch] = stream.forward(layer, layer_index, h).cpu()
+                finally:
+                    for h in handles:
+                        h.remove()
+                    for mod, _ in experts:
+                        del mod._modelopt_streaming_observer
+                    for mod in attentions:
+                        del mod._modelopt_streaming_kv
+            for _mod, (name, obs, leaves) in experts:
+                _spread_expert_values(result, name, obs, leaves)
+            current.close()
+            current = nxt
+            if on_layer is not None:
+                on_layer(layer_index + 1, stream.num_layers)
+    finally:
+        current.close()
+    result.input_amax.update(amax.as_floats())
+    result.kv_amax = {k: (float(a), float(b)) for k, (a, b) in kv_max.items()}
+    return result
+
+
+def _attach_expert_observers(stream: LayerStream, layer: torch.nn.Module, path: str) -> list:
+    """An observer on every fused experts module of the layer; their values are spread over the checkpoint's
+    expert modules once the layer has run."""
+    out = []
+    for sub, mod in layer.named_modules():
+        if not (hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and hasattr(mod, "num_experts")):
+            continue
+        name = stream.checkpoint_name(f"{path}.{sub}")
+        obs = observe.ExpertObserver(mod.num_experts)
+        mod._modelopt_streaming_observer = obs
+        out.append((mod, (name, obs, stream.skeleton.family.expert_leaves)))
+    return out
+
+
+def _spread_expert_values(result: Calibration, name: str, obs: observe.ExpertObserver, leaves) -> None:
+    """The experts module's shared values under every checkpoint module they belong to."""
+    values = obs.amax.as_floats()
+    gate_up, down = values.get("gate_up"), values.get("down")
+    result.expert_tokens[name] = obs.tokens.tolist()
+    if leaves is None:  # 3-D experts in the checkpoint: one tensor per projection
+        targets = [(f"{name}.gate_up_proj", gate_up), (f"{name}.down_proj", down)]
+    else:
+        gate, up, dn = leaves
+        n = len(result.expert_tokens[name])
+        targets = [(f"{name}.{e}.{leaf}", gate_up) for e in range(n) for leaf in (gate, up)]
+        targets += [(f"{name}.{e}.{dn}", down) for e in range(n)]
+    for module, value in targets:
+        if value is not None:
+            result.input_amax[module] = value
+
+
+def _attach_kv_observers(stream: LayerStream, layer: torch.nn.Module, path: str, kv_max: dict) -> list:
+    out = []
+    for sub, mod in layer.named_modules():
+        if not hasattr(mod, "layer_idx") or not any(isinstance(c, torch.nn.Linear) for c in mod.children()):
+            continue
+        if not sub.endswith(("self_attn", "attn", "attention")):
+            continue
+        name = stream.checkpoint_name(f"{path}.{sub}")
+
+        def record(k: torch.Tensor, v: torch.Tensor, name: str = name) -> None:
+            ka, va = k.detach().abs().amax().float(), v.detach().abs().amax().float()
+            old = kv_max.get(name)
+            kv_max[name] = [ka, va] if old is None else [torch.maximum(old[0], ka), torch.maximum(old[1], va)]
+
+        mod._modelopt_streaming_kv = record
+        out.append(mod)
+    return out
