@@ -73,6 +73,7 @@ class Skeleton:
     config: object  # the transformers config the modules were built from
     family: Family
     prefix: str  # checkpoint-name prefix of the text model ("" or "language_model.")
+    attn_implementation: str  # "sdpa" or "eager", as from_pretrained would pick it
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -94,7 +95,7 @@ def build_skeleton(
     config: dict,
     where: str,
     dtype: torch.dtype = torch.bfloat16,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     trust_remote_code: bool = False,
 ) -> Skeleton:
     """The model of ``config`` (a checkpoint's config.json) on the meta device.
@@ -104,7 +105,8 @@ def build_skeleton(
         where: the checkpoint directory, for messages.
         dtype: the dtype the model runs in (the checkpoint's own: a float32 forward reproduces none of
             ModelOpt's calibration values).
-        attn_implementation: transformers' attention implementation ("sdpa", "eager").
+        attn_implementation: transformers' attention implementation ("sdpa", "eager"), or "auto": sdpa where
+            the model class supports it, else eager, as ``from_pretrained`` picks it.
         trust_remote_code: custom model code of the checkpoint is never run unless this is set.
 
     Raises:
@@ -118,6 +120,11 @@ def build_skeleton(
         raise UsageError(f"{where}: config.json names custom model code (auto_map); it is never run here")
     fields = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "quantization_config")}
     tf_config = transformers.AutoConfig.for_model(family.model_type, **fields)
+    if attn_implementation == "auto":
+        model_class = transformers.AutoModelForCausalLM._model_mapping[type(tf_config)]
+        attn_implementation = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+    if attn_implementation not in ("sdpa", "eager"):
+        raise UsageError(f"attention implementation {attn_implementation!r}: the engine runs sdpa or eager")
     # Set both explicitly: a config that did not pass through from_pretrained has neither, and then
     # create_causal_mask returns None and eager attention runs without a causal mask (../shared/engine.md).
     tf_config._attn_implementation = attn_implementation
@@ -125,7 +132,9 @@ def build_skeleton(
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(tf_config, dtype=dtype)
     model.eval()
-    return Skeleton(model=model, config=model.config, family=family, prefix=prefix)
+    return Skeleton(
+        model=model, config=model.config, family=family, prefix=prefix, attn_implementation=attn_implementation
+    )
 
 
 _EXPERT_PARAM = re.compile(r"^(?P<experts>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")

@@ -24,13 +24,13 @@ class EngineOptions:
     """How the engine runs a checkpoint.
 
     device: where each layer runs; dtype: the model's compute dtype (the checkpoint's own, bf16 for every
-    family we run); attn_implementation: transformers' attention ("sdpa" as from_pretrained picks it, or
-    "eager"); batch_size: sequences per forward call (the same rows batched differently give other bits, so
+    family we run); attn_implementation: transformers' attention ("auto": sdpa where the class supports it,
+    as from_pretrained picks it; "sdpa"; "eager"); batch_size: sequences per forward call (the same rows batched differently give other bits, so
     a comparison with a reference must batch as it does); trust_remote_code: run custom model code."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.bfloat16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     batch_size: int = 1
     trust_remote_code: bool = False
 
@@ -41,19 +41,20 @@ class LayerStream:
 
     def __init__(self, index: CheckpointIndex, reader: TensorReader, options: EngineOptions):
         self.index, self.reader, self.options = index, reader, options
-        self.attention_name = observe.register(options.attn_implementation)
         self.skeleton: Skeleton = build_skeleton(
             index.config,
             str(index.root),
             dtype=options.dtype,
-            attn_implementation=self.attention_name,
+            attn_implementation=options.attn_implementation,
             trust_remote_code=options.trust_remote_code,
         )
-        self.skeleton.config._experts_implementation = observe.EXPERTS_IMPLEMENTATION
         config = self.skeleton.config
-        # The masks are those of the implementation we call through to: a copy of the config names it.
+        # The masks are those of the implementation we call through to: a copy of the config keeps its name,
+        # while the modules (which share ``config``) dispatch to our observed functions.
         self._mask_config = type(config).from_dict(config.to_dict())
-        self._mask_config._attn_implementation = options.attn_implementation
+        self._mask_config._attn_implementation = self.skeleton.attn_implementation
+        config._attn_implementation = observe.register(self.skeleton.attn_implementation)
+        config._experts_implementation = observe.EXPERTS_IMPLEMENTATION
         device = options.device
         rotary_class = type(self.skeleton.decoder.rotary_emb)
         with torch.device(device):
