@@ -91,7 +91,8 @@ def load_calibration_data(
         raise UsageError(f"--calib_data {path}: no tokens")
     if kind == "tokens" and seq_len is not None and ids.shape[1] != seq_len:
         raise UsageError(
-            f"--calib_data {path}: rows of {ids.shape[1]} tokens, --calib_seq_len {seq_len} (token rows are used as given)"
+            f"--calib_data {path}: rows of {ids.shape[1]} tokens, --calib_seq_len {seq_len} "
+            "(token rows are used as given)"
         )
     if size is not None:
         if ids.shape[0] < size:

@@ -23,10 +23,11 @@ from modelopt_streaming.source.reader import TensorReader
 class EngineOptions:
     """How the engine runs a checkpoint.
 
-    device: where each layer runs; dtype: the model's compute dtype (the checkpoint's own, bf16 for every
-    family we run); attn_implementation: transformers' attention ("auto": sdpa where the class supports it,
-    as from_pretrained picks it; "sdpa"; "eager"); batch_size: sequences per forward call (the same rows batched differently give other bits, so
-    a comparison with a reference must batch as it does); trust_remote_code: run custom model code."""
+    device: where each layer runs. dtype: the model's compute dtype (the checkpoint's own, bf16 for every
+    family we run). attn_implementation: transformers' attention ("auto": sdpa where the class supports it,
+    as from_pretrained picks it; "sdpa"; "eager"). batch_size: sequences per forward call (the same rows
+    batched differently give other bits, so a comparison with a reference must batch as it does).
+    trust_remote_code: run custom model code."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.bfloat16
