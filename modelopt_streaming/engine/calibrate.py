@@ -34,8 +34,32 @@ class Calibration:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     tokens: int = 0
 
+    def as_json(self) -> dict:
+        return {
+            "input_amax": self.input_amax,
+            "kv_amax": {k: list(v) for k, v in self.kv_amax.items()},
+            "expert_tokens": self.expert_tokens,
+            "tokens": self.tokens,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Calibration:
+        """Python floats print and parse back exactly, so a kept calibration is the one measured."""
+        kv = {k: (float(a), float(b)) for k, (a, b) in data["kv_amax"].items()}
+        return cls(dict(data["input_amax"]), kv, dict(data["expert_tokens"]), int(data["tokens"]))
+
     def experts_without_tokens(self) -> dict[str, list[int]]:
         return {m: [e for e, n in enumerate(t) if n == 0] for m, t in self.expert_tokens.items() if 0 in t}
+
+
+@dataclass
+class Boundary:
+    """Where a calibration pass stands between two layers: the layers done, what they measured, and the
+    hidden states of every row entering the next layer (what a resumed pass starts from)."""
+
+    layers_done: int
+    calibration: Calibration
+    hidden: HiddenStore
 
 
 def calibrate(
@@ -44,7 +68,8 @@ def calibrate(
     input_ids: torch.Tensor,
     options: EngineOptions,
     kv: bool = False,
-    on_layer: Callable[[int, int], None] | None = None,
+    on_layer: Callable[[Boundary, int], None] | None = None,
+    resume: Boundary | None = None,
     host_budget_bytes: int = HOST_BUDGET_BYTES,
 ) -> Calibration:
     """Run ``input_ids`` [N, L] through the checkpoint layer by layer and return the statistics.
@@ -54,7 +79,9 @@ def calibrate(
         input_ids: the calibration rows, each used as given.
         options: device, dtype, attention implementation, batch size.
         kv: also measure keys and values.
-        on_layer: called with (layers done, layers in all) after each layer.
+        on_layer: called after each layer with the boundary reached and the number of layers (a job keeps
+            the boundary to resume from; the store is valid until the call returns).
+        resume: a boundary kept by an earlier pass over the same rows: the pass continues after its layers.
         host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
 
     Raises:
@@ -63,47 +90,63 @@ def calibrate(
     """
     stream = LayerStream(index, reader, options)
     n, length = input_ids.shape
-    hidden_size = stream.skeleton.config.hidden_size
+    shape = (length, stream.skeleton.config.hidden_size)
     batch = max(1, options.batch_size)
-    result = Calibration(tokens=n * length)
-    amax = observe.Amax()
-    kv_max: dict[str, list[torch.Tensor]] = {}
-    current = HiddenStore(n, (length, hidden_size), options.dtype, host_budget_bytes)
-    try:
+    if resume is not None:
+        result, current, first = resume.calibration, resume.hidden, resume.layers_done
+    else:
+        result, first = Calibration(tokens=n * length), 0
+        current = HiddenStore(n, shape, options.dtype, host_budget_bytes)
         with stream.module("model.embed_tokens") as embed, torch.no_grad():
             for i in range(0, n, batch):
                 current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device)).cpu()
-        for layer_index in range(stream.num_layers):
-            path = f"model.layers.{layer_index}"
-            nxt = HiddenStore(n, (length, hidden_size), options.dtype, host_budget_bytes)
-            with stream.module(path) as layer:
-                handles = observe.observe_linears(
-                    layer, lambda p, path=path: stream.checkpoint_name(f"{path}.{p}"), amax
-                )
-                experts = _attach_expert_observers(stream, layer, path)
-                attentions = _attach_kv_observers(stream, layer, path, kv_max) if kv else []
-                try:
-                    for i in range(0, n, batch):
-                        h = current[i : i + batch].to(options.device)
-                        nxt[i : i + batch] = stream.forward(layer, layer_index, h).cpu()
-                finally:
-                    for h in handles:
-                        h.remove()
-                    for mod, _ in experts:
-                        del mod._modelopt_streaming_observer
-                    for mod in attentions:
-                        del mod._modelopt_streaming_kv
-            for _mod, (name, obs, leaves) in experts:
-                _spread_expert_values(result, name, obs, leaves)
+    try:
+        for layer_index in range(first, stream.num_layers):
+            nxt = HiddenStore(n, shape, options.dtype, host_budget_bytes)
+            _run_layer(stream, layer_index, current, nxt, result, kv, batch)
             current.close()
             current = nxt
             if on_layer is not None:
-                on_layer(layer_index + 1, stream.num_layers)
+                on_layer(Boundary(layer_index + 1, result, current), stream.num_layers)
     finally:
         current.close()
-    result.input_amax.update(amax.as_floats())
-    result.kv_amax = {k: (float(a), float(b)) for k, (a, b) in kv_max.items()}
     return result
+
+
+def _run_layer(
+    stream: LayerStream,
+    layer_index: int,
+    inputs: HiddenStore,
+    outputs: HiddenStore,
+    result: Calibration,
+    kv: bool,
+    batch: int,
+) -> None:
+    """One layer over every row, its statistics folded into ``result`` (each module belongs to one layer, so
+    ``result`` is complete for the layers done)."""
+    path = f"model.layers.{layer_index}"
+    device = stream.options.device
+    amax = observe.Amax()
+    kv_max: dict[str, list[torch.Tensor]] = {}
+    with stream.module(path) as layer:
+        handles = observe.observe_linears(layer, lambda p: stream.checkpoint_name(f"{path}.{p}"), amax)
+        experts = _attach_expert_observers(stream, layer, path)
+        attentions = _attach_kv_observers(stream, layer, path, kv_max) if kv else []
+        try:
+            for i in range(0, inputs.count, batch):
+                h = inputs[i : i + batch].to(device)
+                outputs[i : i + batch] = stream.forward(layer, layer_index, h).cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for mod, _ in experts:
+                del mod._modelopt_streaming_observer
+            for mod in attentions:
+                del mod._modelopt_streaming_kv
+    result.input_amax.update(amax.as_floats())
+    for _mod, (name, obs, leaves) in experts:
+        _spread_expert_values(result, name, obs, leaves)
+    result.kv_amax.update({k: (float(a), float(b)) for k, (a, b) in kv_max.items()})
 
 
 def _attach_expert_observers(stream: LayerStream, layer: torch.nn.Module, path: str) -> list:

@@ -48,6 +48,22 @@ class HiddenStore:
     def __setitem__(self, rows: slice, value: torch.Tensor) -> None:
         self._data[rows].copy_(value)
 
+    def save(self, path: str | Path) -> None:
+        """Write the rows to ``path`` (raw, row-major): what ``HiddenStore.open`` maps back."""
+        with open(path, "wb") as f:
+            for i in range(self.count):
+                f.write(self._data[i].contiguous().view(torch.uint8).numpy().tobytes())
+            f.flush()
+
+    @classmethod
+    def open(cls, path: str | Path, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> HiddenStore:
+        """The rows ``save`` wrote, mapped from the file (copy on write: the file itself is never changed)."""
+        store = cls.__new__(cls)
+        store.count, store.shape, store.dtype, store.spilled, store._file = count, tuple(shape), dtype, True, None
+        array = np.memmap(path, dtype=_NUMPY_OF[dtype], mode="c", shape=(count, *shape))
+        store._data = torch.from_numpy(array).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(array)
+        return store
+
     def close(self) -> None:
         self._data = None
         if self._file is not None:

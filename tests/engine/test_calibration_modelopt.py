@@ -84,3 +84,35 @@ def test_tokens_per_expert_equal_a_count_on_the_full_model(tmp_path, arch):
     with TensorReader(src) as reader:
         ours = calibrate(build_index(src), reader, rows, EngineOptions())
     assert ours.expert_tokens == {k: v.tolist() for k, v in counts.items()}
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_a_pass_resumed_at_a_layer_boundary_measures_the_same(tmp_path, stop_after):
+    """A pass stopped after ``stop_after`` layers, its boundary kept on disk (hidden states and statistics),
+    then resumed, gives exactly the values of an uninterrupted pass."""
+    import json
+
+    from modelopt_streaming.engine.calibrate import Boundary, Calibration
+    from modelopt_streaming.engine.hidden import HiddenStore
+
+    src = make_source(tmp_path / "src", "deepseek_v3")
+    rows = token_rows(256, rows=3)
+    index = build_index(src)
+    with TensorReader(src) as reader:
+        whole = calibrate(index, reader, rows, EngineOptions(), kv=True)
+
+        class Stop(Exception):
+            pass
+
+        def keep(boundary: Boundary, _layers: int) -> None:
+            boundary.hidden.save(tmp_path / "hidden.bin")
+            (tmp_path / "stats.json").write_text(json.dumps(boundary.calibration.as_json()))
+            if boundary.layers_done == stop_after:
+                raise Stop
+
+        with pytest.raises(Stop):
+            calibrate(index, reader, rows, EngineOptions(), kv=True, on_layer=keep)
+        kept = Calibration.from_json(json.loads((tmp_path / "stats.json").read_text()))
+        hidden = HiddenStore.open(tmp_path / "hidden.bin", 3, (16, 64), torch.bfloat16)
+        resumed = calibrate(index, reader, rows, EngineOptions(), kv=True, resume=Boundary(stop_after, kept, hidden))
+    assert resumed.as_json() == whole.as_json()
