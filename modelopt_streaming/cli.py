@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="take each module's input_scale from this NVFP4 checkpoint of the same model (either dialect)",
     )
+    _add(
+        q,
+        "calib_data",
+        metavar="SRC",
+        help="calibrate every input_scale on this data (safetensors input_ids [N, L], JSON Lines, or text): the "
+        "source model runs one decoder layer at a time, as ModelOpt's max calibration computes them",
+    )
+    _add(q, "calib_size", type=int, metavar="N", help="calibration rows to use (default: all the data gives)")
+    _add(q, "calib_seq_len", type=int, metavar="L", help="tokens per row for text data (default 2048)")
+    _add(q, "calib_batch_size", type=int, default=1, metavar="B", help="calibration rows per forward (default 1)")
+    _add(q, "trust_remote_code", action="store_true", help="run the checkpoint's custom tokenizer code")
     _add(q, "json", action="store_true", help="print the summary and the plan as JSON")
 
     c = sub.add_parser("convert", help="convert an NVFP4 checkpoint between ModelOpt and compressed-tensors")

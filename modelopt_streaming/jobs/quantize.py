@@ -17,6 +17,7 @@ from modelopt_streaming.codec import cpu_kernel, select_codec
 from modelopt_streaming.consumers.vllm import family_of, load_reference_exclusions
 from modelopt_streaming.errors import OutputError, UsageError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS
+from modelopt_streaming.jobs.calibration import load_data, run_calibration
 from modelopt_streaming.jobs.distributed import (
     GROUP_TIMEOUT_S,
     SLOWEST_RATE,
@@ -110,6 +111,20 @@ def quantize(
     entered = time.perf_counter()
     input_dir = resolve_checkpoint_dir(input_dir)
     input_scales = reference_input_scales(options.input_scales_from) if options.input_scales_from is not None else {}
+    calibration, index = None, None
+    if options.calib_data is not None:
+        if not options.dry_run and output_dir is None:
+            raise UsageError("--output_dir is required (or use --dry_run)")
+        index = build_index(input_dir)
+        data = load_data(index, options)
+        if not options.dry_run:
+            check_paths(input_dir, Path(output_dir))
+            # The engine reads each decoder layer once more before the stream quantizes it (the one-read
+            # calibrated run is not built yet: docs/calibration.md).
+            calibration = run_calibration(
+                index, data, options, resolve_device(options.device), resolve_io_threads(options.io_threads)
+            )
+            input_scales = calibration.input_scales
     recipe = Recipe(
         scope=options.scope,  # type: ignore[arg-type]
         exclude=options.exclude,
@@ -124,14 +139,16 @@ def quantize(
         if output_dir is None:
             raise UsageError("--output_dir is required (or use --dry_run)")
         check_paths(input_dir, Path(output_dir))
-    index = build_index(input_dir)
+    index = index or build_index(input_dir)
     plan = build_plan(index, recipe)
     exclude_modules = _exclusions(plan, index, recipe)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
     summary.phases["index and plan"] = time.perf_counter() - entered
-    if options.input_scales_from is not None:
+    if options.input_scales_from is not None or calibration is not None:
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
+    if calibration is not None:
+        summary.calibration = calibration.report()
     rank, world = rank_and_world()
     for w in plan.warnings:
         _log.warning(f"warning: {w}")
@@ -210,7 +227,13 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
             + (" and verified by digest" if options.verify else " (sizes checked; --verify also checks their digests)")
         )
-    if job.recipe.input_scales:
+    if summary.calibration:
+        data = summary.calibration["data"]
+        _log.info(
+            f"input scales: calibrated on {data['rows']} x {data['seq_len']} tokens for "
+            f"{len(plan.quantized) - len(summary.input_scales_missing)} modules"
+        )
+    elif job.recipe.input_scales:
         _log.info(
             f"input scales: from the reference for {len(plan.quantized) - len(summary.input_scales_missing)} modules"
         )

@@ -80,7 +80,12 @@ def export_checkpoint(job: QuantizeJob) -> list[str]:
         command=None,
         options=recipe_dict(recipe),
         source={"files": job.index.file_sizes},
-        details={"counts": counts, "unquantized": plan.unquantized, "zero_weights": zero_weights},
+        details={
+            "counts": counts,
+            "unquantized": plan.unquantized,
+            "zero_weights": zero_weights,
+            **({"calibration": summary.calibration} if summary.calibration else {}),
+        },
         side_files=copied,
         shards=shards,
         trailer=trailer,

@@ -47,6 +47,14 @@ class QuantizeOptions:
         format: ``"modelopt"`` or ``"compressed-tensors"``.
         input_scales_from: a reference NVFP4 checkpoint whose ``input_scale`` values are written instead of 1.0.
         io_threads: reader threads and writer threads of this process; None: from the CPUs.
+        calib_data: calibration data (a safetensors ``input_ids`` file, JSON Lines, text): the source model is
+            run on it one layer at a time and every ``input_scale`` is calibrated as ModelOpt's max
+            calibration computes it.
+        calib_size: calibration rows to use (default: every row the data gives).
+        calib_seq_len: tokens per row for text data (default 2048); token rows are used as given.
+        calib_batch_size: rows per forward call (the statistics are batch-independent in ModelOpt's checks;
+            the bits of a bf16 forward can differ with the batch, so a reference comparison batches alike).
+        trust_remote_code: run the checkpoint's custom tokenizer code for text calibration data.
     """
 
     mlp_only: bool = False
@@ -66,6 +74,11 @@ class QuantizeOptions:
     format: str = "modelopt"
     input_scales_from: str | os.PathLike | None = None
     io_threads: int | None = None
+    calib_data: str | os.PathLike | None = None
+    calib_size: int | None = None
+    calib_seq_len: int | None = None
+    calib_batch_size: int = 1
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -85,6 +98,14 @@ class QuantizeOptions:
             )
         if self.io_threads is not None and self.io_threads < 1:
             raise UsageError(f"--io_threads must be at least 1, not {self.io_threads}")
+        if self.calib_data is None and (self.calib_size is not None or self.calib_seq_len is not None):
+            raise UsageError("--calib_size and --calib_seq_len need --calib_data")
+        if self.calib_data is not None and self.input_scales_from is not None:
+            raise UsageError("--calib_data and --input_scales_from exclude each other (both give the input scales)")
+        if self.calib_data is not None and self.weight_only:
+            raise UsageError("--calib_data and --weight_only exclude each other (weight-only has no input scales)")
+        if self.calib_batch_size < 1:
+            raise UsageError(f"--calib_batch_size must be at least 1, not {self.calib_batch_size}")
         if self.progress not in PROGRESS_MODES:
             raise UsageError(f"progress must be one of {', '.join(PROGRESS_MODES)}, not {self.progress!r}")
         if self.device not in (None, "auto"):

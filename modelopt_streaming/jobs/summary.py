@@ -39,6 +39,8 @@ class Summary:
     format: str = "modelopt"
     # --input_scales_from: quantized modules the reference gives no input scale for (they keep 1.0).
     input_scales_missing: list[str] = field(default_factory=list)
+    # --calib_data: the data's fingerprint, how the engine ran, tokens per expert, experts that saw none.
+    calibration: dict = field(default_factory=dict)
     # The plan module by module (--json): quantized modules by kind, unquantized by reason, fused groups.
     plan: dict = field(default_factory=dict)
 
@@ -61,11 +63,22 @@ class Summary:
                 f"all-zero weights: {len(self.zero_weights)}, written as exact zeros with weight_scale_2 "
                 f"{nvfp4.ZERO_WEIGHT_SCALE_2} (ModelOpt would write NaN scales): {shown}"
             )
+        if self.calibration:
+            data, idle = self.calibration["data"], self.calibration["experts_without_tokens"]
+            out.append(
+                f"calibration: {data['rows']} x {data['seq_len']} tokens of {data['source']} (sha256 "
+                f"{data['sha256'][:12]}), on {self.calibration['engine']['device']}"
+            )
+            if idle:
+                n = sum(len(v) for v in idle.values())
+                out.append(
+                    f"  experts that saw no token: {n} in {len(idle)} layers (they get the layer's shared value)"
+                )
         if self.input_scales_missing:
             shown = ", ".join(self.input_scales_missing[:6]) + (" ..." if len(self.input_scales_missing) > 6 else "")
+            where = "calibration" if self.calibration else "reference"
             out.append(
-                f"input scales: {len(self.input_scales_missing)} quantized modules not in the reference keep 1.0: "
-                f"{shown}"
+                f"input scales: {len(self.input_scales_missing)} quantized modules not in the {where} keep 1.0: {shown}"
             )
         if self.exclude_modules:
             key = "ignore" if self.format == COMPRESSED_TENSORS else "exclude_modules"

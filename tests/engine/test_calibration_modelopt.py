@@ -15,16 +15,14 @@ from modelopt_streaming.source.index import build_index
 from modelopt_streaming.source.reader import TensorReader
 
 
-def modelopt_calibrated_export(src, out, rows: torch.Tensor):
+def modelopt_calibrated_export(src, out, rows: torch.Tensor, kv: bool = True):
     import modelopt.torch.quantization as mtq
     import transformers as tf
     from modelopt.torch.export import export_hf_checkpoint
 
     model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
-    config = {
-        **mtq.NVFP4_DEFAULT_CFG,
-        "quant_cfg": list(mtq.NVFP4_DEFAULT_CFG["quant_cfg"]) + list(mtq.FP8_KV_CFG["quant_cfg"]),
-    }
+    kv_cfg = list(mtq.FP8_KV_CFG["quant_cfg"]) if kv else []
+    config = {**mtq.NVFP4_DEFAULT_CFG, "quant_cfg": list(mtq.NVFP4_DEFAULT_CFG["quant_cfg"]) + kv_cfg}
 
     def forward_loop(m):
         for row in rows:

@@ -1,0 +1,110 @@
+"""``quantize --calib_data``: the whole output equals NVIDIA ModelOpt's calibrated export byte for byte (every
+weight, block scale, global scale and now every input_scale), for every family the engine runs; the output
+validates, and bad calibration data is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from checkpoints import load_dir
+from engine_oracle import ARCHS, make_source, token_rows
+from safetensors.torch import save_file
+from test_calibration_modelopt import modelopt_calibrated_export
+
+import modelopt_streaming
+from modelopt_streaming.validate import validate
+
+
+def _same_tensors(ref: dict, ours: dict) -> int:
+    """Every tensor of ModelOpt's export equals ours byte for byte; returns how many input scales compared. We
+    also copy what transformers drops on loading (DeepSeek's MTP layer 3 of this tiny model), nothing else."""
+    assert set(ref) <= set(ours)
+    assert all(".layers.3." in n for n in set(ours) - set(ref)), sorted(set(ours) - set(ref))[:4]
+    inputs = 0
+    for name, a in ref.items():
+        b = ours[name]
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        inputs += name.endswith("input_scale")
+    return inputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibrated_output_equals_modelopt(tmp_path, arch):
+    src = make_source(tmp_path / "src", arch)
+    rows = token_rows(256, rows=3)
+    save_file({"input_ids": rows}, tmp_path / "rows.safetensors")
+    ref = modelopt_calibrated_export(src, tmp_path / "modelopt", rows, kv=False)
+    summary = modelopt_streaming.quantize(
+        src, tmp_path / "ours", calib_data=tmp_path / "rows.safetensors", scale_math="cpu", device="cpu"
+    )
+    assert _same_tensors(ref, load_dir(tmp_path / "ours")) >= 8
+    assert summary.input_scales_missing == []
+    assert summary.calibration["data"]["rows"] == 3 and summary.calibration["tokens"] == 48
+    assert validate(tmp_path / "ours").ok
+    record = json.loads((tmp_path / "ours" / "modelopt_streaming.json").read_text())
+    assert record["calibration"]["data"]["sha256"] == summary.calibration["data"]["sha256"]
+
+
+def test_the_command_line_calibrates_and_reports(tmp_path):
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
+    args = ["--input_dir", src, "--output_dir", tmp_path / "out", "--calib_data", tmp_path / "rows.safetensors"]
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", "quantize", *map(str, args), "--device", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["calibration"]
+    assert sorted(report["tokens_per_expert"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(sum(v) == 2 * 16 * 2 for v in report["tokens_per_expert"].values())  # top-2 of 32 tokens
+    assert "input scales: calibrated on 2 x 16 tokens" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("outside the vocabulary", "outside the vocabulary"),
+        ("text without a tokenizer", "has no tokenizer"),
+        ("architecture", "the engine does not run"),
+    ],
+)
+def test_bad_calibration_input_writes_nothing(tmp_path, case, message):
+    src = make_source(tmp_path / "src", "llama")
+    data = tmp_path / "rows.safetensors"
+    save_file({"input_ids": token_rows(256, rows=2)}, data)
+    if case == "outside the vocabulary":
+        save_file({"input_ids": torch.full((2, 8), 999)}, data)
+    elif case == "text without a tokenizer":
+        data = tmp_path / "data.txt"
+        data.write_text("some text")
+    else:
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_streaming",
+            "quantize",
+            "--input_dir",
+            str(src),
+            "--output_dir",
+            str(out),
+            "--calib_data",
+            str(data),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() or not any(out.iterdir())
