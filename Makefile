@@ -21,7 +21,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[examples]"
+	$(BIN)/pip install -q -e ".[examples,calib]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
@@ -30,11 +30,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
-	$(BIN)/python examples/synthetic_checkpoint.py $(DEMO)/deepseek-tiny-bf16 --preset tiny --shard_size 2MB
+	$(BIN)/python examples/synthetic_checkpoint.py $(DEMO)/deepseek-tiny-bf16 --preset tiny --shard_size 2MB \
+		--calib_tokens $(DEMO)/calib-rows.safetensors --calib_shape 16x64
 	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 --dry_run --mlp_only
 	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 \
 		--output_dir $(DEMO)/deepseek-tiny-nvfp4 --mlp_only --max_shard_size 2MB
 	@ls -l $(DEMO)/deepseek-tiny-nvfp4
+	# The same with every input_scale calibrated: the model runs one decoder layer at a time.
+	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 \
+		--output_dir $(DEMO)/deepseek-tiny-nvfp4-calibrated --mlp_only --max_shard_size 2MB \
+		--calib_data $(DEMO)/calib-rows.safetensors
+	$(BIN)/modelopt-streaming validate $(DEMO)/deepseek-tiny-nvfp4-calibrated
 
 # Built once (the stamp is written last, so an interrupted install is redone from scratch).
 $(VLLM_VENV)/.installed:

@@ -7,6 +7,10 @@ weights are random heavy-tailed values, so the checkpoint is for tooling, not fo
 
     python examples/synthetic_checkpoint.py OUT_DIR --preset tiny
     python examples/synthetic_checkpoint.py OUT_DIR --preset bench --shard_size 1GB
+    python examples/synthetic_checkpoint.py OUT_DIR --preset tiny --calib_tokens ROWS.safetensors --calib_shape 16x64
+
+``--calib_tokens`` also writes random token rows (``input_ids`` [N, L]) for ``quantize --calib_data``: the
+checkpoint has random weights, so random tokens calibrate it as well as any text would.
 """
 
 from __future__ import annotations
@@ -184,6 +188,8 @@ def main() -> None:
     parser.add_argument("--routed_experts", type=int, help="override the preset's expert count")
     parser.add_argument("--layers", type=int, help="override the preset's layer count (MoE layers are added)")
     parser.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: much faster)")
+    parser.add_argument("--calib_tokens", metavar="FILE", help="also write random calibration rows (input_ids) here")
+    parser.add_argument("--calib_shape", default="16x64", help="rows x tokens of --calib_tokens (default 16x64)")
     args = parser.parse_args()
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
     size = args.shard_size.upper()
@@ -196,6 +202,11 @@ def main() -> None:
     out = write(args.output_dir, shape, shard, device=args.device)
     total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"wrote {out}: {total / 1e9:.2f} GB in {len(list(out.glob('*.safetensors')))} shard(s)")
+    if args.calib_tokens:
+        rows, length = (int(x) for x in args.calib_shape.lower().split("x"))
+        ids = torch.randint(0, shape.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+        save_file({"input_ids": ids}, args.calib_tokens)
+        print(f"wrote {args.calib_tokens}: {rows} x {length} calibration tokens")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ class CalibrationRun:
 def load_data(index: CheckpointIndex, options) -> CalibrationData:
     """The calibration rows of ``options.calib_data``, checked before any other work; also refuses an
     architecture the engine does not run."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--calib_data runs the model with transformers: pip install 'modelopt-streaming[calib]'"
+        ) from None
     family_of_config(index.config, str(index.root))
     text, _ = text_config_dict(index.config)
     vocab = text.get("vocab_size")

@@ -121,10 +121,13 @@ def quantize(
             check_paths(input_dir, Path(output_dir))
             # The engine reads each decoder layer once more before the stream quantizes it (the one-read
             # calibrated run is not built yet: docs/calibration.md).
+            calibrating = time.perf_counter()
             calibration = run_calibration(
                 index, data, options, resolve_device(options.device), resolve_io_threads(options.io_threads)
             )
             input_scales = calibration.input_scales
+            calibrate_s = time.perf_counter() - calibrating
+            entered += calibrate_s
     recipe = Recipe(
         scope=options.scope,  # type: ignore[arg-type]
         exclude=options.exclude,
@@ -149,6 +152,7 @@ def quantize(
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
     if calibration is not None:
         summary.calibration = calibration.report()
+        summary.phases["calibrate"] = calibrate_s
     rank, world = rank_and_world()
     for w in plan.warnings:
         _log.warning(f"warning: {w}")
