@@ -32,20 +32,20 @@ from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.jobs.convert import quantized_experts_3d
 from modelopt_streaming.sink.export import copy_side_files, safetensors_index
 from modelopt_streaming.sink.output_dir import OutputState, check_paths, job_fingerprint, single_process_job
-from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, TensorSpec, write_json_atomic
+from modelopt_streaming.sink.writer import DIGEST_SCHEME, ShardWriter, write_json_atomic
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import (
     DTYPE_NAMES,
     DTYPES,
     INDEX_FILE,
     CheckpointIndex,
-    DecodedWeight,
     TensorInfo,
+    TensorSpec,
     build_index,
-    decoded_weights,
-    resolve_checkpoint_dir,
 )
 from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights, read_source
 from modelopt_streaming.version import __version__
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -302,7 +302,7 @@ def _write(input_dir: Path, shards: list[tuple[str, list[Unit]]], state: OutputS
 
 def _dense(unit: Unit, reader: TensorReader, dtype: torch.dtype) -> torch.Tensor:
     if unit.kind == "decoded":
-        return reader.read(unit.sources[0]).to(dtype)
+        return read_source(reader, unit.sources[0]).to(dtype)
     packed, scale, global_scale = (reader.read(s) for s in unit.sources)
     if unit.kind == "experts_3d":
         return dequantize_experts_3d(packed, scale, global_scale, dtype)

@@ -19,7 +19,8 @@ from modelopt_streaming.formats.interchange import ExactReciprocals
 from modelopt_streaming.jobs.progress import Progress
 from modelopt_streaming.plan.build import Shard, Unit, unit_sources
 from modelopt_streaming.sink.output_dir import OutputState
-from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
+from modelopt_streaming.sink.writer import PositionalShardWriter
+from modelopt_streaming.source.index import TensorSpec
 
 # Collectives that follow a barrier (everyone is there) and the start-up rendezvous; every wait for a
 # rank's real work goes through barrier() with a timeout sized to that work instead.

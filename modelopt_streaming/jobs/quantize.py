@@ -37,10 +37,12 @@ from modelopt_streaming.plan.build import CopyUnit, Plan, QuantizeUnit, Recipe, 
 from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
-from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec
-from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, build_index, resolve_checkpoint_dir
+from modelopt_streaming.sink.writer import PositionalShardWriter
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
+from modelopt_streaming.source.index import CheckpointIndex, TensorSpec, build_index
 from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.source.vendor import DecodedWeight, read_source
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -225,14 +227,14 @@ def _stream_units(
         unit, offset, nbytes = item
         if isinstance(unit, CopyUnit):
             if isinstance(unit.source, DecodedWeight):
-                return reader.read(unit.source)
+                return read_source(reader, unit.source)
             return reader.read_chunk(unit.source, offset, nbytes)
         if device.type != "cuda":
-            return [reader.read(src) for src in unit.sources]
+            return [read_source(reader, src) for src in unit.sources]
         # Straight to the GPU on a side stream (one per reader thread), while the codec works on the
         # previous unit.
         stream = _copy_stream(device)
-        members = [reader.read(src, device=device, stream=stream) for src in unit.sources]
+        members = [read_source(reader, src, device=device, stream=stream) for src in unit.sources]
         stream.synchronize()
         return members
 
@@ -277,7 +279,7 @@ def _stream_units(
 
 
 def _specs(shard: Shard) -> list[TensorSpec]:
-    return [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
+    return list(shard.outputs)
 
 
 def _write_shards_local(todo: list[Shard], state: OutputState, reader: TensorReader, **kw) -> None:

@@ -19,8 +19,27 @@ import torch
 
 from modelopt_streaming.errors import CheckpointError
 
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "FLOAT_DTYPES",
+    "INDEX_FILE",
+    "MAX_HEADER_BYTES",
+    "SINGLE_FILE",
+    "CheckpointIndex",
+    "TensorInfo",
+    "TensorSpec",
+    "build_index",
+    "header_digest",
+    "load_json",
+    "read_header",
+    "shard_tensors",
+    "source_fingerprint",
+]
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
 # A header is JSON describing tensors; anything past this is not a checkpoint we should parse.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -44,7 +63,23 @@ FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a safetensors header describes it before any offset is known: what the plan lays out
+    and the writer writes."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
+    """A tensor of a checkpoint on disk: its header entry and its absolute byte range in its shard."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -59,195 +94,6 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-# DeepSeek-V3/R1 publish FP8 weights in 128 x 128 blocks, each with a float32 inverse scale.
-FP8_BLOCK = 128
-
-
-@dataclass(frozen=True)
-class DecodedWeight:
-    """A weight stored in a compressed source format and read back as bf16 (spec section 6).
-
-    ``encoding`` "fp8_block": ``parts`` = (weight float8_e4m3fn [out, in], weight_scale_inv float32
-    [ceil(out/128), ceil(in/128)]); the value is bf16(f32(weight) * scale_inv[i // 128, j // 128]), as
-    DeepSeek's own FP8-to-BF16 conversion computes it.
-    ``encoding`` "int4_pack": compressed-tensors ``pack-quantized`` (Kimi-K2 routed experts): ``parts`` =
-    (weight_packed int32 [out, ceil(in/8)], weight_scale [out, in/group], weight_shape int64 [2]); element
-    j of a row is bits 4*(j%8) of word j//8, stored as q+8; the value is bf16((q) * scale[:, j // group]).
-    ``encoding`` "mxfp4": OCP MXFP4 as GPT-OSS publishes its 3-D experts: ``parts`` = (X_blocks uint8
-    [E, out, in/32, 16], X_scales uint8 [E, out, in/32]); input j of a row is the low (j even) or high nibble
-    of byte j//2 within its block of 32, an E2M1 code; the value is E2M1[code] * 2^(scale - 127), exact in
-    bf16, and the weight reads back as X [E, in, out] (transformers' GPT-OSS layout, input dim in the middle).
-    The parts may sit in different shards.
-    """
-
-    name: str
-    encoding: str
-    parts: tuple[TensorInfo, ...]
-    shape: tuple[int, ...]
-    dtype: str = "BF16"
-    group_size: int = 0
-
-    @property
-    def file(self) -> str:
-        return self.parts[0].file
-
-    @property
-    def begin(self) -> int:
-        return self.parts[0].begin
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes read from the source (not the decoded size)."""
-        return sum(p.nbytes for p in self.parts)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def decoded_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """Source weights that need decoding, by tensor name; their scale tensors are consumed with them."""
-    out = {}
-    for name, info in index.tensors.items():
-        if not name.endswith(".weight") or info.dtype not in ("F8_E4M3", "F8_E5M2"):
-            continue
-        scale = index.tensors.get(name + "_scale_inv")
-        where = index.root / info.file
-        if scale is None:
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: FP8 weight without its weight_scale_inv; only "
-                "DeepSeek-style 128x128 block FP8 sources are supported"
-            )
-        if len(info.shape) != 2 or info.dtype != "F8_E4M3":
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: {info.dtype} {list(info.shape)} is not a 2-D "
-                "float8_e4m3fn block-scaled weight"
-            )
-        blocks = tuple(-(-d // FP8_BLOCK) for d in info.shape)
-        if scale.dtype != "F32" or scale.shape != blocks:
-            raise CheckpointError(
-                f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} "
-                f"{list(scale.shape)}, expected F32 {list(blocks)} for 128x128 blocks"
-            )
-        out[name] = DecodedWeight(name, "fp8_block", (info, scale), info.shape)
-    out.update(_int4_packed_weights(index))
-    out.update(_mxfp4_weights(index))
-    return out
-
-
-def _int4_group_size(config: dict) -> int:
-    for cfg in (config, config.get("text_config") or {}):
-        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-        for group in ((qc or {}).get("config_groups") or {}).values():
-            size = ((group or {}).get("weights") or {}).get("group_size")
-            if isinstance(size, int) and size > 0:
-                return size
-    return 32
-
-
-def _int4_packed_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """Every pack-quantized INT4 weight, checked against its ``weight_shape`` values and the config's group
-    size here, at plan time: a mismatch is a one-line error before any output, not hours into the run."""
-    out = {}
-    group = _int4_group_size(index.config)
-    with _SmallTensorReader(index.root) as small:
-        for name, packed in index.tensors.items():
-            if not name.endswith(".weight_packed"):
-                continue
-            module = name[: -len(".weight_packed")]
-            where = index.root / packed.file
-            scale = index.tensors.get(f"{module}.weight_scale")
-            shape = index.tensors.get(f"{module}.weight_shape")
-            if f"{module}.weight_zero_point" in index.tensors:
-                raise CheckpointError(f"{where}, tensor {name!r}: asymmetric INT4 (weight_zero_point) is not supported")
-            if packed.dtype != "I32" or len(packed.shape) != 2 or scale is None or shape is None:
-                raise CheckpointError(
-                    f"{where}, tensor {name!r}: not a pack-quantized INT4 weight (int32 2-D with "
-                    "weight_scale and weight_shape)"
-                )
-            if shape.dtype not in ("I64", "I32") or shape.numel != 2:
-                raise CheckpointError(
-                    f"{index.root / shape.file}, tensor {shape.name!r}: {shape.dtype} {list(shape.shape)}, "
-                    "expected two integers (rows, columns)"
-                )
-            rows, cols = small.values(shape)
-            if rows != packed.shape[0] or cols <= 0 or -(-cols // 8) != packed.shape[1]:
-                raise CheckpointError(
-                    f"{index.root / shape.file}, tensor {shape.name!r}: weight_shape [{rows}, {cols}] does not "
-                    f"fit {name!r} {list(packed.shape)} (8 values per int32)"
-                )
-            if (
-                scale.dtype not in FLOAT_DTYPES
-                or len(scale.shape) != 2
-                or scale.shape[0] != rows
-                or scale.shape[1] != -(-cols // group)
-            ):
-                raise CheckpointError(
-                    f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} {list(scale.shape)} does not "
-                    f"fit weight_shape [{rows}, {cols}] with group size {group} (config.json quantization_config)"
-                )
-            out[f"{module}.weight"] = DecodedWeight(
-                f"{module}.weight", "int4_pack", (packed, scale, shape), (rows, cols), group_size=group
-            )
-    return out
-
-
-MXFP4_BLOCK = 32
-
-
-def _mxfp4_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """GPT-OSS's published MXFP4 experts (``X_blocks`` + ``X_scales``), read back as bf16 X [E, in, out]."""
-    out = {}
-    for name, blocks in index.tensors.items():
-        if not name.endswith("_blocks"):
-            continue
-        base = name[: -len("_blocks")]
-        scales = index.tensors.get(f"{base}_scales")
-        where = index.root / blocks.file
-        if scales is None:
-            raise CheckpointError(f"{where}, tensor {name!r}: MXFP4 blocks without their {base}_scales tensor")
-        if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[-1] != MXFP4_BLOCK // 2:
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: {blocks.dtype} {list(blocks.shape)} is not MXFP4 3-D experts "
-                "(uint8 [experts, out, in/32, 16], as GPT-OSS publishes them)"
-            )
-        if scales.dtype != "U8" or scales.shape != blocks.shape[:-1]:
-            raise CheckpointError(
-                f"{index.root / scales.file}, tensor {scales.name!r}: {scales.dtype} {list(scales.shape)}, "
-                f"expected U8 {list(blocks.shape[:-1])} (one E8M0 scale per 32 values of {name!r})"
-            )
-        if base in index.tensors:
-            raise CheckpointError(f"{where}, tensor {name!r}: {base!r} is stored both as MXFP4 and unquantized")
-        n_exp, n_out, n_groups, _ = blocks.shape
-        out[base] = DecodedWeight(base, "mxfp4", (blocks, scales), (n_exp, n_groups * MXFP4_BLOCK, n_out))
-    return out
-
-
-class _SmallTensorReader:
-    """Reads the values of tiny integer tensors (INT4 ``weight_shape``) while indexing, keeping files open."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._files: dict[str, object] = {}
-
-    def values(self, info: TensorInfo) -> list[int]:
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(self.root / info.file, "rb")  # noqa: SIM115 - closed in __exit__
-        f.seek(info.begin)
-        raw = f.read(info.nbytes)
-        if len(raw) != info.nbytes:
-            raise _fail(self.root / info.file, "file ends before the tensor's data (truncated shard?)", info.name)
-        return torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype][0]).tolist()
-
-    def __enter__(self) -> _SmallTensorReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for f in self._files.values():
-            f.close()
 
 
 @dataclass
@@ -325,6 +171,33 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
+def shard_tensors(root: Path, rel: str) -> dict[str, TensorInfo]:
+    """The tensors of one shard, from its checked header, with absolute byte ranges.
+
+    Args:
+        root: the checkpoint directory.
+        rel: the shard's file name, relative to ``root``.
+
+    Returns:
+        TensorInfo by tensor name, in header order.
+
+    Raises:
+        CheckpointError: as ``read_header``.
+    """
+    header, data_start = read_header(root / rel)
+    return {
+        name: TensorInfo(
+            name,
+            e["dtype"],
+            tuple(e["shape"]),
+            rel,
+            data_start + e["data_offsets"][0],
+            data_start + e["data_offsets"][1],
+        )
+        for name, e in header.items()
+    }
+
+
 def _safe_relative(name: str, source: Path) -> str:
     """A shard name from an index must name a file of the checkpoint directory itself.
 
@@ -338,41 +211,6 @@ def _safe_relative(name: str, source: Path) -> str:
     if "/" in name:
         raise _fail(source, f"weight_map names a shard in another directory: {name!r} (shards sit beside the index)")
     return name
-
-
-# Where huggingface_hub keeps downloaded repositories (its documented cache layout, read offline only):
-# <cache>/models--<org>--<name>/{refs/<ref>, snapshots/<commit>/<files>}.
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "hub"
-
-
-def resolve_checkpoint_dir(spec: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a Hub id (``org/name`` or ``org/name@revision``) already in the local cache.
-
-    Never downloads: a Hub id that is not cached is an error that says how to fetch it.
-    """
-    path = Path(spec)
-    text = os.fspath(spec)
-    if path.exists() or os.path.isabs(text) or text.startswith(".") or text.count("/") != 1:
-        return path
-    repo, _, revision = text.partition("@")
-    org, name = repo.split("/")
-    if not org or not name:
-        return path
-    cache = _hub_cache_dir() / f"models--{org}--{name}"
-    revision = revision or "main"
-    ref = cache / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = cache / "snapshots" / commit
-    if not snapshot.is_dir():
-        raise CheckpointError(
-            f"{text}: not a directory, and not in the local Hugging Face cache ({cache}, revision {revision}); "
-            f"this tool never downloads: fetch it first (e.g. `huggingface-cli download {repo}`)"
-        )
-    return snapshot
 
 
 def load_json(path: Path) -> dict:
@@ -426,15 +264,12 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
         path = root / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: shard is missing")
-        header, data_start = read_header(path)
+        shard = shard_tensors(root, rel)
         file_sizes[rel] = path.stat().st_size
-        for name, entry in header.items():
+        for name, info in shard.items():
             if name in tensors:
                 raise _fail(path, f"tensor also stored in {tensors[name].file}", name)
-            begin, end = entry["data_offsets"]
-            tensors[name] = TensorInfo(
-                name, entry["dtype"], tuple(entry["shape"]), rel, data_start + begin, data_start + end
-            )
+            tensors[name] = info
     if expected is not None:
         for name, rel in expected.items():
             if name not in tensors or tensors[name].file != rel:
