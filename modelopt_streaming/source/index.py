@@ -1,8 +1,8 @@
 """Index: what tensors a safetensors checkpoint holds, where, in which dtype and shape.
 
 Built from the index JSON and the shards' headers alone: no tensor data is read, so indexing a
-1 TB checkpoint costs a few MB of reads. Every header is checked here, once, so that later stages
-can trust offsets and sizes.
+1 TB checkpoint costs a few MB of reads. Every header is checked here, once, against the safetensors
+library's own rules, so that later stages can trust offsets and sizes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,23 @@ __all__ = [
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# A header is JSON describing tensors; anything past this is not a checkpoint we should parse.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# What a safetensors file must be, as the safetensors library itself decides: huggingface/safetensors,
+# safetensors/src/tensor.rs (commit 24b0b28, the 0.8 line): ``SafeTensors::read_metadata`` (length prefix,
+# header size, UTF-8, JSON parsed into ``HashMetadata``, data covering the rest of the file exactly), the serde
+# derives of ``HashMetadata`` and ``TensorInfo`` (what the JSON may hold) and ``Metadata::validate`` (offsets
+# contiguous from 0 in sorted order, each size = shape x dtype). ``read_header`` refuses what
+# ``safetensors.safe_open`` refuses, naming the rule; tests/test_safetensors_rules.py crafts one file per rule.
+MAX_HEADER_BYTES = 100_000_000  # tensor.rs MAX_HEADER_SIZE
+_USIZE_MAX = 2**64 - 1  # lengths, shapes and offsets are usize in tensor.rs
+_JSON_MAX_DEPTH = 127  # serde_json refuses a 128th level of nested arrays or objects ("recursion limit")
+# tensor.rs ``Dtype`` and ``Dtype::bitsize``: every dtype of the format, bits per element. Those missing from
+# DTYPES make valid files that this tool cannot read.
+_FORMAT_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")  # tensor.rs TensorInfo, in declaration order
 
 # safetensors dtype names -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -116,8 +132,138 @@ def _fail(path: Path, message: str, tensor: str | None = None) -> CheckpointErro
     return CheckpointError(f"{where}: {message}")
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers its repeated keys: Python's json keeps the last value, serde refuses a
+    repeated field of a struct (``__metadata__`` of HashMetadata, the fields of TensorInfo)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]):
+        super().__init__(pairs)
+        self.repeated = (
+            {k for k, n in Counter(k for k, _ in pairs).items() if n > 1} if len(self) < len(pairs) else set()
+        )
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")  # Python's json extension; serde_json refuses it
+
+
+def _json_int(text: str) -> int | float:
+    # serde_json reads -0 as the float -0.0, which no usize field takes; Python's json makes it the int 0.
+    return -0.0 if text == "-0" else int(text)
+
+
+def _json_problem(value: object) -> str | None:
+    """What serde_json would refuse in a value Python's json parsed: nesting too deep, or a lone surrogate
+    escape (\\ud800), which Python keeps in a str and serde_json refuses (it never makes a Rust String)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > _JSON_MAX_DEPTH:
+                return f"nested more than {_JSON_MAX_DEPTH} levels deep (serde_json's recursion limit)"
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack += [(item, depth + 1) for item in items]
+        elif isinstance(v, str) and not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone UTF-16 surrogate escape"
+    return None
+
+
+def _is_usize(v: object) -> bool:
+    return type(v) is int and 0 <= v <= _USIZE_MAX  # not bool, not float: serde's usize takes neither
+
+
+def _entries(path: Path, header: object) -> dict[str, dict]:
+    """The tensor entries of a parsed header, each as {dtype, shape, data_offsets}, checked as serde
+    deserializes ``HashMetadata`` (tensor.rs): a JSON object; ``__metadata__`` absent, null or a map of strings
+    to strings; every other key a TensorInfo of a known dtype, a shape of usize and a pair of usize offsets."""
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    if "__metadata__" in header.repeated:
+        raise _fail(path, "header has two __metadata__ entries")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _fail(path, "__metadata__ must be a JSON object of strings to strings")
+    entries = {}
+    for name, entry in header.items():
+        if isinstance(entry, list) and len(entry) == len(_ENTRY_FIELDS):
+            entry = dict(zip(_ENTRY_FIELDS, entry))  # serde also reads a struct from the array of its fields
+        elif isinstance(entry, _JsonObject) and entry.repeated & set(_ENTRY_FIELDS):
+            raise _fail(path, f"header entry repeats {sorted(entry.repeated & set(_ENTRY_FIELDS))[0]}", name)
+        if not isinstance(entry, dict) or not set(_ENTRY_FIELDS) <= entry.keys():
+            raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
+        dtype, shape, offsets = (entry[k] for k in _ENTRY_FIELDS)
+        if not isinstance(dtype, str) or dtype not in _FORMAT_DTYPE_BITS:
+            raise _fail(path, f"unknown dtype {dtype!r}", name)
+        if not (isinstance(shape, list) and all(_is_usize(d) for d in shape)):
+            raise _fail(path, f"invalid shape {shape!r}: expected a list of non-negative integers", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
+            raise _fail(path, f"invalid data_offsets {offsets!r}: expected two non-negative integers", name)
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+    return entries
+
+
+def _check_layout(path: Path, entries: dict[str, dict], data_len: int) -> None:
+    """tensor.rs ``Metadata::validate``, then read_metadata's last check: in offset order, each tensor's data
+    starts where the previous one ends (the first at 0), spans exactly shape x dtype bytes, and the last one
+    ends at the end of the file."""
+    start = 0
+    for (begin, end), name in sorted((tuple(e["data_offsets"]), n) for n, e in entries.items()):
+        if end < begin:
+            raise _fail(path, f"data_offsets [{begin}, {end}] end before they begin", name)
+        if begin != start:
+            where = f"a gap after byte {start}" if begin > start else f"an overlap with the data before byte {start}"
+            raise _fail(
+                path,
+                f"data starts at byte {begin} of the data section, {where}: tensors must lie back to back from "
+                "offset 0",
+                name,
+            )
+        start = end
+        dtype, shape = entries[name]["dtype"], entries[name]["shape"]
+        numel = 1
+        for d in shape:  # tensor.rs folds with checked_mul: an overflow is refused even before a 0 dimension
+            numel *= d
+            if numel > _USIZE_MAX:
+                break
+        bits = numel * _FORMAT_DTYPE_BITS[dtype]
+        if bits > _USIZE_MAX:
+            raise _fail(path, f"shape {shape} of {dtype} overflows a 64-bit byte count", name)
+        if bits % 8:
+            raise _fail(path, f"shape {shape} of {dtype} does not end on a byte boundary", name)
+        if end - begin != bits // 8:
+            raise _fail(
+                path, f"shape {shape} of {dtype} needs {bits // 8} bytes but data_offsets span {end - begin}", name
+            )
+    if start != data_len:
+        if start > data_len:
+            raise _fail(
+                path,
+                f"the tensors' data ends at byte {start} of the data section, but the file holds {data_len} "
+                "bytes after the header (truncated shard?)",
+            )
+        raise _fail(path, f"{data_len - start} bytes after the last tensor's data: the data must fill the file exactly")
+    for name, entry in entries.items():
+        if entry["dtype"] not in DTYPES:
+            raise _fail(path, f"dtype {entry['dtype']} is not supported by this tool", name)
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """Parse one shard's header; returns (tensor entries, absolute offset of the data section)."""
+    """Parse and check one safetensors file's header, by the safetensors library's own rules.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        ``(entries, data_start)``: each tensor's header entry ({dtype, shape, data_offsets}, offsets relative to
+        the data section) by name, without ``__metadata__``; and the absolute offset of the data section.
+
+    Raises:
+        CheckpointError: the file cannot be read, or safetensors would refuse it (or it holds a dtype this tool
+            does not read); one line naming the file, the tensor where there is one, and the rule.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -126,49 +272,27 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
                 raise _fail(path, f"file of {size} bytes is too short to be a safetensors shard")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} is absurdly large")
+                raise _fail(path, f"header length {header_len} is over safetensors' limit of {MAX_HEADER_BYTES} bytes")
             if 8 + header_len > size:
                 raise _fail(path, f"header length {header_len} runs past the end of the file ({size} bytes)")
             raw = f.read(header_len)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"header is not valid UTF-8 ({e})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_JsonObject, parse_constant=_not_json, parse_int=_json_int)
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
         raise _fail(path, f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
+    problem = _json_problem(header)
+    if problem:
+        raise _fail(path, f"header is not valid JSON ({problem})")
+    entries = _entries(path, header)
     data_start = 8 + header_len
-    data_len = size - data_start
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise _fail(path, f"unknown dtype {dtype!r}", name)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise _fail(path, f"invalid shape {shape!r}", name)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise _fail(path, f"invalid data_offsets {offsets!r}", name)
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise _fail(
-                path,
-                f"data offsets [{begin}, {end}] out of range: the data section is {data_len} bytes "
-                "(truncated or corrupt shard?)",
-                name,
-            )
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if end - begin != expected:
-            raise _fail(path, f"shape {shape} of {dtype} needs {expected} bytes but offsets span {end - begin}", name)
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise _fail(path, f"data of {n0!r} and {n1!r} overlap")
-    return header, data_start
+    _check_layout(path, entries, size - data_start)
+    return entries, data_start
 
 
 def shard_tensors(root: Path, rel: str) -> dict[str, TensorInfo]:
