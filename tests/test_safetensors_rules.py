@@ -59,6 +59,12 @@ REFUSED = {
         ),
         "levels deep",
     ),
+    "nesting_past_limit_with_escapes": (  # an escape takes read_header's slower parse, which walks everything
+        st_bytes(
+            b'{"\\u0061":{"dtype":"U8","shape":[4],"data_offsets":[0,4],"z":' + b"[" * 126 + b"]" * 126 + b"}}", b"1234"
+        ),
+        "levels deep",
+    ),
     # HashMetadata: a map at the top, ``__metadata__`` once, and a map of strings to strings
     "header_not_object": (st_bytes(b"[]"), "not a JSON object"),
     "metadata_twice": (st_bytes(b'{"__metadata__":{"a":"b"},"__metadata__":{"c":"d"}}'), "two __metadata__"),
@@ -110,6 +116,9 @@ ACCEPTED = {
     "entry_as_array": st_bytes(b'{"a":["U8",[4],[0,4]]}', b"1234"),
     "zero_size_tensors": st_bytes({"e": u8(0, 0, 0), "f": u8(0, 0, 0), "a": u8(4, 0, 4), "z": u8(0, 4, 4)}, b"1234"),
     "empty": st_bytes(b"{}"),
+    "escaped_names_and_field_names_as_values": st_bytes(
+        b'{"__metadata__":{"dtype":"shape"},"\\u00e9":{"\\u0064type":"U8","shape":[4],"data_offsets":[0,4]}}', b"1234"
+    ),
     "offsets_not_in_name_order": st_bytes({"b": u8(2, 2, 4), "a": u8(2, 0, 2)}, b"1234"),
     "nesting_at_serde_recursion_limit": st_bytes(
         b'{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4],"z":' + b"[" * 125 + b"]" * 125 + b"}}", b"1234"

@@ -114,6 +114,8 @@ class TensorInfo:
 
 @dataclass
 class CheckpointIndex:
+    """What ``build_index`` found: the tensors by name, the shard files (relative to ``root``) and config.json."""
+
     root: Path
     tensors: dict[str, TensorInfo]
     files: list[str]
@@ -152,10 +154,10 @@ def _json_int(text: str) -> int | float:
     return -0.0 if text == "-0" else int(text)
 
 
-def _json_problem(value: object) -> str | None:
-    """What serde_json would refuse in a value Python's json parsed: nesting too deep, or a lone surrogate
-    escape (\\ud800), which Python keeps in a str and serde_json refuses (it never makes a Rust String)."""
-    stack = [(value, 1)]
+def _json_problem(values: list[tuple[object, int]]) -> str | None:
+    """What serde_json would refuse in ``(value, its nesting depth)`` that Python's json parsed: nesting too
+    deep, or a lone surrogate escape (\\ud800), which Python keeps in a str and serde_json refuses."""
+    stack = list(values)
     while stack:
         v, depth = stack.pop()
         if isinstance(v, (dict, list)):
@@ -171,6 +173,39 @@ def _json_problem(value: object) -> str | None:
     return None
 
 
+def _parse_json(path: Path, text: str) -> dict | object:
+    """The header parsed, refused where serde_json would refuse it. Python's json accepts a little more (NaN,
+    -0 as an int, repeated keys, lone surrogates, any depth); the slower hooks and walks that catch those run
+    only where the text can hold one: a backslash (an escape can spell a field name or a surrogate), -0, or
+    more field names than entries (a repeated key)."""
+    hooks = {"parse_constant": _not_json} | ({"parse_int": _json_int} if "-0" in text else {})
+    try:
+        header = json.loads(text, **hooks)
+        entry_dicts = (
+            sum(isinstance(e, dict) for k, e in header.items() if k != "__metadata__")
+            if isinstance(header, dict)
+            else 0
+        )
+        plain = (
+            "\\" not in text
+            and text.count('"__metadata__"') <= 1
+            and sum(text.count(f'"{k}"') for k in _ENTRY_FIELDS) == len(_ENTRY_FIELDS) * entry_dicts
+        )
+        if not plain:
+            header = json.loads(text, object_pairs_hook=_JsonObject, **hooks)
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if plain and isinstance(header, dict):
+        # The fields _entries checks are flat; deep nesting can only hide in a tensor entry's other fields.
+        extra = [(v, 3) for e in header.values() if isinstance(e, dict) for k, v in e.items() if k not in _ENTRY_FIELDS]
+        problem = _json_problem(extra)
+    else:
+        problem = _json_problem([(header, 1)])
+    if problem:
+        raise _fail(path, f"header is not valid JSON ({problem})")
+    return header
+
+
 def _is_usize(v: object) -> bool:
     return type(v) is int and 0 <= v <= _USIZE_MAX  # not bool, not float: serde's usize takes neither
 
@@ -181,7 +216,7 @@ def _entries(path: Path, header: object) -> dict[str, dict]:
     to strings; every other key a TensorInfo of a known dtype, a shape of usize and a pair of usize offsets."""
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
-    if "__metadata__" in header.repeated:
+    if "__metadata__" in getattr(header, "repeated", ()):
         raise _fail(path, "header has two __metadata__ entries")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
@@ -190,7 +225,7 @@ def _entries(path: Path, header: object) -> dict[str, dict]:
     for name, entry in header.items():
         if isinstance(entry, list) and len(entry) == len(_ENTRY_FIELDS):
             entry = dict(zip(_ENTRY_FIELDS, entry))  # serde also reads a struct from the array of its fields
-        elif isinstance(entry, _JsonObject) and entry.repeated & set(_ENTRY_FIELDS):
+        elif isinstance(entry, _JsonObject) and entry.repeated & set(_ENTRY_FIELDS):  # only from the slow parse
             raise _fail(path, f"header entry repeats {sorted(entry.repeated & set(_ENTRY_FIELDS))[0]}", name)
         if not isinstance(entry, dict) or not set(_ENTRY_FIELDS) <= entry.keys():
             raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
@@ -282,14 +317,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _fail(path, f"header is not valid UTF-8 ({e})") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_JsonObject, parse_constant=_not_json, parse_int=_json_int)
-    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
-        raise _fail(path, f"header is not valid JSON ({e})") from None
-    problem = _json_problem(header)
-    if problem:
-        raise _fail(path, f"header is not valid JSON ({problem})")
-    entries = _entries(path, header)
+    entries = _entries(path, _parse_json(path, text))
     data_start = 8 + header_len
     _check_layout(path, entries, size - data_start)
     return entries, data_start
@@ -338,6 +366,11 @@ def _safe_relative(name: str, source: Path) -> str:
 
 
 def load_json(path: Path) -> dict:
+    """A JSON file holding an object (config.json, an index).
+
+    Raises:
+        CheckpointError: the file cannot be read, is not valid JSON, or holds something else than an object.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -351,7 +384,19 @@ def load_json(path: Path) -> dict:
 
 
 def build_index(root: str | os.PathLike) -> CheckpointIndex:
-    """Index a Hugging Face safetensors checkpoint directory (sharded or single-file)."""
+    """Index a Hugging Face safetensors checkpoint directory (sharded or single-file) from its headers alone.
+
+    Args:
+        root: the directory: ``model.safetensors.index.json`` with its shards, ``model.safetensors``, or one
+            ``*.safetensors`` file.
+
+    Returns:
+        Every tensor's TensorInfo, the shard files and their sizes, and config.json (empty when absent).
+
+    Raises:
+        CheckpointError: no safetensors checkpoint (pickles are refused, never opened), a shard safetensors
+            would refuse (``read_header``), a tensor in two shards, or an index that disagrees with the shards.
+    """
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
