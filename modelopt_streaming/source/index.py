@@ -12,13 +12,13 @@ import json
 import math
 import os
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modelopt_streaming.errors import CheckpointError
+from modelopt_streaming.source.header_json import ENTRY_FIELDS, parse_header_json
 
 __all__ = [
     "DTYPES",
@@ -45,11 +45,11 @@ INDEX_FILE = "model.safetensors.index.json"
 # safetensors/src/tensor.rs (commit 24b0b28, the 0.8 line): ``SafeTensors::read_metadata`` (length prefix,
 # header size, UTF-8, JSON parsed into ``HashMetadata``, data covering the rest of the file exactly), the serde
 # derives of ``HashMetadata`` and ``TensorInfo`` (what the JSON may hold) and ``Metadata::validate`` (offsets
-# contiguous from 0 in sorted order, each size = shape x dtype). ``read_header`` refuses what
-# ``safetensors.safe_open`` refuses, naming the rule; tests/test_safetensors_rules.py crafts one file per rule.
+# contiguous from 0 in sorted order, each size = shape x dtype); serde_json's grammar is in header_json.py.
+# ``read_header`` refuses what ``safetensors.safe_open`` refuses, naming the rule; tests/test_safetensors_rules.py
+# crafts one file per rule.
 MAX_HEADER_BYTES = 100_000_000  # tensor.rs MAX_HEADER_SIZE
 _USIZE_MAX = 2**64 - 1  # lengths, shapes and offsets are usize in tensor.rs
-_JSON_MAX_DEPTH = 127  # serde_json refuses a 128th level of nested arrays or objects ("recursion limit")
 # tensor.rs ``Dtype`` and ``Dtype::bitsize``: every dtype of the format, bits per element. Those missing from
 # DTYPES make valid files that this tool cannot read.
 _FORMAT_DTYPE_BITS = {
@@ -57,7 +57,6 @@ _FORMAT_DTYPE_BITS = {
     "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
     "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }  # fmt: skip
-_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")  # tensor.rs TensorInfo, in declaration order
 
 # safetensors dtype names -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -134,78 +133,6 @@ def _fail(path: Path, message: str, tensor: str | None = None) -> CheckpointErro
     return CheckpointError(f"{where}: {message}")
 
 
-class _JsonObject(dict):
-    """A JSON object that remembers its repeated keys: Python's json keeps the last value, serde refuses a
-    repeated field of a struct (``__metadata__`` of HashMetadata, the fields of TensorInfo)."""
-
-    def __init__(self, pairs: list[tuple[str, object]]):
-        super().__init__(pairs)
-        self.repeated = (
-            {k for k, n in Counter(k for k, _ in pairs).items() if n > 1} if len(self) < len(pairs) else set()
-        )
-
-
-def _not_json(constant: str) -> float:
-    raise ValueError(f"{constant} is not JSON")  # Python's json extension; serde_json refuses it
-
-
-def _json_int(text: str) -> int | float:
-    # serde_json reads -0 as the float -0.0, which no usize field takes; Python's json makes it the int 0.
-    return -0.0 if text == "-0" else int(text)
-
-
-def _json_problem(values: list[tuple[object, int]]) -> str | None:
-    """What serde_json would refuse in ``(value, its nesting depth)`` that Python's json parsed: nesting too
-    deep, or a lone surrogate escape (\\ud800), which Python keeps in a str and serde_json refuses."""
-    stack = list(values)
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > _JSON_MAX_DEPTH:
-                return f"nested more than {_JSON_MAX_DEPTH} levels deep (serde_json's recursion limit)"
-            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
-            stack += [(item, depth + 1) for item in items]
-        elif isinstance(v, str) and not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return "a string holds a lone UTF-16 surrogate escape"
-    return None
-
-
-def _parse_json(path: Path, text: str) -> dict | object:
-    """The header parsed, refused where serde_json would refuse it. Python's json accepts a little more (NaN,
-    -0 as an int, repeated keys, lone surrogates, any depth); the slower hooks and walks that catch those run
-    only where the text can hold one: a backslash (an escape can spell a field name or a surrogate), -0, or
-    more field names than entries (a repeated key)."""
-    hooks = {"parse_constant": _not_json} | ({"parse_int": _json_int} if "-0" in text else {})
-    try:
-        header = json.loads(text, **hooks)
-        entry_dicts = (
-            sum(isinstance(e, dict) for k, e in header.items() if k != "__metadata__")
-            if isinstance(header, dict)
-            else 0
-        )
-        plain = (
-            "\\" not in text
-            and text.count('"__metadata__"') <= 1
-            and sum(text.count(f'"{k}"') for k in _ENTRY_FIELDS) == len(_ENTRY_FIELDS) * entry_dicts
-        )
-        if not plain:
-            header = json.loads(text, object_pairs_hook=_JsonObject, **hooks)
-    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
-        raise _fail(path, f"header is not valid JSON ({e})") from None
-    if plain and isinstance(header, dict):
-        # The fields _entries checks are flat; deep nesting can only hide in a tensor entry's other fields.
-        extra = [(v, 3) for e in header.values() if isinstance(e, dict) for k, v in e.items() if k not in _ENTRY_FIELDS]
-        problem = _json_problem(extra)
-    else:
-        problem = _json_problem([(header, 1)])
-    if problem:
-        raise _fail(path, f"header is not valid JSON ({problem})")
-    return header
-
-
 def _is_usize(v: object) -> bool:
     return type(v) is int and 0 <= v <= _USIZE_MAX  # not bool, not float: serde's usize takes neither
 
@@ -216,20 +143,16 @@ def _entries(path: Path, header: object) -> dict[str, dict]:
     to strings; every other key a TensorInfo of a known dtype, a shape of usize and a pair of usize offsets."""
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
-    if "__metadata__" in getattr(header, "repeated", ()):
-        raise _fail(path, "header has two __metadata__ entries")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _fail(path, "__metadata__ must be a JSON object of strings to strings")
     entries = {}
     for name, entry in header.items():
-        if isinstance(entry, list) and len(entry) == len(_ENTRY_FIELDS):
-            entry = dict(zip(_ENTRY_FIELDS, entry))  # serde also reads a struct from the array of its fields
-        elif isinstance(entry, _JsonObject) and entry.repeated & set(_ENTRY_FIELDS):  # only from the slow parse
-            raise _fail(path, f"header entry repeats {sorted(entry.repeated & set(_ENTRY_FIELDS))[0]}", name)
-        if not isinstance(entry, dict) or not set(_ENTRY_FIELDS) <= entry.keys():
+        if isinstance(entry, list) and len(entry) == len(ENTRY_FIELDS):
+            entry = dict(zip(ENTRY_FIELDS, entry))  # serde also reads a struct from the array of its fields
+        if not isinstance(entry, dict) or not set(ENTRY_FIELDS) <= entry.keys():
             raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
-        dtype, shape, offsets = (entry[k] for k in _ENTRY_FIELDS)
+        dtype, shape, offsets = (entry[k] for k in ENTRY_FIELDS)
         if not isinstance(dtype, str) or dtype not in _FORMAT_DTYPE_BITS:
             raise _fail(path, f"unknown dtype {dtype!r}", name)
         if not (isinstance(shape, list) and all(_is_usize(d) for d in shape)):
@@ -317,7 +240,11 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _fail(path, f"header is not valid UTF-8 ({e})") from None
-    entries = _entries(path, _parse_json(path, text))
+    try:
+        header = parse_header_json(text)
+    except ValueError as e:
+        raise _fail(path, *e.args) from None
+    entries = _entries(path, header)
     data_start = 8 + header_len
     _check_layout(path, entries, size - data_start)
     return entries, data_start
