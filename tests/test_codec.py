@@ -9,6 +9,7 @@ from modelopt_streaming.codec import (
     cuda_kernel,  # interpreted on the CPU: conftest sets TRITON_INTERPRET
     nvfp4,
 )
+from modelopt_streaming.formats.nvfp4 import E2M1_VALUES, unpack_e2m1
 
 
 def _cases():
@@ -142,6 +143,19 @@ def test_packing_low_nibble_first():
     assert nvfp4.pack_nibbles(codes).tolist() == [[0x21, 0x0F]]
 
 
+def test_unpack_e2m1_every_byte():
+    """Spec section 1.5-1.6, written out by hand: codes 0-7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6, bit 3 the sign,
+    the first element in the low nibble."""
+    magnitude = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    value = [magnitude[c & 7] * (-1.0 if c & 8 else 1.0) for c in range(16)]
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 2, 32)
+    got = unpack_e2m1(packed)
+    assert got.dtype == torch.float32 and got.shape == (4, 2, 64)
+    expected = [[value[b & 15], value[b >> 4]] for b in range(256)]
+    assert got.reshape(-1, 2).tolist() == expected
+    assert torch.equal(got[..., 1::2].reshape(-1).signbit(), torch.tensor([b >= 128 for b in range(256)]))
+
+
 def test_dequantize_round_trip_error_is_small():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(256, 512, generator=g)
@@ -150,7 +164,7 @@ def test_dequantize_round_trip_error_is_small():
     rel = ((back - w).norm() / w.norm()).item()
     assert 0.0 < rel < 0.15
     # Dequantized values lie exactly on the grid times the block scale.
-    grid = torch.tensor(nvfp4.E2M1_VALUES)
+    grid = torch.tensor(E2M1_VALUES)
     ratio = (back.abs().reshape(256, -1, 16) / (scale.float() * scale_2).unsqueeze(-1)).reshape(-1)
     nearest = (ratio.unsqueeze(-1) - grid).abs().min(-1).values
     assert (nearest <= 1e-5 * grid.max()).all()

@@ -12,7 +12,8 @@ import torch
 from checkpoints import make_model_checkpoint
 from safetensors import safe_open
 
-from modelopt_streaming.sink.writer import PositionalShardWriter, ShardWriter, TensorSpec, file_digest
+from modelopt_streaming.sink.writer import PositionalShardWriter, ShardWriter, file_digest
+from modelopt_streaming.source.index import TensorSpec
 
 
 def independent_digest(path) -> str:

@@ -14,9 +14,9 @@ import modelopt_streaming
 from modelopt_streaming.jobs import pipeline, quantize_stream
 from modelopt_streaming.plan.build import Recipe, build_plan, unit_sources
 from modelopt_streaming.sink import output_dir, writer
-from modelopt_streaming.sink.writer import PositionalShardWriter, TensorSpec, file_digest
+from modelopt_streaming.sink.writer import PositionalShardWriter, file_digest
 from modelopt_streaming.source import reader
-from modelopt_streaming.source.index import build_index
+from modelopt_streaming.source.index import TensorSpec, build_index
 
 
 @pytest.fixture(scope="module")

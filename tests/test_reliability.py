@@ -19,7 +19,8 @@ from forkrun import run_jobs, tree_hashes
 from safetensors.torch import save_file
 
 from modelopt_streaming.errors import IncompleteShardError
-from modelopt_streaming.sink.writer import PositionalShardWriter, ShardWriter, TensorSpec
+from modelopt_streaming.sink.writer import PositionalShardWriter, ShardWriter
+from modelopt_streaming.source.index import TensorSpec
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 SHARD = "400KB"  # several output shards from the small source below

@@ -219,8 +219,9 @@ def _tiny_int4_checkpoint(directory, shape_values=(32, 64), config_group=32, sca
 
 
 def test_int4_hand_packed_decodes_to_hand_dequantization(tmp_path):
-    from modelopt_streaming.source.index import build_index, decoded_weights
+    from modelopt_streaming.source.index import build_index
     from modelopt_streaming.source.reader import TensorReader
+    from modelopt_streaming.source.vendor import decoded_weights, read_source
 
     src, q = _tiny_int4_checkpoint(tmp_path / "src")
     index = build_index(src)
@@ -228,7 +229,7 @@ def test_int4_hand_packed_decodes_to_hand_dequantization(tmp_path):
     scale = load_dir(src)["model.layers.0.mlp.down_proj.weight_scale"]
     expected = (q.float() * scale.float().repeat_interleave(32, dim=1)).to(torch.bfloat16)
     with TensorReader(src) as reader:
-        assert torch.equal(reader.read(weight), expected)
+        assert torch.equal(read_source(reader, weight), expected)
 
 
 @pytest.mark.parametrize(

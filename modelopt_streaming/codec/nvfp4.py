@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E2M1_VALUES, E4M3_MAX, E4M3_MIN_SCALE
+from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, unpack_e2m1
 
 # Rounding thresholds between consecutive magnitudes. At a tie the even code wins: a value equal to
 # a threshold rounds down when the lower code is even (0.25, 1.25, 2.5, 5.0) and up when the upper
@@ -168,8 +168,6 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``E2M1[code] * fp32(weight_scale) * weight_scale_2``, shape [out, 2 * packed.shape[1]]."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), device=packed.device)
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-    values = table[codes.long()].reshape(packed.shape[0], -1, BLOCK_SIZE)
+    values = unpack_e2m1(packed).reshape(packed.shape[0], -1, BLOCK_SIZE)
     block = weight_scale.float() * weight_scale_2.float()
     return (values * block.unsqueeze(-1)).reshape(packed.shape[0], -1).to(dtype)

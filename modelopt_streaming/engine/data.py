@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.errors import CheckpointError, UsageError
-from modelopt_streaming.source.index import DTYPES, read_header
+from modelopt_streaming.source.index import shard_tensors
 from modelopt_streaming.source.reader import TensorReader
 
 _INTEGER_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
@@ -110,25 +110,20 @@ def load_calibration_data(
 
 def _safetensors_rows(path: Path) -> torch.Tensor:
     try:
-        header, data_start = read_header(path)
+        tensors = shard_tensors(path.parent, path.name)
     except CheckpointError as e:
         raise UsageError(f"--calib_data {e}") from None
-    if set(header) != {"input_ids"}:
+    if set(tensors) != {"input_ids"}:
         raise UsageError(
-            f"--calib_data {path}: expected one tensor 'input_ids' [rows, tokens], found {sorted(header)[:4]}"
+            f"--calib_data {path}: expected one tensor 'input_ids' [rows, tokens], found {sorted(tensors)[:4]}"
         )
-    entry = header["input_ids"]
-    if entry["dtype"] not in _INTEGER_DTYPES:
-        raise UsageError(f"--calib_data {path}, tensor 'input_ids': dtype {entry['dtype']}, expected an integer type")
-    if len(entry["shape"]) != 2:
+    info = tensors["input_ids"]
+    if info.dtype not in _INTEGER_DTYPES:
+        raise UsageError(f"--calib_data {path}, tensor 'input_ids': dtype {info.dtype}, expected an integer type")
+    if len(info.shape) != 2:
         raise UsageError(
-            f"--calib_data {path}, tensor 'input_ids': shape {entry['shape']}, expected [rows, tokens] (2-D)"
+            f"--calib_data {path}, tensor 'input_ids': shape {list(info.shape)}, expected [rows, tokens] (2-D)"
         )
-    from modelopt_streaming.source.index import TensorInfo
-
-    begin, end = (data_start + o for o in entry["data_offsets"])
-    info = TensorInfo("input_ids", entry["dtype"], tuple(entry["shape"]), path.name, begin, end)
-    assert entry["dtype"] in DTYPES
     with TensorReader(path.parent) as reader:
         return reader.read(info).to(torch.int64)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from modelopt_streaming.errors import CheckpointError, UsageError
-from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, TensorInfo, decoded_weights
+from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights
 
 
 # model_type of the text decoder -> how its checkpoint names its experts (gate, up, down leaves; None: the

@@ -15,8 +15,9 @@ import torch
 
 from modelopt_streaming.engine import observe
 from modelopt_streaming.engine.model import Skeleton, build_skeleton, materialize, param_sources
-from modelopt_streaming.source.index import CheckpointIndex, DecodedWeight, TensorInfo
+from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.source.vendor import DecodedWeight, read_source
 
 
 @dataclass
@@ -67,7 +68,7 @@ class LayerStream:
         return self.skeleton.num_layers
 
     def _read(self, info: TensorInfo | DecodedWeight) -> torch.Tensor:
-        return self.reader.read(info)
+        return read_source(self.reader, info)
 
     @contextlib.contextmanager
     def module(self, name: str) -> Iterator[torch.nn.Module]:

@@ -50,14 +50,15 @@ from modelopt_streaming.sink.output_dir import (
     job_fingerprint,
     single_process_job,
 )
-from modelopt_streaming.sink.writer import TensorSpec, write_json_atomic
+from modelopt_streaming.sink.writer import write_json_atomic
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import (
     FLOAT_DTYPES,
     INDEX_FILE,
     CheckpointIndex,
     TensorInfo,
+    TensorSpec,
     build_index,
-    resolve_checkpoint_dir,
 )
 from modelopt_streaming.source.quantized import load_exact_reciprocals, nvfp4_modules, read_positive_scalar
 from modelopt_streaming.source.reader import TensorReader

@@ -35,20 +35,20 @@ from modelopt_streaming.jobs.shard_copy import write_shards_in_order
 from modelopt_streaming.sink.export import copy_side_files, safetensors_index
 from modelopt_streaming.sink.export.provenance import provenance
 from modelopt_streaming.sink.output_dir import check_paths, job_fingerprint, single_process_job
-from modelopt_streaming.sink.writer import TensorSpec, write_json_atomic
+from modelopt_streaming.sink.writer import write_json_atomic
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import (
     DTYPE_NAMES,
     DTYPES,
     INDEX_FILE,
     CheckpointIndex,
-    DecodedWeight,
     TensorInfo,
+    TensorSpec,
     build_index,
-    decoded_weights,
-    resolve_checkpoint_dir,
 )
 from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights, read_source
 
 __all__ = ["OUTPUT_DTYPES", "DecompressSummary", "decompress", "dequantize_experts_3d", "dequantize_nvfp4"]
 
@@ -309,7 +309,7 @@ def decompress(
 
 def _dense(unit: Unit, reader: TensorReader, dtype: torch.dtype) -> torch.Tensor:
     if unit.kind == "decoded":
-        return reader.read(unit.sources[0]).to(dtype)
+        return read_source(reader, unit.sources[0]).to(dtype)
     packed, scale, global_scale = (reader.read(s) for s in unit.sources)
     if unit.kind == "experts_3d":
         return dequantize_experts_3d(packed, scale, global_scale, dtype)

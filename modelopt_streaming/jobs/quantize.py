@@ -39,7 +39,8 @@ from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe, build_plan
 from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
-from modelopt_streaming.source.index import CheckpointIndex, build_index, resolve_checkpoint_dir
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
+from modelopt_streaming.source.index import CheckpointIndex, build_index
 from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
 

@@ -15,7 +15,7 @@ from modelopt_streaming.sink.export.provenance import provenance
 from modelopt_streaming.sink.export.side_files import copy_side_files
 from modelopt_streaming.sink.output_dir import FINISHED_MARKER, recipe_dict
 from modelopt_streaming.sink.writer import write_json_atomic
-from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, read_header
+from modelopt_streaming.source.index import INDEX_FILE, shard_tensors
 from modelopt_streaming.source.reader import TensorReader
 
 __all__ = ["export_checkpoint", "zero_weight_modules"]
@@ -28,11 +28,7 @@ def zero_weight_modules(plan: Plan, output_dir: Path) -> list[str]:
     zero = []
     with TensorReader(output_dir) as reader:
         for shard in plan.shards:
-            header, data_start = read_header(output_dir / shard.file)
-            infos = {}
-            for name, e in header.items():
-                begin, end = (data_start + o for o in e["data_offsets"])
-                infos[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), shard.file, begin, end)
+            infos = shard_tensors(output_dir, shard.file)
             for unit in shard.units:
                 if not isinstance(unit, QuantizeUnit):
                     continue

@@ -18,8 +18,7 @@ from modelopt_streaming.jobs.progress import PROGRESS_MODES, Progress
 from modelopt_streaming.jobs.summary import Summary
 from modelopt_streaming.plan.build import Plan, Recipe, Shard
 from modelopt_streaming.sink.output_dir import OutputState
-from modelopt_streaming.sink.writer import TensorSpec
-from modelopt_streaming.source.index import CheckpointIndex
+from modelopt_streaming.source.index import CheckpointIndex, TensorSpec
 from modelopt_streaming.source.reader import TensorReader
 
 __all__ = ["QuantizeJob", "QuantizeOptions", "shard_specs"]
@@ -164,4 +163,4 @@ class QuantizeJob:
 
 def shard_specs(shard: Shard) -> list[TensorSpec]:
     """The planned tensors of one output shard, as the writers lay them out."""
-    return [TensorSpec(t.name, t.dtype, t.shape) for t in shard.outputs]
+    return list(shard.outputs)

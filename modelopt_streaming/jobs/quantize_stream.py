@@ -23,7 +23,7 @@ from modelopt_streaming.jobs.quantize_job import QuantizeJob, shard_specs
 from modelopt_streaming.jobs.shard_copy import COPY_CHUNK_BYTES
 from modelopt_streaming.plan.build import CopyUnit, QuantizeUnit, Recipe, Shard, Unit, unit_sources
 from modelopt_streaming.sink.writer import PositionalShardWriter
-from modelopt_streaming.source.index import DecodedWeight
+from modelopt_streaming.source.vendor import DecodedWeight, read_source
 
 __all__ = [
     "READ_AHEAD_BYTES",
@@ -182,14 +182,14 @@ def stream_units(job: QuantizeJob, units: list[Unit], sink_of: Callable[[Unit], 
         unit, offset, nbytes = item
         if isinstance(unit, CopyUnit):
             if isinstance(unit.source, DecodedWeight):
-                return reader.read(unit.source)
+                return read_source(reader, unit.source)
             return reader.read_chunk(unit.source, offset, nbytes)
         if device.type != "cuda":
-            return [reader.read(src) for src in unit.sources]
+            return [read_source(reader, src) for src in unit.sources]
         # Straight to the GPU on a side stream (one per reader thread), while the codec works on the
         # previous unit.
         stream = _copy_stream(device)
-        members = [reader.read(src, device=device, stream=stream) for src in unit.sources]
+        members = [read_source(reader, src, device=device, stream=stream) for src in unit.sources]
         stream.synchronize()
         return members
 

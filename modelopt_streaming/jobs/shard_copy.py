@@ -11,8 +11,8 @@ from typing import Protocol, TypeVar
 import torch
 
 from modelopt_streaming.sink.output_dir import OutputState
-from modelopt_streaming.sink.writer import ShardWriter, TensorSpec
-from modelopt_streaming.source.index import TensorInfo
+from modelopt_streaming.sink.writer import ShardWriter
+from modelopt_streaming.source.index import TensorInfo, TensorSpec
 from modelopt_streaming.source.reader import TensorReader
 
 __all__ = ["COPY_CHUNK_BYTES", "write_shards_in_order"]

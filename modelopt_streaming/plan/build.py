@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,18 +19,11 @@ from modelopt_streaming.formats.interchange import LEAVES, SCALAR_SHAPE
 from modelopt_streaming.formats.names import FUSED_EXPERTS, experts_of
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.plan.names import KIND_ORDER, default_exclusion, fusion_key, module_kind
-from modelopt_streaming.source.index import (
-    DTYPES,
-    FLOAT_DTYPES,
-    CheckpointIndex,
-    DecodedWeight,
-    TensorInfo,
-    decoded_weights,
-)
+from modelopt_streaming.source.index import FLOAT_DTYPES, CheckpointIndex, TensorInfo, TensorSpec
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights
 
 __all__ = [
     "CopyUnit",
-    "OutputTensor",
     "Plan",
     "QuantizeUnit",
     "Recipe",
@@ -67,26 +59,15 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
-
-
-@dataclass(frozen=True)
 class CopyUnit:
     """One tensor written unchanged, or (a DecodedWeight) decoded to bf16 and written unquantized."""
 
     source: TensorInfo | DecodedWeight
 
     @property
-    def outputs(self) -> tuple[OutputTensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         s = self.source
-        return (OutputTensor(s.name, s.dtype, s.shape),)
+        return (TensorSpec(s.name, s.dtype, s.shape),)
 
     @property
     def position(self) -> tuple[str, int]:
@@ -110,27 +91,27 @@ class QuantizeUnit:
     dialect: Literal["modelopt", "compressed-tensors"] = "modelopt"
 
     @property
-    def outputs(self) -> tuple[OutputTensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         if self.layout == "experts_3d":
             (name,), (src,) = self.modules, self.sources
             n_exp, n_in, n_out = src.shape
             out = [
-                OutputTensor(name, "U8", (n_exp, n_in // 2, n_out)),
-                OutputTensor(f"{name}_weight_scale", "F8_E4M3", (n_exp, n_in // BLOCK_SIZE, n_out)),
-                OutputTensor(f"{name}_weight_scale_2", "F32", ()),
+                TensorSpec(name, "U8", (n_exp, n_in // 2, n_out)),
+                TensorSpec(f"{name}_weight_scale", "F8_E4M3", (n_exp, n_in // BLOCK_SIZE, n_out)),
+                TensorSpec(f"{name}_weight_scale_2", "F32", ()),
             ]
             if self.with_input_scale:
-                out.append(OutputTensor(f"{name}_input_scale", "F32", ()))
+                out.append(TensorSpec(f"{name}_input_scale", "F32", ()))
             return tuple(out)
         out = []
         leaf, scalar = LEAVES[self.dialect], SCALAR_SHAPE[self.dialect]
         for module, src in zip(self.modules, self.sources):
             n_out, n_in = src.shape
-            out.append(OutputTensor(f"{module}.{leaf['weight']}", "U8", (n_out, n_in // 2)))
-            out.append(OutputTensor(f"{module}.{leaf['weight_scale']}", "F8_E4M3", (n_out, n_in // BLOCK_SIZE)))
-            out.append(OutputTensor(f"{module}.{leaf['global']}", "F32", scalar))
+            out.append(TensorSpec(f"{module}.{leaf['weight']}", "U8", (n_out, n_in // 2)))
+            out.append(TensorSpec(f"{module}.{leaf['weight_scale']}", "F8_E4M3", (n_out, n_in // BLOCK_SIZE)))
+            out.append(TensorSpec(f"{module}.{leaf['global']}", "F32", scalar))
             if self.with_input_scale:
-                out.append(OutputTensor(f"{module}.{leaf['input']}", "F32", scalar))
+                out.append(TensorSpec(f"{module}.{leaf['input']}", "F32", scalar))
         return tuple(out)
 
     @property
@@ -154,7 +135,7 @@ class Shard:
     units: tuple[Unit, ...]
 
     @property
-    def outputs(self) -> tuple[OutputTensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         return tuple(t for u in self.units for t in u.outputs)
 
     @property

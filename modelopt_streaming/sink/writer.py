@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
 import queue
 import struct
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +22,25 @@ import torch
 
 from modelopt_streaming import faults
 from modelopt_streaming.errors import IncompleteShardError
-from modelopt_streaming.source.index import DTYPE_NAMES, DTYPES
+from modelopt_streaming.source.index import DTYPE_NAMES, TensorSpec
+
+__all__ = [
+    "DIGEST_SCHEME",
+    "MANIFEST_FILE",
+    "PositionalShardWriter",
+    "ShardWriter",
+    "TensorWrite",
+    "copy_mapped",
+    "encode_header",
+    "file_digest",
+    "file_system_of",
+    "fsync_dir",
+    "partial_name",
+    "shard_digest",
+    "write_json_atomic",
+]
 
 MANIFEST_FILE = "modelopt_streaming.manifest.json"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
 def encode_header(tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:

@@ -1,8 +1,8 @@
 """Index: what tensors a safetensors checkpoint holds, where, in which dtype and shape.
 
 Built from the index JSON and the shards' headers alone: no tensor data is read, so indexing a
-1 TB checkpoint costs a few MB of reads. Every header is checked here, once, so that later stages
-can trust offsets and sizes.
+1 TB checkpoint costs a few MB of reads. Every header is checked here, once, against the safetensors
+library's own rules, so that later stages can trust offsets and sizes.
 """
 
 from __future__ import annotations
@@ -18,11 +18,45 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.errors import CheckpointError
+from modelopt_streaming.source.header_json import ENTRY_FIELDS, parse_header_json
+
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "FLOAT_DTYPES",
+    "INDEX_FILE",
+    "MAX_HEADER_BYTES",
+    "SINGLE_FILE",
+    "CheckpointIndex",
+    "TensorInfo",
+    "TensorSpec",
+    "build_index",
+    "header_digest",
+    "load_json",
+    "read_header",
+    "shard_tensors",
+    "source_fingerprint",
+]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# A header is JSON describing tensors; anything past this is not a checkpoint we should parse.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# What a safetensors file must be, as the safetensors library itself decides: huggingface/safetensors,
+# safetensors/src/tensor.rs (commit 24b0b28, the 0.8 line): ``SafeTensors::read_metadata`` (length prefix,
+# header size, UTF-8, JSON parsed into ``HashMetadata``, data covering the rest of the file exactly), the serde
+# derives of ``HashMetadata`` and ``TensorInfo`` (what the JSON may hold) and ``Metadata::validate`` (offsets
+# contiguous from 0 in sorted order, each size = shape x dtype); serde_json's grammar is in header_json.py.
+# ``read_header`` refuses what ``safetensors.safe_open`` refuses, naming the rule; tests/test_safetensors_rules.py
+# crafts one file per rule.
+MAX_HEADER_BYTES = 100_000_000  # tensor.rs MAX_HEADER_SIZE
+_USIZE_MAX = 2**64 - 1  # lengths, shapes and offsets are usize in tensor.rs
+# tensor.rs ``Dtype`` and ``Dtype::bitsize``: every dtype of the format, bits per element. Those missing from
+# DTYPES make valid files that this tool cannot read.
+_FORMAT_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
 
 # safetensors dtype names -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -44,7 +78,23 @@ FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a safetensors header describes it before any offset is known: what the plan lays out
+    and the writer writes."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
+    """A tensor of a checkpoint on disk: its header entry and its absolute byte range in its shard."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -61,197 +111,10 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-# DeepSeek-V3/R1 publish FP8 weights in 128 x 128 blocks, each with a float32 inverse scale.
-FP8_BLOCK = 128
-
-
-@dataclass(frozen=True)
-class DecodedWeight:
-    """A weight stored in a compressed source format and read back as bf16 (spec section 6).
-
-    ``encoding`` "fp8_block": ``parts`` = (weight float8_e4m3fn [out, in], weight_scale_inv float32
-    [ceil(out/128), ceil(in/128)]); the value is bf16(f32(weight) * scale_inv[i // 128, j // 128]), as
-    DeepSeek's own FP8-to-BF16 conversion computes it.
-    ``encoding`` "int4_pack": compressed-tensors ``pack-quantized`` (Kimi-K2 routed experts): ``parts`` =
-    (weight_packed int32 [out, ceil(in/8)], weight_scale [out, in/group], weight_shape int64 [2]); element
-    j of a row is bits 4*(j%8) of word j//8, stored as q+8; the value is bf16((q) * scale[:, j // group]).
-    ``encoding`` "mxfp4": OCP MXFP4 as GPT-OSS publishes its 3-D experts: ``parts`` = (X_blocks uint8
-    [E, out, in/32, 16], X_scales uint8 [E, out, in/32]); input j of a row is the low (j even) or high nibble
-    of byte j//2 within its block of 32, an E2M1 code; the value is E2M1[code] * 2^(scale - 127), exact in
-    bf16, and the weight reads back as X [E, in, out] (transformers' GPT-OSS layout, input dim in the middle).
-    The parts may sit in different shards.
-    """
-
-    name: str
-    encoding: str
-    parts: tuple[TensorInfo, ...]
-    shape: tuple[int, ...]
-    dtype: str = "BF16"
-    group_size: int = 0
-
-    @property
-    def file(self) -> str:
-        return self.parts[0].file
-
-    @property
-    def begin(self) -> int:
-        return self.parts[0].begin
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes read from the source (not the decoded size)."""
-        return sum(p.nbytes for p in self.parts)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def decoded_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """Source weights that need decoding, by tensor name; their scale tensors are consumed with them."""
-    out = {}
-    for name, info in index.tensors.items():
-        if not name.endswith(".weight") or info.dtype not in ("F8_E4M3", "F8_E5M2"):
-            continue
-        scale = index.tensors.get(name + "_scale_inv")
-        where = index.root / info.file
-        if scale is None:
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: FP8 weight without its weight_scale_inv; only "
-                "DeepSeek-style 128x128 block FP8 sources are supported"
-            )
-        if len(info.shape) != 2 or info.dtype != "F8_E4M3":
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: {info.dtype} {list(info.shape)} is not a 2-D "
-                "float8_e4m3fn block-scaled weight"
-            )
-        blocks = tuple(-(-d // FP8_BLOCK) for d in info.shape)
-        if scale.dtype != "F32" or scale.shape != blocks:
-            raise CheckpointError(
-                f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} "
-                f"{list(scale.shape)}, expected F32 {list(blocks)} for 128x128 blocks"
-            )
-        out[name] = DecodedWeight(name, "fp8_block", (info, scale), info.shape)
-    out.update(_int4_packed_weights(index))
-    out.update(_mxfp4_weights(index))
-    return out
-
-
-def _int4_group_size(config: dict) -> int:
-    for cfg in (config, config.get("text_config") or {}):
-        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-        for group in ((qc or {}).get("config_groups") or {}).values():
-            size = ((group or {}).get("weights") or {}).get("group_size")
-            if isinstance(size, int) and size > 0:
-                return size
-    return 32
-
-
-def _int4_packed_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """Every pack-quantized INT4 weight, checked against its ``weight_shape`` values and the config's group
-    size here, at plan time: a mismatch is a one-line error before any output, not hours into the run."""
-    out = {}
-    group = _int4_group_size(index.config)
-    with _SmallTensorReader(index.root) as small:
-        for name, packed in index.tensors.items():
-            if not name.endswith(".weight_packed"):
-                continue
-            module = name[: -len(".weight_packed")]
-            where = index.root / packed.file
-            scale = index.tensors.get(f"{module}.weight_scale")
-            shape = index.tensors.get(f"{module}.weight_shape")
-            if f"{module}.weight_zero_point" in index.tensors:
-                raise CheckpointError(f"{where}, tensor {name!r}: asymmetric INT4 (weight_zero_point) is not supported")
-            if packed.dtype != "I32" or len(packed.shape) != 2 or scale is None or shape is None:
-                raise CheckpointError(
-                    f"{where}, tensor {name!r}: not a pack-quantized INT4 weight (int32 2-D with "
-                    "weight_scale and weight_shape)"
-                )
-            if shape.dtype not in ("I64", "I32") or shape.numel != 2:
-                raise CheckpointError(
-                    f"{index.root / shape.file}, tensor {shape.name!r}: {shape.dtype} {list(shape.shape)}, "
-                    "expected two integers (rows, columns)"
-                )
-            rows, cols = small.values(shape)
-            if rows != packed.shape[0] or cols <= 0 or -(-cols // 8) != packed.shape[1]:
-                raise CheckpointError(
-                    f"{index.root / shape.file}, tensor {shape.name!r}: weight_shape [{rows}, {cols}] does not "
-                    f"fit {name!r} {list(packed.shape)} (8 values per int32)"
-                )
-            if (
-                scale.dtype not in FLOAT_DTYPES
-                or len(scale.shape) != 2
-                or scale.shape[0] != rows
-                or scale.shape[1] != -(-cols // group)
-            ):
-                raise CheckpointError(
-                    f"{index.root / scale.file}, tensor {scale.name!r}: {scale.dtype} {list(scale.shape)} does not "
-                    f"fit weight_shape [{rows}, {cols}] with group size {group} (config.json quantization_config)"
-                )
-            out[f"{module}.weight"] = DecodedWeight(
-                f"{module}.weight", "int4_pack", (packed, scale, shape), (rows, cols), group_size=group
-            )
-    return out
-
-
-MXFP4_BLOCK = 32
-
-
-def _mxfp4_weights(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    """GPT-OSS's published MXFP4 experts (``X_blocks`` + ``X_scales``), read back as bf16 X [E, in, out]."""
-    out = {}
-    for name, blocks in index.tensors.items():
-        if not name.endswith("_blocks"):
-            continue
-        base = name[: -len("_blocks")]
-        scales = index.tensors.get(f"{base}_scales")
-        where = index.root / blocks.file
-        if scales is None:
-            raise CheckpointError(f"{where}, tensor {name!r}: MXFP4 blocks without their {base}_scales tensor")
-        if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[-1] != MXFP4_BLOCK // 2:
-            raise CheckpointError(
-                f"{where}, tensor {name!r}: {blocks.dtype} {list(blocks.shape)} is not MXFP4 3-D experts "
-                "(uint8 [experts, out, in/32, 16], as GPT-OSS publishes them)"
-            )
-        if scales.dtype != "U8" or scales.shape != blocks.shape[:-1]:
-            raise CheckpointError(
-                f"{index.root / scales.file}, tensor {scales.name!r}: {scales.dtype} {list(scales.shape)}, "
-                f"expected U8 {list(blocks.shape[:-1])} (one E8M0 scale per 32 values of {name!r})"
-            )
-        if base in index.tensors:
-            raise CheckpointError(f"{where}, tensor {name!r}: {base!r} is stored both as MXFP4 and unquantized")
-        n_exp, n_out, n_groups, _ = blocks.shape
-        out[base] = DecodedWeight(base, "mxfp4", (blocks, scales), (n_exp, n_groups * MXFP4_BLOCK, n_out))
-    return out
-
-
-class _SmallTensorReader:
-    """Reads the values of tiny integer tensors (INT4 ``weight_shape``) while indexing, keeping files open."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._files: dict[str, object] = {}
-
-    def values(self, info: TensorInfo) -> list[int]:
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(self.root / info.file, "rb")  # noqa: SIM115 - closed in __exit__
-        f.seek(info.begin)
-        raw = f.read(info.nbytes)
-        if len(raw) != info.nbytes:
-            raise _fail(self.root / info.file, "file ends before the tensor's data (truncated shard?)", info.name)
-        return torch.frombuffer(bytearray(raw), dtype=DTYPES[info.dtype][0]).tolist()
-
-    def __enter__(self) -> _SmallTensorReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for f in self._files.values():
-            f.close()
-
-
 @dataclass
 class CheckpointIndex:
+    """What ``build_index`` found: the tensors by name, the shard files (relative to ``root``) and config.json."""
+
     root: Path
     tensors: dict[str, TensorInfo]
     files: list[str]
@@ -270,8 +133,95 @@ def _fail(path: Path, message: str, tensor: str | None = None) -> CheckpointErro
     return CheckpointError(f"{where}: {message}")
 
 
+def _is_usize(v: object) -> bool:
+    return type(v) is int and 0 <= v <= _USIZE_MAX  # not bool, not float: serde's usize takes neither
+
+
+def _entries(path: Path, header: object) -> dict[str, dict]:
+    """The tensor entries of a parsed header, each as {dtype, shape, data_offsets}, checked as serde
+    deserializes ``HashMetadata`` (tensor.rs): a JSON object; ``__metadata__`` absent, null or a map of strings
+    to strings; every other key a TensorInfo of a known dtype, a shape of usize and a pair of usize offsets."""
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _fail(path, "__metadata__ must be a JSON object of strings to strings")
+    entries = {}
+    for name, entry in header.items():
+        if isinstance(entry, list) and len(entry) == len(ENTRY_FIELDS):
+            entry = dict(zip(ENTRY_FIELDS, entry))  # serde also reads a struct from the array of its fields
+        if not isinstance(entry, dict) or not set(ENTRY_FIELDS) <= entry.keys():
+            raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
+        dtype, shape, offsets = (entry[k] for k in ENTRY_FIELDS)
+        if not isinstance(dtype, str) or dtype not in _FORMAT_DTYPE_BITS:
+            raise _fail(path, f"unknown dtype {dtype!r}", name)
+        if not (isinstance(shape, list) and all(_is_usize(d) for d in shape)):
+            raise _fail(path, f"invalid shape {shape!r}: expected a list of non-negative integers", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
+            raise _fail(path, f"invalid data_offsets {offsets!r}: expected two non-negative integers", name)
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+    return entries
+
+
+def _check_layout(path: Path, entries: dict[str, dict], data_len: int) -> None:
+    """tensor.rs ``Metadata::validate``, then read_metadata's last check: in offset order, each tensor's data
+    starts where the previous one ends (the first at 0), spans exactly shape x dtype bytes, and the last one
+    ends at the end of the file."""
+    start = 0
+    for (begin, end), name in sorted((tuple(e["data_offsets"]), n) for n, e in entries.items()):
+        if end < begin:
+            raise _fail(path, f"data_offsets [{begin}, {end}] end before they begin", name)
+        if begin != start:
+            where = f"a gap after byte {start}" if begin > start else f"an overlap with the data before byte {start}"
+            raise _fail(
+                path,
+                f"data starts at byte {begin} of the data section, {where}: tensors must lie back to back from "
+                "offset 0",
+                name,
+            )
+        start = end
+        dtype, shape = entries[name]["dtype"], entries[name]["shape"]
+        numel = 1
+        for d in shape:  # tensor.rs folds with checked_mul: an overflow is refused even before a 0 dimension
+            numel *= d
+            if numel > _USIZE_MAX:
+                break
+        bits = numel * _FORMAT_DTYPE_BITS[dtype]
+        if bits > _USIZE_MAX:
+            raise _fail(path, f"shape {shape} of {dtype} overflows a 64-bit byte count", name)
+        if bits % 8:
+            raise _fail(path, f"shape {shape} of {dtype} does not end on a byte boundary", name)
+        if end - begin != bits // 8:
+            raise _fail(
+                path, f"shape {shape} of {dtype} needs {bits // 8} bytes but data_offsets span {end - begin}", name
+            )
+    if start != data_len:
+        if start > data_len:
+            raise _fail(
+                path,
+                f"the tensors' data ends at byte {start} of the data section, but the file holds {data_len} "
+                "bytes after the header (truncated shard?)",
+            )
+        raise _fail(path, f"{data_len - start} bytes after the last tensor's data: the data must fill the file exactly")
+    for name, entry in entries.items():
+        if entry["dtype"] not in DTYPES:
+            raise _fail(path, f"dtype {entry['dtype']} is not supported by this tool", name)
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """Parse one shard's header; returns (tensor entries, absolute offset of the data section)."""
+    """Parse and check one safetensors file's header, by the safetensors library's own rules.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        ``(entries, data_start)``: each tensor's header entry ({dtype, shape, data_offsets}, offsets relative to
+        the data section) by name, without ``__metadata__``; and the absolute offset of the data section.
+
+    Raises:
+        CheckpointError: the file cannot be read, or safetensors would refuse it (or it holds a dtype this tool
+            does not read); one line naming the file, the tensor where there is one, and the rule.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -280,49 +230,51 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
                 raise _fail(path, f"file of {size} bytes is too short to be a safetensors shard")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} is absurdly large")
+                raise _fail(path, f"header length {header_len} is over safetensors' limit of {MAX_HEADER_BYTES} bytes")
             if 8 + header_len > size:
                 raise _fail(path, f"header length {header_len} runs past the end of the file ({size} bytes)")
             raw = f.read(header_len)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"header is not valid UTF-8 ({e})") from None
+    try:
+        header = parse_header_json(text)
+    except ValueError as e:
+        raise _fail(path, *e.args) from None
+    entries = _entries(path, header)
     data_start = 8 + header_len
-    data_len = size - data_start
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise _fail(path, "header entry lacks dtype, shape or data_offsets", name)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise _fail(path, f"unknown dtype {dtype!r}", name)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise _fail(path, f"invalid shape {shape!r}", name)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise _fail(path, f"invalid data_offsets {offsets!r}", name)
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise _fail(
-                path,
-                f"data offsets [{begin}, {end}] out of range: the data section is {data_len} bytes "
-                "(truncated or corrupt shard?)",
-                name,
-            )
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if end - begin != expected:
-            raise _fail(path, f"shape {shape} of {dtype} needs {expected} bytes but offsets span {end - begin}", name)
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise _fail(path, f"data of {n0!r} and {n1!r} overlap")
-    return header, data_start
+    _check_layout(path, entries, size - data_start)
+    return entries, data_start
+
+
+def shard_tensors(root: Path, rel: str) -> dict[str, TensorInfo]:
+    """The tensors of one shard, from its checked header, with absolute byte ranges.
+
+    Args:
+        root: the checkpoint directory.
+        rel: the shard's file name, relative to ``root``.
+
+    Returns:
+        TensorInfo by tensor name, in header order.
+
+    Raises:
+        CheckpointError: as ``read_header``.
+    """
+    header, data_start = read_header(root / rel)
+    return {
+        name: TensorInfo(
+            name,
+            e["dtype"],
+            tuple(e["shape"]),
+            rel,
+            data_start + e["data_offsets"][0],
+            data_start + e["data_offsets"][1],
+        )
+        for name, e in header.items()
+    }
 
 
 def _safe_relative(name: str, source: Path) -> str:
@@ -340,42 +292,12 @@ def _safe_relative(name: str, source: Path) -> str:
     return name
 
 
-# Where huggingface_hub keeps downloaded repositories (its documented cache layout, read offline only):
-# <cache>/models--<org>--<name>/{refs/<ref>, snapshots/<commit>/<files>}.
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "hub"
-
-
-def resolve_checkpoint_dir(spec: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a Hub id (``org/name`` or ``org/name@revision``) already in the local cache.
-
-    Never downloads: a Hub id that is not cached is an error that says how to fetch it.
-    """
-    path = Path(spec)
-    text = os.fspath(spec)
-    if path.exists() or os.path.isabs(text) or text.startswith(".") or text.count("/") != 1:
-        return path
-    repo, _, revision = text.partition("@")
-    org, name = repo.split("/")
-    if not org or not name:
-        return path
-    cache = _hub_cache_dir() / f"models--{org}--{name}"
-    revision = revision or "main"
-    ref = cache / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = cache / "snapshots" / commit
-    if not snapshot.is_dir():
-        raise CheckpointError(
-            f"{text}: not a directory, and not in the local Hugging Face cache ({cache}, revision {revision}); "
-            f"this tool never downloads: fetch it first (e.g. `huggingface-cli download {repo}`)"
-        )
-    return snapshot
-
-
 def load_json(path: Path) -> dict:
+    """A JSON file holding an object (config.json, an index).
+
+    Raises:
+        CheckpointError: the file cannot be read, is not valid JSON, or holds something else than an object.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -389,7 +311,19 @@ def load_json(path: Path) -> dict:
 
 
 def build_index(root: str | os.PathLike) -> CheckpointIndex:
-    """Index a Hugging Face safetensors checkpoint directory (sharded or single-file)."""
+    """Index a Hugging Face safetensors checkpoint directory (sharded or single-file) from its headers alone.
+
+    Args:
+        root: the directory: ``model.safetensors.index.json`` with its shards, ``model.safetensors``, or one
+            ``*.safetensors`` file.
+
+    Returns:
+        Every tensor's TensorInfo, the shard files and their sizes, and config.json (empty when absent).
+
+    Raises:
+        CheckpointError: no safetensors checkpoint (pickles are refused, never opened), a shard safetensors
+            would refuse (``read_header``), a tensor in two shards, or an index that disagrees with the shards.
+    """
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
@@ -426,15 +360,12 @@ def build_index(root: str | os.PathLike) -> CheckpointIndex:
         path = root / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: shard is missing")
-        header, data_start = read_header(path)
+        shard = shard_tensors(root, rel)
         file_sizes[rel] = path.stat().st_size
-        for name, entry in header.items():
+        for name, info in shard.items():
             if name in tensors:
                 raise _fail(path, f"tensor also stored in {tensors[name].file}", name)
-            begin, end = entry["data_offsets"]
-            tensors[name] = TensorInfo(
-                name, entry["dtype"], tuple(entry["shape"]), rel, data_start + begin, data_start + end
-            )
+            tensors[name] = info
     if expected is not None:
         for name, rel in expected.items():
             if name not in tensors or tensors[name].file != rel:

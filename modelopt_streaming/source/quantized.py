@@ -17,7 +17,8 @@ from modelopt_streaming.formats.interchange import (
     RECORD_KEY,
     ExactReciprocals,
 )
-from modelopt_streaming.source.index import TensorInfo, build_index, resolve_checkpoint_dir
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
+from modelopt_streaming.source.index import TensorInfo, build_index
 from modelopt_streaming.source.reader import TensorReader
 
 

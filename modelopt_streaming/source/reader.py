@@ -1,6 +1,7 @@
 """Reader: the bytes of one tensor at a time, straight from its byte range.
 
-Knows files and dtypes, nothing of quantization. It reads with ``preadv`` into a fresh buffer the
+Knows files and dtypes, nothing of quantization or of the vendor encodings (``vendor`` decodes those from
+the parts read here). It reads with ``preadv`` into a fresh buffer the
 size of the tensor (or of one chunk, for copies), or through page-locked pieces straight into GPU memory;
 it never maps or loads a whole shard, so the resident memory is what the caller holds, not what the page
 cache has seen.
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.errors import CheckpointError
-from modelopt_streaming.formats.nvfp4 import E2M1_VALUES
-from modelopt_streaming.source.index import DTYPES, FP8_BLOCK, MXFP4_BLOCK, DecodedWeight, TensorInfo
+from modelopt_streaming.source.index import DTYPES, TensorInfo
+
+__all__ = ["PARALLEL_CHUNK", "TensorReader"]
 
 PARALLEL_CHUNK = 32 * 1024 * 1024
 
@@ -87,34 +89,29 @@ class TensorReader:
 
     def read(
         self,
-        info: TensorInfo | DecodedWeight,
+        info: TensorInfo,
         device: torch.device | None = None,
         stream: torch.cuda.Stream | None = None,
     ) -> torch.Tensor:
-        """The whole tensor, in its stored dtype and shape, as a fresh CPU tensor. A DecodedWeight comes
-        back as bf16.
+        """The whole tensor, in its stored dtype and shape, as a fresh CPU tensor.
 
         With a CUDA ``device``: a tensor on it, copied on ``stream`` (the caller waits for the stream).
         The bytes travel through page-locked pieces of at most PARALLEL_CHUNK, so host memory holds the
         pieces in flight, not the tensor: a 264 MB dense projection would otherwise pin a 512 MB block
-        (torch's host allocator rounds to powers of two) and stall its first read for the pinning."""
+        (torch's host allocator rounds to powers of two) and stall its first read for the pinning.
+
+        Raises:
+            CheckpointError: the file ends before the tensor's data.
+        """
         if device is not None and device.type == "cuda":
             return self._read_to_device(info, device, stream)
-        if isinstance(info, DecodedWeight):
-            return self._decode(info, pin_memory=False)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             self._read_into(info, 0, memoryview(buf.numpy()))
         return buf.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
-    def _read_to_device(
-        self, info: TensorInfo | DecodedWeight, device: torch.device, stream: torch.cuda.Stream | None
-    ) -> torch.Tensor:
+    def _read_to_device(self, info: TensorInfo, device: torch.device, stream: torch.cuda.Stream | None) -> torch.Tensor:
         stream = stream or torch.cuda.current_stream(device)
-        if isinstance(info, DecodedWeight):
-            decoded = self._decode(info, pin_memory=True)
-            with torch.cuda.stream(stream):
-                return decoded.to(device, non_blocking=True)
         out = torch.empty(info.nbytes, dtype=torch.uint8, device=device)
 
         def piece(offset: int, nbytes: int) -> None:
@@ -127,51 +124,6 @@ class TensorReader:
 
         self._in_pieces(info.nbytes, piece)
         return out.view(DTYPES[info.dtype][0]).reshape(info.shape)
-
-    def _decode(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
-        if weight.encoding == "mxfp4":
-            return self._decode_mxfp4(weight, pin_memory)
-        rows, cols = weight.shape
-        out = torch.empty((rows, cols), dtype=torch.bfloat16, pin_memory=pin_memory)
-        if weight.encoding == "int4_pack":
-            return self._decode_int4(weight, out)
-        w8, scale_inv = (self.read(p) for p in weight.parts)
-        # One 128-row band at a time: the float32 temporaries stay at 128 rows whatever the weight's size.
-        for i, r0 in enumerate(range(0, rows, FP8_BLOCK)):
-            r1 = min(rows, r0 + FP8_BLOCK)
-            band_scale = scale_inv[i].repeat_interleave(FP8_BLOCK)[:cols]
-            out[r0:r1] = (w8[r0:r1].float() * band_scale).to(torch.bfloat16)
-        return out
-
-    def _decode_int4(self, weight: DecodedWeight, out: torch.Tensor) -> torch.Tensor:
-        packed, scale, shape = (self.read(p) for p in weight.parts)
-        rows, cols = weight.shape
-        if shape.numel() != 2 or tuple(int(v) for v in shape.reshape(-1)) != (rows, cols):
-            raise CheckpointError(
-                f"{self.root / weight.parts[2].file}, tensor {weight.parts[2].name!r}: "
-                f"{shape.tolist()} disagrees with the packed weight and scale ({rows}, {cols})"
-            )
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-        for r0 in range(0, rows, 1024):
-            r1 = min(rows, r0 + 1024)
-            nibbles = (packed[r0:r1].unsqueeze(-1) >> shifts) & 0xF
-            q = nibbles.reshape(r1 - r0, -1)[:, :cols].float() - 8.0
-            band_scale = scale[r0:r1].float().repeat_interleave(weight.group_size, dim=1)[:, :cols]
-            out[r0:r1] = (q * band_scale).to(torch.bfloat16)
-        return out
-
-    def _decode_mxfp4(self, weight: DecodedWeight, pin_memory: bool) -> torch.Tensor:
-        """E2M1[code] * 2^(scale - 127) in float32 (exact: a power of two times a 2-bit significand, within
-        float32's range), then bf16 (exact too); one expert at a time, transposed to [in, out]."""
-        blocks, scales = (self.read(p) for p in weight.parts)
-        n_exp, n_in, n_out = weight.shape
-        out = torch.empty(weight.shape, dtype=torch.bfloat16, pin_memory=pin_memory)
-        table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
-        for e in range(n_exp):
-            codes = torch.stack((blocks[e] & 0x0F, blocks[e] >> 4), dim=-1).reshape(n_out, n_in)
-            exponent = (scales[e].to(torch.float32) - 127.0).repeat_interleave(MXFP4_BLOCK, dim=1)
-            out[e] = torch.ldexp(table[codes.long()], exponent).t().to(torch.bfloat16)
-        return out
 
     def read_chunk(self, info: TensorInfo, offset: int, nbytes: int) -> bytearray:
         """``nbytes`` raw bytes of the tensor from ``offset``, in a fresh buffer."""

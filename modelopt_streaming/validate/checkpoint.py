@@ -19,7 +19,7 @@ import torch
 
 from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, LEAVES, MODELOPT
-from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, read_header
+from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, shard_tensors
 from modelopt_streaming.source.reader import TensorReader
 
 _FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
@@ -142,18 +142,15 @@ class NVFP4Checkpoint:
             self.error("index", f"{self.root}: {len(files)} shards but no {INDEX_FILE}")
         for rel in files:
             try:
-                header, data_start = read_header(self.root / rel)
+                shard = shard_tensors(self.root, rel)
             except CheckpointError as e:
                 self.error("shards", str(e))
                 continue
-            for name, entry in header.items():
+            for name, info in shard.items():
                 if name in self.tensors:
                     self.error("shards", f"{self.root / rel}: tensor {name!r} also in {self.tensors[name].file}")
                     continue
-                b, e = entry["data_offsets"]
-                self.tensors[name] = TensorInfo(
-                    name, entry["dtype"], tuple(entry["shape"]), rel, data_start + b, data_start + e
-                )
+                self.tensors[name] = info
 
     def _module_views(self) -> dict[str, ModuleView]:
         views: dict[str, ModuleView] = {}
