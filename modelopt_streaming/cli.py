@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "calib_seq_len", type=int, metavar="L", help="tokens per row for text data (default 2048)")
     _add(q, "calib_batch_size", type=int, default=1, metavar="B", help="calibration rows per forward (default 1)")
     _add(q, "trust_remote_code", action="store_true", help="run the checkpoint's custom tokenizer code")
+    _add(
+        q,
+        "kv_cache",
+        choices=["fp8", "fp8_cast"],
+        help="FP8 KV cache: fp8 writes calibrated k_scale/v_scale per attention layer (needs --calib_data); "
+        "fp8_cast only the config entries (vLLM then uses scale 1.0)",
+    )
     _add(q, "json", action="store_true", help="print the summary and the plan as JSON")
 
     c = sub.add_parser("convert", help="convert an NVFP4 checkpoint between ModelOpt and compressed-tensors")

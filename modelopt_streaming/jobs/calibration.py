@@ -17,6 +17,7 @@ from modelopt_streaming.engine.data import CalibrationData, load_calibration_dat
 from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.runner import EngineOptions
 from modelopt_streaming.errors import UsageError
+from modelopt_streaming.formats.nvfp4 import E4M3_MAX
 from modelopt_streaming.source.index import CheckpointIndex
 from modelopt_streaming.source.reader import TensorReader
 
@@ -32,6 +33,7 @@ class CalibrationRun:
     data: CalibrationData
     calibration: Calibration
     input_scales: dict[str, float]  # quantized module -> input_scale
+    kv_scales: dict[str, float]  # "...self_attn.k_proj.k_scale" / "...v_proj.v_scale" -> value (--kv_cache fp8)
     engine: dict  # how the engine ran (device, dtype, attention, batch size): other settings give other bits
 
     def report(self) -> dict:
@@ -43,6 +45,7 @@ class CalibrationRun:
             "tokens": self.calibration.tokens,
             "tokens_per_expert": self.calibration.expert_tokens,
             "experts_without_tokens": self.calibration.experts_without_tokens(),
+            **({"kv_scales": len(self.kv_scales)} if self.kv_scales else {}),
         }
 
 
@@ -84,20 +87,37 @@ def run_calibration(
     bar = _LayerProgress(data.input_ids.numel(), options.progress)
     try:
         with TensorReader(index.root, threads=threads) as reader:
-            calibration = calibrate(index, reader, data.input_ids, engine, on_layer=bar.advance)
+            calibration = calibrate(
+                index, reader, data.input_ids, engine, kv=options.kv_cache == "fp8", on_layer=bar.advance
+            )
     finally:
         bar.close()
     scales = {
         module: float(nvfp4.weight_scale_2_from_amax(torch.tensor(amax, dtype=torch.float32), options.scale_math))
         for module, amax in calibration.input_amax.items()
     }
+    # ModelOpt's export: k_bmm_quantizer amax / 448 as ``<attention>.k_proj.k_scale`` (v likewise), float32, no
+    # clamp (export/quant_utils.py _KV_CACHE_REPLACEMENTS; unified_export_hf.py kv_cache_max_bound = 448).
+    kv_scales = {}
+    for attention, (k, v) in calibration.kv_amax.items():
+        kv_scales[f"{attention}.k_proj.k_scale"] = _over_e4m3_max(k, options.scale_math)
+        kv_scales[f"{attention}.v_proj.v_scale"] = _over_e4m3_max(v, options.scale_math)
     settings = {
         "device": device.type,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention": engine.attn_implementation,
         "batch_size": engine.batch_size,
     }
-    return CalibrationRun(data, calibration, scales, settings)
+    return CalibrationRun(data, calibration, scales, kv_scales, settings)
+
+
+def _over_e4m3_max(amax: float, scale_math: str) -> float:
+    """amax / 448 as ModelOpt's export computes it: a float32 division on the CPU; on CUDA torch divides a
+    tensor by a scalar as a multiplication by its float32 reciprocal (the same form as ``weight_scale_2``)."""
+    value = torch.tensor(amax, dtype=torch.float32)
+    if scale_math == "cpu":
+        return float(value / E4M3_MAX)
+    return float(value * torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32))
 
 
 class _LayerProgress:

@@ -126,7 +126,7 @@ def quantize(
             calibration = run_calibration(
                 index, data, options, resolve_device(options.device), resolve_io_threads(options.io_threads)
             )
-            input_scales = calibration.input_scales
+            input_scales = {} if options.weight_only else calibration.input_scales
             calibrate_s = time.perf_counter() - calibrating
             entered += calibrate_s
     recipe = Recipe(
@@ -138,6 +138,8 @@ def quantize(
         max_shard_size=options.max_shard_size,
         format=options.format,  # type: ignore[arg-type]
         input_scales=tuple(sorted(input_scales.items())),
+        kv_cache=options.kv_cache,  # type: ignore[arg-type]
+        kv_scales=tuple(sorted(calibration.kv_scales.items())) if calibration is not None else (),
     )
     if not options.dry_run:
         if output_dir is None:
@@ -149,7 +151,7 @@ def quantize(
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
     summary.phases["index and plan"] = time.perf_counter() - entered
-    if options.input_scales_from is not None or calibration is not None:
+    if options.input_scales_from is not None or (calibration is not None and not options.weight_only):
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
     if calibration is not None:
         summary.calibration = calibration.report()

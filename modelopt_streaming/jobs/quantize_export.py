@@ -55,7 +55,7 @@ def export_checkpoint(job: QuantizeJob) -> list[str]:
     if ct:
         config = ct_model_config(job.index.config, job.exclude_modules, recipe.weight_only)
     else:
-        config = model_config(job.index.config, job.exclude_modules, recipe.weight_only)
+        config = model_config(job.index.config, job.exclude_modules, recipe.weight_only, recipe.kv_cache)
         write_json_atomic(output_dir / "config.json", config)
     shards = job.state.finish(job.fingerprint, [s.file for s in plan.shards])
     zero_weights = zero_weight_modules(plan, output_dir)
@@ -91,5 +91,6 @@ def export_checkpoint(job: QuantizeJob) -> list[str]:
         # No hf_quant_config.json in this dialect: config.json is what consumers read, so it comes last.
         write_json_atomic(output_dir / "config.json", config)
     else:
-        write_json_atomic(output_dir / FINISHED_MARKER, hf_quant_config(job.exclude_modules, recipe.weight_only))
+        config = hf_quant_config(job.exclude_modules, recipe.weight_only, recipe.kv_cache)
+        write_json_atomic(output_dir / FINISHED_MARKER, config)
     return zero_weights

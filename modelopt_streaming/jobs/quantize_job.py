@@ -54,6 +54,9 @@ class QuantizeOptions:
         calib_batch_size: rows per forward call (the statistics are batch-independent in ModelOpt's checks;
             the bits of a bf16 forward can differ with the batch, so a reference comparison batches alike).
         trust_remote_code: run the checkpoint's custom tokenizer code for text calibration data.
+        kv_cache: an FP8 KV cache: ``"fp8_cast"`` writes the config entries and no scale tensors (ModelOpt's
+            constant-amax mode: vLLM uses 1.0); ``"fp8"`` (needs ``calib_data``) also each attention layer's
+            calibrated ``k_proj.k_scale`` and ``v_proj.v_scale`` (max |k| / 448, max |v| / 448).
     """
 
     mlp_only: bool = False
@@ -78,6 +81,7 @@ class QuantizeOptions:
     calib_seq_len: int | None = None
     calib_batch_size: int = 1
     trust_remote_code: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -101,8 +105,16 @@ class QuantizeOptions:
             raise UsageError("--calib_size and --calib_seq_len need --calib_data")
         if self.calib_data is not None and self.input_scales_from is not None:
             raise UsageError("--calib_data and --input_scales_from exclude each other (both give the input scales)")
-        if self.calib_data is not None and self.weight_only:
-            raise UsageError("--calib_data and --weight_only exclude each other (weight-only has no input scales)")
+        if self.calib_data is not None and self.weight_only and self.kv_cache != "fp8":
+            raise UsageError(
+                "--calib_data with --weight_only calibrates nothing (no input scales): add --kv_cache fp8 or drop it"
+            )
+        if self.kv_cache not in (None, "fp8", "fp8_cast"):
+            raise UsageError(f"--kv_cache must be fp8 or fp8_cast, not {self.kv_cache!r}")
+        if self.kv_cache == "fp8" and self.calib_data is None:
+            raise UsageError("--kv_cache fp8 measures keys and values: it needs --calib_data (or use fp8_cast)")
+        if self.kv_cache and self.format != "modelopt":
+            raise UsageError("--kv_cache is written in the ModelOpt format only (--format modelopt)")
         if self.calib_batch_size < 1:
             raise UsageError(f"--calib_batch_size must be at least 1, not {self.calib_batch_size}")
         if self.progress not in PROGRESS_MODES:

@@ -21,7 +21,7 @@ from modelopt_streaming.jobs.distributed import contiguous_share
 from modelopt_streaming.jobs.pipeline import ParallelWriter, read_ahead
 from modelopt_streaming.jobs.quantize_job import QuantizeJob, shard_specs
 from modelopt_streaming.jobs.shard_copy import COPY_CHUNK_BYTES
-from modelopt_streaming.plan.build import CopyUnit, QuantizeUnit, Recipe, Shard, Unit, unit_sources
+from modelopt_streaming.plan.build import CopyUnit, QuantizeUnit, Recipe, ScalarUnit, Shard, Unit, unit_sources
 from modelopt_streaming.sink.writer import PositionalShardWriter
 from modelopt_streaming.source.vendor import DecodedWeight, read_source
 
@@ -123,7 +123,9 @@ def _unit_reads(units: list[Unit]) -> list[tuple[Unit, int, int]]:
     """What to read, in order: quantize units and decoded weights whole, plain copies in bounded chunks."""
     items = []
     for unit in units:
-        if isinstance(unit, CopyUnit) and not isinstance(unit.source, DecodedWeight):
+        if isinstance(unit, ScalarUnit):
+            items.append((unit, 0, 0))
+        elif isinstance(unit, CopyUnit) and not isinstance(unit.source, DecodedWeight):
             n = unit.source.nbytes
             items += [(unit, off, min(COPY_CHUNK_BYTES, n - off)) for off in range(0, n, COPY_CHUNK_BYTES)]
             if n == 0:
@@ -180,6 +182,8 @@ def stream_units(job: QuantizeJob, units: list[Unit], sink_of: Callable[[Unit], 
 
     def load(item: tuple[Unit, int, int]):
         unit, offset, nbytes = item
+        if isinstance(unit, ScalarUnit):
+            return torch.tensor(unit.value, dtype=torch.float32)
         if isinstance(unit, CopyUnit):
             if isinstance(unit.source, DecodedWeight):
                 return read_source(reader, unit.source)
@@ -199,6 +203,9 @@ def stream_units(job: QuantizeJob, units: list[Unit], sink_of: Callable[[Unit], 
         ):
             sink, lane = sink_of(unit), lane_of[id(unit)]
             faults.point("unit")  # after the unit's shard is laid out: a pause here falls inside a shard
+            if isinstance(unit, ScalarUnit):
+                background.submit(sink.write, unit.name, data, nbytes=4)
+                continue
             if isinstance(unit, CopyUnit) and isinstance(unit.source, DecodedWeight):
                 background.submit(sink.write, unit.source.name, data, nbytes=data.numel() * data.element_size())
                 meter.advance(nbytes, stats)

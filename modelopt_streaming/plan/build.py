@@ -50,8 +50,13 @@ class Recipe:
     # Output dialect: ModelOpt names, or compressed-tensors ``nvfp4-pack-quantized`` (the same codes and block
     # scales, other names, reciprocal global scales; interchange.py).
     format: Literal["modelopt", "compressed-tensors"] = "modelopt"
-    # ``input_scale`` by module, from a reference checkpoint (--input_scales_from); other modules get 1.0.
+    # ``input_scale`` by module, from a reference checkpoint (--input_scales_from) or calibration
+    # (--calib_data); other modules get 1.0.
     input_scales: tuple[tuple[str, float], ...] = ()
+    # FP8 KV cache: None, "fp8_cast" (the config says FP8, no scale tensors: ModelOpt's constant-amax mode) or
+    # "fp8" (calibrated: ``kv_scales`` holds each attention layer's ``k_proj.k_scale`` / ``v_proj.v_scale``).
+    kv_cache: Literal["fp8", "fp8_cast"] | None = None
+    kv_scales: tuple[tuple[str, float], ...] = ()
 
     @functools.cached_property
     def input_scale_of(self) -> dict[str, float]:
@@ -126,7 +131,25 @@ class QuantizeUnit:
         return [(m, f"{m}.{leaf['weight']}", f"{m}.{leaf['global']}") for m in self.modules]
 
 
-Unit = CopyUnit | QuantizeUnit
+@dataclass(frozen=True)
+class ScalarUnit:
+    """One float32 0-dim tensor the source does not have, whose value the recipe gives (a KV-cache scale),
+    placed beside the tensors of ``anchor`` (the module it belongs to) in the output."""
+
+    name: str
+    value: float
+    anchor: tuple[str, int]
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(self.name, "F32", ()),)
+
+    @property
+    def position(self) -> tuple[str, int]:
+        return self.anchor
+
+
+Unit = CopyUnit | QuantizeUnit | ScalarUnit
 
 
 @dataclass(frozen=True)
@@ -187,6 +210,8 @@ class Plan:
 
 def unit_sources(unit: Unit) -> tuple[TensorInfo | DecodedWeight, ...]:
     """The source tensors a unit reads."""
+    if isinstance(unit, ScalarUnit):
+        return ()
     return (unit.source,) if isinstance(unit, CopyUnit) else unit.sources
 
 
@@ -355,6 +380,7 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     for name, info in index.tensors.items():
         if name not in quantized_weights and name not in consumed and name not in decoded:
             units.append(CopyUnit(info))
+    units += _kv_scale_units(index, recipe)
     units.sort(key=lambda u: (u.position, _first_output(u)))
 
     quantized = {m: module_kind(m) for m in weights if m not in reasons}
@@ -366,6 +392,20 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
         linear_modules=sorted(weights),
         warnings=warnings,
     )
+
+
+def _kv_scale_units(index: CheckpointIndex, recipe: Recipe) -> list[ScalarUnit]:
+    """The KV-cache scales, each placed at the first tensor of its attention module in the source (so it lands
+    in that layer's shard); a scale for a module the checkpoint does not have is an error."""
+    out = []
+    for name, value in recipe.kv_scales:
+        attention = name.rsplit(".", 2)[0]  # "model.layers.0.self_attn" of "...self_attn.k_proj.k_scale"
+        tensors = [t for n, t in index.tensors.items() if n.startswith(attention + ".")]
+        if not tensors:
+            raise CheckpointError(f"{index.root}: no tensors of {attention}, which KV-cache scale {name} belongs to")
+        first = min(tensors, key=lambda t: (t.file, t.begin))
+        out.append(ScalarUnit(name, value, (first.file, first.begin)))
+    return out
 
 
 def _first_output(unit: Unit) -> str:

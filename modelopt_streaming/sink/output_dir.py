@@ -358,8 +358,9 @@ def recipe_dict(recipe: Recipe) -> dict:
     d = asdict(recipe)
     d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
     # Thousands of values on a large model: their digest changes when any of them does.
-    scales = json.dumps(list(recipe.input_scales)).encode()
-    d["input_scales"] = {"count": len(recipe.input_scales), "sha256": hashlib.sha256(scales).hexdigest()}
+    for key in ("input_scales", "kv_scales"):
+        values = getattr(recipe, key)
+        d[key] = {"count": len(values), "sha256": hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()}
     return d
 
 

@@ -108,3 +108,45 @@ def test_bad_calibration_input_writes_nothing(tmp_path, case, message):
     )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp8_kv_cache_equals_modelopt(tmp_path, arch):
+    """``--kv_cache fp8``: every tensor of ModelOpt's export with its data-calibrated FP8_KV_CFG (k_scale and
+    v_scale of each attention layer too, MLA included) and its configs' KV entries."""
+    src = make_source(tmp_path / "src", arch)
+    rows = token_rows(256, rows=3)
+    save_file({"input_ids": rows}, tmp_path / "rows.safetensors")
+    ref = modelopt_calibrated_export(src, tmp_path / "modelopt", rows, kv=True)
+    modelopt_streaming.quantize(
+        src,
+        tmp_path / "ours",
+        calib_data=tmp_path / "rows.safetensors",
+        kv_cache="fp8",
+        scale_math="cpu",
+        device="cpu",
+    )
+    ours = load_dir(tmp_path / "ours")
+    _same_tensors(ref, ours)
+    assert sum(n.endswith(("k_proj.k_scale", "v_proj.v_scale")) for n in ours) == 2 * (3 if "deepseek" in arch else 2)
+
+    def configs(d):
+        hf = json.loads((d / "hf_quant_config.json").read_text())["quantization"]
+        return hf["kv_cache_quant_algo"], json.loads((d / "config.json").read_text())["quantization_config"]
+
+    (ref_algo, ref_cfg), (our_algo, our_cfg) = configs(tmp_path / "modelopt"), configs(tmp_path / "ours")
+    assert ref_algo == our_algo == "FP8"
+    assert our_cfg["kv_cache_scheme"] == ref_cfg["kv_cache_scheme"]
+    assert list(our_cfg) == list(ref_cfg)
+    assert validate(tmp_path / "ours").ok
+
+
+def test_fp8_cast_writes_the_config_and_no_scales(tmp_path):
+    src = make_source(tmp_path / "src", "llama")
+    modelopt_streaming.quantize(src, tmp_path / "out", kv_cache="fp8_cast", device="cpu")
+    hf = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert hf["kv_cache_quant_algo"] == "FP8"
+    assert config["kv_cache_scheme"] == {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert not [n for n in load_dir(tmp_path / "out") if n.endswith(("k_scale", "v_scale"))]
+    assert validate(tmp_path / "out").ok

@@ -172,20 +172,26 @@ def _compact_names(unquantized: set[str], linear_modules: set[str]) -> list[str]
     return result
 
 
-def hf_quant_config(exclude_modules: list[str], weight_only: bool) -> dict:
+def hf_quant_config(exclude_modules: list[str], weight_only: bool, kv_cache: str | None = None) -> dict:
+    """``hf_quant_config.json``. ``kv_cache`` "fp8" or "fp8_cast": ``kv_cache_quant_algo: "FP8"`` as ModelOpt
+    0.47 writes it for both of its FP8 KV modes (``export/quant_utils.py`` ``get_quant_config``)."""
     return {
         "producer": {"name": PRODUCER_NAME, "version": PRODUCER_VERSION},
         "quantization": {
             "quant_algo": "W4A16_NVFP4" if weight_only else "NVFP4",
-            "kv_cache_quant_algo": None,
+            "kv_cache_quant_algo": "FP8" if kv_cache else None,
             "group_size": 16,
             "exclude_modules": exclude_modules,
         },
     }
 
 
-def model_config(source_config: dict, exclude_modules: list[str], weight_only: bool) -> dict:
-    """The source config.json with its ``quantization_config`` replaced (a stale one must not survive)."""
+def model_config(
+    source_config: dict, exclude_modules: list[str], weight_only: bool, kv_cache: str | None = None
+) -> dict:
+    """The source config.json with its ``quantization_config`` replaced (a stale one must not survive). With an
+    FP8 KV cache, ModelOpt's ``kv_cache_scheme`` after ``quant_algo`` (``export/convert_hf_config.py``), which
+    vLLM reads from config.json first (``transformers_utils/config.py``; ``ModelOptFp8Config.from_config``)."""
     config = copy.deepcopy(source_config)
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
     group: dict = {"weights": dict(fp4), "targets": ["Linear"]}
@@ -195,6 +201,7 @@ def model_config(source_config: dict, exclude_modules: list[str], weight_only: b
         "config_groups": {"group_0": group},
         "ignore": exclude_modules,
         "quant_algo": "W4A16_NVFP4" if weight_only else "NVFP4",
+        **({"kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"}} if kv_cache else {}),
         "producer": {"name": PRODUCER_NAME, "version": PRODUCER_VERSION},
         "quant_method": "modelopt",
     }
