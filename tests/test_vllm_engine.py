@@ -211,13 +211,25 @@ def choose_prompts(model: Llama) -> list[list[int]]:
     raise AssertionError(f"only {len(chosen)} of 64 prompts decode with top-1 margins >= {MIN_MARGIN}")
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, vllm_python) -> dict:
-    """Our W4A4 output of the tied Llama, run by vLLM's engine, beside the W4A4 and bf16 references."""
+@pytest.fixture(scope="module", params=["input_scale 1.0", "calibrated"])
+def engine(request, tmp_path_factory, vllm_python) -> dict:
+    """Our W4A4 output of the tied Llama (every input_scale 1.0, or calibrated with --calib_data), run by
+    vLLM's engine, beside the W4A4 and bf16 references."""
     root = tmp_path_factory.mktemp("vllm_engine")
     source = tied_llama_checkpoint(root / "source")
     output = root / "nvfp4"
-    quantize(source, output, scale_math="cpu", device="cpu", progress="none")
+    calibration = {}
+    if request.param == "calibrated":
+        from safetensors.torch import save_file
+
+        vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+        rows = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(3))
+        save_file({"input_ids": rows}, root / "rows.safetensors")
+        calibration = {"calib_data": root / "rows.safetensors"}
+    quantize(source, output, scale_math="cpu", device="cpu", progress="none", **calibration)
+    if calibration:
+        scales = [t for n, t in load_dir(output).items() if n.endswith("input_scale")]
+        assert scales and all(float(s) != 1.0 for s in scales)
     config = json.loads((source / "config.json").read_text())
     w4a4, quantized = reference_model(output, config)
     bf16, _ = reference_model(source, config)
