@@ -20,6 +20,7 @@ steps of each kind a run has and cover each one. Kinds:
   written under its temporary name, not yet renamed.
 - ``resume``: between the steps a resumed run takes to clear the previous run's configs and stale files.
 - ``unit``: the main thread has handed one read item (a unit or a chunk of a copied tensor) to the writer.
+- ``layer``: a calibration has run one more decoder layer (and kept its boundary, when one was due).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 ENV = "MODELOPT_STREAMING_FAULT"
 MARKER_ENV = "MODELOPT_STREAMING_FAULT_MARKER"
 LOG_ENV = "MODELOPT_STREAMING_FAULT_LOG"
-KINDS = ("mid_tensor", "after_rename", "json", "resume", "unit")
+KINDS = ("mid_tensor", "after_rename", "json", "resume", "unit", "layer")
 
 
 @dataclass

@@ -4,24 +4,31 @@ layer with a progress bar, and the measured maxima turned into the scales ModelO
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from modelopt_streaming import faults
 from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.engine.calibrate import Boundary, Calibration, calibrate
 from modelopt_streaming.engine.data import CalibrationData, load_calibration_data
+from modelopt_streaming.engine.hidden import HiddenStore
 from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.runner import EngineOptions
 from modelopt_streaming.errors import UsageError
 from modelopt_streaming.formats.nvfp4 import E4M3_MAX
+from modelopt_streaming.sink.writer import write_json_atomic
 from modelopt_streaming.source.index import CheckpointIndex
 from modelopt_streaming.source.reader import TensorReader
 
-__all__ = ["CalibrationRun", "load_data", "run_calibration"]
+__all__ = ["CalibrationRun", "calibration_key", "load_data", "run_calibration"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,25 +80,79 @@ def load_data(index: CheckpointIndex, options) -> CalibrationData:
     )
 
 
+def calibration_key(data: CalibrationData, options) -> str:
+    """What a calibrated run's scales depend on besides the source and the recipe: the rows (their digest),
+    how the engine runs (the bits of a forward differ between devices, dtypes, attention implementations
+    and batch compositions) and what is measured. The resume fingerprint holds it."""
+    settings = {
+        "data": data.fingerprint,
+        "device": torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu")).type,
+        "batch_size": options.calib_batch_size,
+        "kv_cache": options.kv_cache,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# A calibration keeps a boundary (the hidden states of its rows between two layers, and what the layers so far
+# measured) at most this often: saving one writes every row's hidden state (512 x 2048 tokens of DeepSeek-V3:
+# 15 GB), so a run keeps one every few minutes, not every layer. Resuming from any boundary gives the same
+# values; the tests set 0 to keep one after every layer.
+CHECKPOINT_ENV = "MODELOPT_STREAMING_CALIBRATION_CHECKPOINT_S"
+CHECKPOINT_S = 600.0
+
+
 def run_calibration(
     index: CheckpointIndex,
     data: CalibrationData,
     options,
     device: torch.device,
     threads: int,
+    state_dir: Path | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> CalibrationRun:
-    """Run the calibration rows through the source model one layer at a time (``engine.calibrate``)."""
+    """Run the calibration rows through the source model one layer at a time (``engine.calibrate``).
+
+    With ``state_dir`` (the output directory's records) the run keeps boundaries there and continues from the
+    last one a previous run kept, and keeps its result, which a resumed run reads instead of calibrating
+    again. Under torchrun (``world`` > 1) each rank runs its share of the batches (whole batches, so every
+    row meets the same batch as in one process) and the ranks reduce the maxima with max and the token
+    counts with sum: the scales are those of one process.
+
+    Raises:
+        UsageError, CheckpointError: as ``engine.calibrate``.
+    """
     engine = EngineOptions(
         device=device, batch_size=options.calib_batch_size, trust_remote_code=options.trust_remote_code
     )
-    bar = _LayerProgress(data.input_ids.numel(), options.progress)
-    try:
-        with TensorReader(index.root, threads=threads) as reader:
-            calibration = calibrate(
-                index, reader, data.input_ids, engine, kv=options.kv_cache == "fp8", on_layer=bar.advance
-            )
-    finally:
-        bar.close()
+    key = calibration_key(data, options)
+    mine = _share(data.input_ids, options.calib_batch_size, rank, world)
+    keep = _Keeper(state_dir / f"rank{rank}" if state_dir is not None else None, key, world, mine.shape)
+    calibration = keep.result()
+    if calibration is None:
+        bar = _LayerProgress(data.input_ids.numel(), options.progress)
+
+        def on_layer(boundary: Boundary, layers: int) -> None:
+            bar.advance(boundary, layers)
+            keep.boundary(boundary)
+            faults.point("layer")
+
+        try:
+            with TensorReader(index.root, threads=threads) as reader:
+                calibration = calibrate(
+                    index,
+                    reader,
+                    mine,
+                    engine,
+                    kv=options.kv_cache == "fp8",
+                    on_layer=on_layer,
+                    resume=keep.last_boundary(engine.dtype, index),
+                )
+        finally:
+            bar.close()
+        keep.finish(calibration)
+    if world > 1:
+        calibration = _reduce(calibration)
     scales = {
         module: float(nvfp4.weight_scale_2_from_amax(torch.tensor(amax, dtype=torch.float32), options.scale_math))
         for module, amax in calibration.input_amax.items()
@@ -109,6 +170,90 @@ def run_calibration(
         "batch_size": engine.batch_size,
     }
     return CalibrationRun(data, calibration, scales, kv_scales, settings)
+
+
+def _share(input_ids: torch.Tensor, batch: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows: batches rank, rank + world, ... of the rows cut into batches of ``batch``."""
+    if world == 1:
+        return input_ids
+    batches = list(torch.split(input_ids, batch))[rank::world]
+    return torch.cat(batches) if batches else input_ids[:0]
+
+
+def _reduce(calibration: Calibration) -> Calibration:
+    """Every rank's statistics combined on every rank: maxima by max (exact), token counts by sum."""
+    import torch.distributed as dist
+
+    parts: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, calibration.as_json())
+    merged = Calibration()
+    for part in map(Calibration.from_json, parts):
+        for name, value in part.input_amax.items():
+            merged.input_amax[name] = max(merged.input_amax.get(name, value), value)
+        for name, (k, v) in part.kv_amax.items():
+            old = merged.kv_amax.get(name, (k, v))
+            merged.kv_amax[name] = (max(old[0], k), max(old[1], v))
+        for name, counts in part.expert_tokens.items():
+            old = merged.expert_tokens.get(name, [0] * len(counts))
+            merged.expert_tokens[name] = [a + b for a, b in zip(old, counts)]
+        merged.tokens += part.tokens
+    return merged
+
+
+class _Keeper:
+    """A rank's calibration state in the output directory: the last boundary kept (``boundary.json`` and the
+    hidden states ``hidden.bin``) and the finished result (``result.json``), each tied to the calibration key
+    and the world size by which the rows were shared. Files are written under a temporary name and renamed."""
+
+    def __init__(self, directory: Path | None, key: str, world: int, rows: torch.Size):
+        self.dir, self.key, self.world, self.rows = directory, key, world, tuple(rows)
+        self.every = float(os.environ.get(CHECKPOINT_ENV, CHECKPOINT_S))
+        self._last = time.monotonic()
+
+    def _read(self, name: str) -> dict | None:
+        if self.dir is None or not (self.dir / name).is_file():
+            return None
+        try:
+            data = json.loads((self.dir / name).read_text())
+        except ValueError:
+            return None
+        if data.get("key") != self.key or data.get("world") != self.world or tuple(data.get("rows", ())) != self.rows:
+            return None
+        return data
+
+    def result(self) -> Calibration | None:
+        data = self._read("result.json")
+        return Calibration.from_json(data["calibration"]) if data else None
+
+    def last_boundary(self, dtype: torch.dtype, index: CheckpointIndex) -> Boundary | None:
+        data = self._read("boundary.json")
+        if data is None or not (self.dir / "hidden.bin").is_file():
+            return None
+        text, _ = text_config_dict(index.config)
+        hidden = HiddenStore.open(self.dir / "hidden.bin", self.rows[0], (self.rows[1], text["hidden_size"]), dtype)
+        _log.info(f"calibrate: resuming after layer {data['layers_done']}")
+        return Boundary(data["layers_done"], Calibration.from_json(data["calibration"]), hidden)
+
+    def boundary(self, boundary: Boundary) -> None:
+        if self.dir is None or time.monotonic() - self._last < self.every:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        partial = self.dir / ".hidden.bin.partial"
+        boundary.hidden.save(partial)
+        os.replace(partial, self.dir / "hidden.bin")
+        record = {"layers_done": boundary.layers_done, "calibration": boundary.calibration.as_json()}
+        self._write("boundary.json", record)
+        self._last = time.monotonic()
+
+    def finish(self, calibration: Calibration) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write("result.json", {"calibration": calibration.as_json()})
+        (self.dir / "hidden.bin").unlink(missing_ok=True)
+
+    def _write(self, name: str, record: dict) -> None:
+        write_json_atomic(self.dir / name, {"key": self.key, "world": self.world, "rows": list(self.rows), **record})
 
 
 def _over_e4m3_max(amax: float, scale_math: str) -> float:

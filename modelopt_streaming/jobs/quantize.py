@@ -17,7 +17,7 @@ from modelopt_streaming.codec import cpu_kernel, select_codec
 from modelopt_streaming.consumers.vllm import family_of, load_reference_exclusions
 from modelopt_streaming.errors import OutputError, UsageError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS
-from modelopt_streaming.jobs.calibration import load_data, run_calibration
+from modelopt_streaming.jobs.calibration import calibration_key, load_data, run_calibration
 from modelopt_streaming.jobs.distributed import (
     GROUP_TIMEOUT_S,
     SLOWEST_RATE,
@@ -112,23 +112,12 @@ def quantize(
     entered = time.perf_counter()
     input_dir = resolve_checkpoint_dir(input_dir)
     input_scales = reference_input_scales(options.input_scales_from) if options.input_scales_from is not None else {}
-    calibration, index = None, None
+    data, index = None, None
     if options.calib_data is not None:
-        if not options.dry_run and output_dir is None:
-            raise UsageError("--output_dir is required (or use --dry_run)")
+        # The data and the architecture are checked before anything else; the calibration itself runs once
+        # the output directory is locked and prepared (it keeps its progress there for --resume).
         index = build_index(input_dir)
         data = load_data(index, options)
-        if not options.dry_run:
-            check_paths(input_dir, Path(output_dir))
-            # The engine reads each decoder layer once more before the stream quantizes it (the one-read
-            # calibrated run is not built yet: docs/calibration.md).
-            calibrating = time.perf_counter()
-            calibration = run_calibration(
-                index, data, options, resolve_device(options.device), resolve_io_threads(options.io_threads)
-            )
-            input_scales = {} if options.weight_only else calibration.input_scales
-            calibrate_s = time.perf_counter() - calibrating
-            entered += calibrate_s
     recipe = Recipe(
         scope=options.scope,  # type: ignore[arg-type]
         exclude=options.exclude,
@@ -139,7 +128,7 @@ def quantize(
         format=options.format,  # type: ignore[arg-type]
         input_scales=tuple(sorted(input_scales.items())),
         kv_cache=options.kv_cache,  # type: ignore[arg-type]
-        kv_scales=tuple(sorted(calibration.kv_scales.items())) if calibration is not None else (),
+        calibration=calibration_key(data, options) if data is not None else "",
     )
     if not options.dry_run:
         if output_dir is None:
@@ -151,11 +140,8 @@ def quantize(
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
     summary.phases["index and plan"] = time.perf_counter() - entered
-    if options.input_scales_from is not None or (calibration is not None and not options.weight_only):
+    if options.input_scales_from is not None:
         summary.input_scales_missing = sorted(m for m in plan.quantized if m not in input_scales)
-    if calibration is not None:
-        summary.calibration = calibration.report()
-        summary.phases["calibrate"] = calibrate_s
     rank, world = rank_and_world()
     for w in plan.warnings:
         _log.warning(f"warning: {w}")
@@ -189,12 +175,36 @@ def quantize(
         world=world,
         device=resolve_device(options.device),
         threads=resolve_io_threads(options.io_threads),
+        calibration_data=data,
     )
     lock = OutputDirLock(output_dir)  # taken (rank 0) before anything is written, held to the end
     try:
         return _write_output(job, lock)
     finally:
         lock.release()
+
+
+def _calibrate(job: QuantizeJob) -> None:
+    """Run (or, resumed, finish) the calibration and put its scales into the job's recipe; the plan already
+    holds their names and the fingerprint the data's digest, so a resumed run checks both before this."""
+    options = job.options
+    run = run_calibration(
+        job.index,
+        job.calibration_data,
+        options,
+        job.device,
+        job.threads,
+        state_dir=job.state.records_dir / "calibration",
+        rank=job.rank,
+        world=job.world,
+    )
+    input_scales = {} if options.weight_only else run.input_scales
+    job.recipe = dataclasses.replace(
+        job.recipe, input_scales=tuple(sorted(input_scales.items())), kv_scales=tuple(sorted(run.kv_scales.items()))
+    )
+    job.summary.calibration = run.report()
+    if not options.weight_only:
+        job.summary.input_scales_missing = sorted(m for m in job.plan.quantized if m not in input_scales)
 
 
 def _exclusions(plan: Plan, index: CheckpointIndex, recipe: Recipe) -> list[str]:
@@ -227,6 +237,10 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
     on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
     check_shared_output(state, rank, world)
     summary.phases["prepare"] = time.perf_counter() - phase
+    if job.calibration_data is not None:
+        phase = time.perf_counter()
+        _calibrate(job)
+        summary.phases["calibrate"] = time.perf_counter() - phase
     done = state.records()
     todo = [s for s in plan.shards if s.file not in done]
     if done:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.codec import Codec
+from modelopt_streaming.engine.data import CalibrationData
 from modelopt_streaming.errors import UsageError
 from modelopt_streaming.formats.interchange import FORMATS, RECORD_KEY, ExactReciprocals
 from modelopt_streaming.jobs.pipeline import Throughput
@@ -157,6 +158,8 @@ class QuantizeJob:
     reader: TensorReader | None = None
     codec: Codec | None = None
     meter: Progress | None = None
+    # --calib_data: the rows, checked before any work; the calibration runs once the directory is prepared.
+    calibration_data: CalibrationData | None = None
 
     @property
     def planned(self) -> dict[str, list[str]]:

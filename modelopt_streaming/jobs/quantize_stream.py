@@ -183,7 +183,10 @@ def stream_units(job: QuantizeJob, units: list[Unit], sink_of: Callable[[Unit], 
     def load(item: tuple[Unit, int, int]):
         unit, offset, nbytes = item
         if isinstance(unit, ScalarUnit):
-            return torch.tensor(unit.value, dtype=torch.float32)
+            value = job.recipe.kv_scale_of.get(unit.name)
+            if value is None:
+                raise CheckpointError(f"{reader.root}: the calibration measured no value for {unit.name}")
+            return torch.tensor(value, dtype=torch.float32)
         if isinstance(unit, CopyUnit):
             if isinstance(unit.source, DecodedWeight):
                 return read_source(reader, unit.source)

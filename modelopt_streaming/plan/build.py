@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,9 +55,17 @@ class Recipe:
     # (--calib_data); other modules get 1.0.
     input_scales: tuple[tuple[str, float], ...] = ()
     # FP8 KV cache: None, "fp8_cast" (the config says FP8, no scale tensors: ModelOpt's constant-amax mode) or
-    # "fp8" (calibrated: ``kv_scales`` holds each attention layer's ``k_proj.k_scale`` / ``v_proj.v_scale``).
+    # "fp8" (calibrated: the plan writes each attention layer's ``k_proj.k_scale`` / ``v_proj.v_scale``, whose
+    # values ``kv_scales`` holds once the calibration has run).
     kv_cache: Literal["fp8", "fp8_cast"] | None = None
     kv_scales: tuple[tuple[str, float], ...] = ()
+    # What identifies a calibrated run's scales before they are measured (the data's digest and how the
+    # engine runs): the resume fingerprint holds this, the measured values are filled in afterwards.
+    calibration: str = ""
+
+    @functools.cached_property
+    def kv_scale_of(self) -> dict[str, float]:
+        return dict(self.kv_scales)
 
     @functools.cached_property
     def input_scale_of(self) -> dict[str, float]:
@@ -133,11 +142,11 @@ class QuantizeUnit:
 
 @dataclass(frozen=True)
 class ScalarUnit:
-    """One float32 0-dim tensor the source does not have, whose value the recipe gives (a KV-cache scale),
-    placed beside the tensors of ``anchor`` (the module it belongs to) in the output."""
+    """One float32 0-dim tensor the source does not have, whose value the recipe gives when it is written
+    (a KV-cache scale, ``Recipe.kv_scale_of``), placed beside the tensors of ``anchor`` (the source position
+    of the module it belongs to) in the output."""
 
     name: str
-    value: float
     anchor: tuple[str, int]
 
     @property
@@ -394,18 +403,27 @@ def build_plan(index: CheckpointIndex, recipe: Recipe) -> Plan:
     )
 
 
+_DECODER_ATTENTION = re.compile(r"^(.*(?:^|\.)layers\.(\d+)\.self_attn)\.")
+
+
 def _kv_scale_units(index: CheckpointIndex, recipe: Recipe) -> list[ScalarUnit]:
-    """The KV-cache scales, each placed at the first tensor of its attention module in the source (so it lands
-    in that layer's shard); a scale for a module the checkpoint does not have is an error."""
-    out = []
-    for name, value in recipe.kv_scales:
-        attention = name.rsplit(".", 2)[0]  # "model.layers.0.self_attn" of "...self_attn.k_proj.k_scale"
-        tensors = [t for n, t in index.tensors.items() if n.startswith(attention + ".")]
-        if not tensors:
-            raise CheckpointError(f"{index.root}: no tensors of {attention}, which KV-cache scale {name} belongs to")
-        first = min(tensors, key=lambda t: (t.file, t.begin))
-        out.append(ScalarUnit(name, value, (first.file, first.begin)))
-    return out
+    """With a calibrated FP8 KV cache, ``k_proj.k_scale`` and ``v_proj.v_scale`` of every decoder layer's
+    attention (``...layers.N.self_attn``, MTP layers past ``num_hidden_layers`` aside), the names ModelOpt
+    0.47's export gives them whatever the attention is (MLA too), each placed at the first tensor of its
+    attention module in the source, so it lands in that layer's shard."""
+    if recipe.kv_cache != "fp8":
+        return []
+    num_layers = _num_hidden_layers(index.config)
+    first: dict[str, tuple[str, int]] = {}
+    for name, info in index.tensors.items():
+        m = _DECODER_ATTENTION.match(name)
+        if m and (num_layers is None or int(m[2]) < num_layers):
+            first[m[1]] = min(first.get(m[1], (info.file, info.begin)), (info.file, info.begin))
+    return [
+        ScalarUnit(f"{attention}.{leaf}", anchor)
+        for attention, anchor in sorted(first.items())
+        for leaf in ("k_proj.k_scale", "v_proj.v_scale")
+    ]
 
 
 def _first_output(unit: Unit) -> str:
