@@ -319,6 +319,7 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
             ck.error("fused", f"{block}: some routed experts quantized and some not; vLLM treats the MoE layer as one")
 
     _check_index(ck)
+    _check_kv_cache(ck)
     row_parallel_in = {
         v.name: v.in_features for v in quantized if v.name.rpartition(".")[2] in _ROW_PARALLEL and v.in_features
     }
@@ -344,6 +345,54 @@ def _validate(ck: NVFP4Checkpoint, tp: int | None, block_scales: bool) -> Report
             f"at tp {tp}, e.g. {bad[0]} (input dim {row_parallel_in[bad[0]]})",
         )
     return report
+
+
+_KV_SCALE_LEAVES = (".k_proj.k_scale", ".v_proj.v_scale")
+
+
+def _kv_cache_algo(ck: NVFP4Checkpoint) -> str | None:
+    """ "FP8" when the config asks for an FP8 KV cache as vLLM reads it: config.json's ``kv_cache_scheme``
+    first, then hf_quant_config.json's ``kv_cache_quant_algo`` (vllm/utils/torch_utils.py
+    ``get_kv_cache_quant_algo_string``)."""
+    scheme = (ck.quant_config or {}).get("kv_cache_scheme")
+    if isinstance(scheme, dict):
+        return "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else str(scheme)
+    algo = ((ck.hf_quant_config or {}).get("quantization") or {}).get("kv_cache_quant_algo")
+    return algo if algo else None
+
+
+def _check_kv_cache(ck: NVFP4Checkpoint) -> None:
+    """KV-cache scales, ModelOpt's names (``...self_attn.k_proj.k_scale``, ``...v_proj.v_scale``): with an
+    FP8 KV cache, both of every attention layer or none (the constant-amax "cast" mode, where vLLM uses 1.0),
+    each a float32 scalar, finite and > 0; without one, vLLM never reads them."""
+    scales = {n: t for n, t in ck.tensors.items() if n.endswith(_KV_SCALE_LEAVES)}
+    algo = _kv_cache_algo(ck)
+    if algo is None:
+        if scales:
+            ck.warning(
+                "kv_cache",
+                f"{len(scales)} k/v scale tensors (e.g. {min(scales)}) but no FP8 KV cache in the config: "
+                "vLLM ignores them",
+            )
+        return
+    if algo != "FP8":
+        ck.warning("kv_cache", f"KV cache {algo!r}: only FP8 KV-cache scales are checked")
+        return
+    if not scales:
+        ck.warning("kv_cache", "FP8 KV cache without k/v scale tensors: vLLM caches with scale 1.0")
+        return
+    attentions = {n.rsplit(".", 2)[0] for n in scales}
+    for attention in sorted(attentions):
+        for leaf in _KV_SCALE_LEAVES:
+            info = scales.get(attention + leaf)
+            if info is None:
+                ck.error("kv_cache", f"{attention}{leaf} is missing (the other scale of the layer is there)")
+            elif info.dtype != "F32" or math.prod(info.shape) != 1:
+                ck.error("kv_cache", f"{info.name}: {info.dtype} {list(info.shape)}, expected a float32 scalar")
+            else:
+                value = float(ck.read(info).reshape(()))
+                if not (math.isfinite(value) and value > 0):
+                    ck.error("kv_cache", f"{info.name} = {value}: must be finite and > 0")
 
 
 def _check_index(ck: NVFP4Checkpoint) -> None:

@@ -150,3 +150,24 @@ def test_fp8_cast_writes_the_config_and_no_scales(tmp_path):
     assert config["kv_cache_scheme"] == {"dynamic": False, "num_bits": 8, "type": "float"}
     assert not [n for n in load_dir(tmp_path / "out") if n.endswith(("k_scale", "v_scale"))]
     assert validate(tmp_path / "out").ok
+
+
+def test_validate_checks_the_kv_cache_scales(tmp_path):
+    from checkpoints import rewrite_tensor
+
+    src = make_source(tmp_path / "src", "llama")
+    save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
+    out = tmp_path / "out"
+    modelopt_streaming.quantize(src, out, calib_data=tmp_path / "rows.safetensors", kv_cache="fp8", device="cpu")
+    assert validate(out).ok
+    rewrite_tensor(out, "model.layers.1.self_attn.v_proj.v_scale", None)
+    rewrite_tensor(out, "model.layers.0.self_attn.k_proj.k_scale", torch.tensor(float("nan")))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.self_attn.v_proj.v_scale"]
+    index["metadata"]["total_size"] -= 4
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    report = validate(out)
+    errors = [f.message for f in report.findings if f.level == "error" and f.check == "kv_cache"]
+    assert not report.ok
+    assert any("model.layers.1.self_attn.v_proj.v_scale is missing" in e for e in errors), errors
+    assert any("model.layers.0.self_attn.k_proj.k_scale = nan" in e for e in errors), errors
