@@ -207,7 +207,7 @@ def test_known_bad_vllm_versions():
 def test_example_scripts_take_paths(moe, tmp_path):
     from pathlib import Path
 
-    examples = Path(__file__).parents[1] / "examples"
+    examples = Path(__file__).parents[2] / "examples"
     r = subprocess.run(
         [sys.executable, examples / "validate_gate_up_matching.py", moe[2]], capture_output=True, text=True
     )
