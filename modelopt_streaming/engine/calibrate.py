@@ -71,6 +71,7 @@ def calibrate(
     on_layer: Callable[[Boundary, int], None] | None = None,
     resume: Boundary | None = None,
     host_budget_bytes: int = HOST_BUDGET_BYTES,
+    on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
 ) -> Calibration:
     """Run ``input_ids`` [N, L] through the checkpoint layer by layer and return the statistics.
 
@@ -82,6 +83,10 @@ def calibrate(
         on_layer: called after each layer with the boundary reached and the number of layers (a job keeps
             the boundary to resume from; the store is valid until the call returns).
         resume: a boundary kept by an earlier pass over the same rows: the pass continues after its layers.
+        on_live: called while a module is still on the device, after it ran on every row and its statistics
+            are in the calibration (the embedding, then each decoder layer), with the checkpoint tensors its
+            parameters hold as read (``LayerStream.live_views``): a job quantizes and writes them there, so
+            the source is read once.
         host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
 
     Raises:
@@ -100,10 +105,12 @@ def calibrate(
         with stream.module("model.embed_tokens") as embed, torch.no_grad():
             for i in range(0, n, batch):
                 current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device)).cpu()
+            if on_live is not None:
+                on_live("model.embed_tokens", stream.live_views("model.embed_tokens", embed), result)
     try:
         for layer_index in range(first, stream.num_layers):
             nxt = HiddenStore(n, shape, options.dtype, host_budget_bytes)
-            _run_layer(stream, layer_index, current, nxt, result, kv, batch)
+            _run_layer(stream, layer_index, current, nxt, result, kv, batch, on_live)
             current.close()
             current = nxt
             if on_layer is not None:
@@ -121,9 +128,10 @@ def _run_layer(
     result: Calibration,
     kv: bool,
     batch: int,
+    on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
 ) -> None:
     """One layer over every row, its statistics folded into ``result`` (each module belongs to one layer, so
-    ``result`` is complete for the layers done)."""
+    ``result`` is complete for the layers done), then ``on_live`` while the layer is still on the device."""
     path = f"model.layers.{layer_index}"
     device = stream.options.device
     amax = observe.Amax()
@@ -143,10 +151,12 @@ def _run_layer(
                 del mod._modelopt_streaming_observer
             for mod in attentions:
                 del mod._modelopt_streaming_kv
-    result.input_amax.update(amax.as_floats())
-    for _mod, (name, obs, leaves) in experts:
-        _spread_expert_values(result, name, obs, leaves)
-    result.kv_amax.update({k: (float(a), float(b)) for k, (a, b) in kv_max.items()})
+        result.input_amax.update(amax.as_floats())
+        for _mod, (name, obs, leaves) in experts:
+            _spread_expert_values(result, name, obs, leaves)
+        result.kv_amax.update({k: (float(a), float(b)) for k, (a, b) in kv_max.items()})
+        if on_live is not None:
+            on_live(path, stream.live_views(path, layer), result)
 
 
 def _attach_expert_observers(stream: LayerStream, layer: torch.nn.Module, path: str) -> list:

@@ -132,10 +132,31 @@ def build_skeleton(
     tf_config._experts_implementation = "eager"
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(tf_config, dtype=dtype)
+    _keep_in_fp32(model, dtype)
     model.eval()
     return Skeleton(
         model=model, config=model.config, family=family, prefix=prefix, attn_implementation=attn_implementation
     )
+
+
+def _keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The parameters and buffers ``from_pretrained`` keeps in float32 whatever the dtype asked for (the class's
+    ``_keep_in_fp32_modules_strict`` for fp16 and bf16, ``_keep_in_fp32_modules`` for fp16:
+    ``PreTrainedModel._get_dtype_plan``), e.g. DeepSeek-V3's ``e_score_correction_bias``: ``from_config`` casts
+    them all, and a bf16 router bias routes tokens otherwise than the model does."""
+    keep = set(model._get_dtype_plan(dtype)) if hasattr(model, "_get_dtype_plan") else set()
+    if not keep:
+        return
+    pattern = re.compile(r"(?:^|\.)(?:" + "|".join(re.escape(k) for k in sorted(keep)) + r")(?:\.|$)")
+    for module_name, module in model.named_modules():
+        for registry in (module._parameters, module._buffers):
+            for leaf, tensor in list(registry.items()):
+                full = f"{module_name}.{leaf}" if module_name else leaf
+                if tensor is not None and tensor.is_floating_point() and pattern.search(full):
+                    value = tensor.to(torch.float32)
+                    registry[leaf] = (
+                        torch.nn.Parameter(value, tensor.requires_grad) if leaf in module._parameters else value
+                    )
 
 
 _EXPERT_PARAM = re.compile(r"^(?P<experts>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")

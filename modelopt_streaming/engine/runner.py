@@ -15,9 +15,14 @@ import torch
 
 from modelopt_streaming.engine import observe
 from modelopt_streaming.engine.model import Skeleton, build_skeleton, materialize, param_sources
-from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
+from modelopt_streaming.source.index import DTYPES, CheckpointIndex, TensorInfo
 from modelopt_streaming.source.reader import TensorReader
 from modelopt_streaming.source.vendor import DecodedWeight, read_source
+
+
+def _read_dtype(info: TensorInfo | DecodedWeight) -> torch.dtype:
+    """The dtype a source tensor is read in (``source.vendor.read_source``): its own, bf16 when decoded."""
+    return torch.bfloat16 if isinstance(info, DecodedWeight) else DTYPES[info.dtype][0]
 
 
 @dataclass
@@ -81,6 +86,30 @@ class LayerStream:
         finally:
             # Back to meta: the layer's tensors are freed, the skeleton keeps its structure.
             live.to_empty(device="meta")
+
+    def live_views(self, name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of module ``name`` (materialized as ``module``) that its live parameters hold
+        exactly as read from the source, by checkpoint tensor name: each parameter whose dtype is the one its
+        source is read in (bf16 for a decoded vendor encoding), and each expert's gate, up and down as views
+        of the fused 3-D experts. A tensor cast on loading (an fp32 source in a bf16 model) is left out: its
+        bytes are not the source's."""
+        params = module.state_dict(keep_vars=True)
+        out = {}
+        for src in param_sources(self.skeleton, self.index, module, name):
+            live = params[src.param]
+            if not src.stacked:
+                (info,) = src.tensors[0]
+                if _read_dtype(info) == live.dtype:
+                    out[info.name] = live.detach()
+                continue
+            for e, parts in enumerate(src.tensors):
+                row = 0
+                for info in parts:
+                    rows = info.shape[0]
+                    if _read_dtype(info) == live.dtype:
+                        out[info.name] = live.detach()[e, row : row + rows]
+                    row += rows
+        return out
 
     def checkpoint_name(self, module_path: str) -> str:
         return self.skeleton.checkpoint_name(module_path)

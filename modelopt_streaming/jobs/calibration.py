@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class CalibrationRun:
     input_scales: dict[str, float]  # quantized module -> input_scale
     kv_scales: dict[str, float]  # "...self_attn.k_proj.k_scale" / "...v_proj.v_scale" -> value (--kv_cache fp8)
     engine: dict  # how the engine ran (device, dtype, attention, batch size): other settings give other bits
+    bytes_read: int = 0  # source bytes the calibration read (0 when a kept result was used)
 
     def report(self) -> dict:
         """For the summary, ``--json`` and the provenance: the data's fingerprint, tokens per expert and the
@@ -110,6 +112,7 @@ def run_calibration(
     state_dir: Path | None = None,
     rank: int = 0,
     world: int = 1,
+    on_live: Callable[[str, dict[str, torch.Tensor], dict[str, float]], None] | None = None,
 ) -> CalibrationRun:
     """Run the calibration rows through the source model one layer at a time (``engine.calibrate``).
 
@@ -117,7 +120,8 @@ def run_calibration(
     last one a previous run kept, and keeps its result, which a resumed run reads instead of calibrating
     again. Under torchrun (``world`` > 1) each rank runs its share of the batches (whole batches, so every
     row meets the same batch as in one process) and the ranks reduce the maxima with max and the token
-    counts with sum: the scales are those of one process.
+    counts with sum: the scales are those of one process. ``on_live(module, tensors, input_scales)`` (one
+    process) is called while each module is on the device, with the input scales measured so far.
 
     Raises:
         UsageError, CheckpointError: as ``engine.calibrate``.
@@ -128,9 +132,17 @@ def run_calibration(
     key = calibration_key(data, options)
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)
     keep = _Keeper(state_dir / f"rank{rank}" if state_dir is not None else None, key, world, mine.shape)
-    calibration = keep.result()
+    calibration, bytes_reader = keep.result(), None
     if calibration is None:
         bar = _LayerProgress(data.input_ids.numel(), options.progress)
+
+        scales: dict[str, float] = {}
+
+        def live(module: str, views: dict[str, torch.Tensor], measured: Calibration) -> None:
+            for name, amax in measured.input_amax.items():
+                if name not in scales:
+                    scales[name] = _input_scale(amax, options.scale_math)
+            on_live(module, views, {} if options.weight_only else scales)
 
         def on_layer(boundary: Boundary, layers: int) -> None:
             bar.advance(boundary, layers)
@@ -139,6 +151,7 @@ def run_calibration(
 
         try:
             with TensorReader(index.root, threads=threads) as reader:
+                bytes_reader = reader
                 calibration = calibrate(
                     index,
                     reader,
@@ -147,16 +160,14 @@ def run_calibration(
                     kv=options.kv_cache == "fp8",
                     on_layer=on_layer,
                     resume=keep.last_boundary(engine.dtype, index),
+                    on_live=live if on_live is not None and world == 1 else None,
                 )
         finally:
             bar.close()
         keep.finish(calibration)
     if world > 1:
         calibration = _reduce(calibration)
-    scales = {
-        module: float(nvfp4.weight_scale_2_from_amax(torch.tensor(amax, dtype=torch.float32), options.scale_math))
-        for module, amax in calibration.input_amax.items()
-    }
+    scales = {module: _input_scale(amax, options.scale_math) for module, amax in calibration.input_amax.items()}
     # ModelOpt's export: k_bmm_quantizer amax / 448 as ``<attention>.k_proj.k_scale`` (v likewise), float32, no
     # clamp (export/quant_utils.py _KV_CACHE_REPLACEMENTS; unified_export_hf.py kv_cache_max_bound = 448).
     kv_scales = {}
@@ -169,7 +180,8 @@ def run_calibration(
         "attention": engine.attn_implementation,
         "batch_size": engine.batch_size,
     }
-    return CalibrationRun(data, calibration, scales, kv_scales, settings)
+    read = bytes_reader.bytes_read if bytes_reader is not None else 0
+    return CalibrationRun(data, calibration, scales, kv_scales, settings, read)
 
 
 def _share(input_ids: torch.Tensor, batch: int, rank: int, world: int) -> torch.Tensor:
@@ -254,6 +266,11 @@ class _Keeper:
 
     def _write(self, name: str, record: dict) -> None:
         write_json_atomic(self.dir / name, {"key": self.key, "world": self.world, "rows": list(self.rows), **record})
+
+
+def _input_scale(amax: float, scale_math: str) -> float:
+    """ModelOpt's ``input_scale = amax / (6 * 448)``, in the form ``--scale_math`` names (as weight_scale_2)."""
+    return float(nvfp4.weight_scale_2_from_amax(torch.tensor(amax, dtype=torch.float32), scale_math))
 
 
 def _over_e4m3_max(amax: float, scale_math: str) -> float:

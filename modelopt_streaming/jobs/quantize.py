@@ -4,6 +4,7 @@ torchrun ranks ``distributed``) and exports."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,9 +34,9 @@ from modelopt_streaming.jobs.pipeline import map_large_buffers
 from modelopt_streaming.jobs.progress import Progress
 from modelopt_streaming.jobs.quantize_export import export_checkpoint
 from modelopt_streaming.jobs.quantize_job import QuantizeJob, QuantizeOptions
-from modelopt_streaming.jobs.quantize_stream import stream_units, write_shards_local
+from modelopt_streaming.jobs.quantize_stream import LiveUnits, stream_units, write_shards_local
 from modelopt_streaming.jobs.summary import Summary, summarize
-from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe, build_plan
+from modelopt_streaming.plan.build import Plan, QuantizeUnit, Recipe, Shard, build_plan
 from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
@@ -184,10 +185,12 @@ def quantize(
         lock.release()
 
 
-def _calibrate(job: QuantizeJob) -> None:
+def _calibrate(job: QuantizeJob, live: LiveUnits | None = None) -> None:
     """Run (or, resumed, finish) the calibration and put its scales into the job's recipe; the plan already
-    holds their names and the fingerprint the data's digest, so a resumed run checks both before this."""
+    holds their names and the fingerprint the data's digest, so a resumed run checks both before this. With
+    ``live``, each layer's units are written from the tensors the calibration read (one read of the source)."""
     options = job.options
+    phase = time.perf_counter()
     run = run_calibration(
         job.index,
         job.calibration_data,
@@ -197,14 +200,41 @@ def _calibrate(job: QuantizeJob) -> None:
         state_dir=job.state.records_dir / "calibration",
         rank=job.rank,
         world=job.world,
+        on_live=live,
     )
     input_scales = {} if options.weight_only else run.input_scales
     job.recipe = dataclasses.replace(
         job.recipe, input_scales=tuple(sorted(input_scales.items())), kv_scales=tuple(sorted(run.kv_scales.items()))
     )
     job.summary.calibration = run.report()
+    job.summary.source_bytes_read += run.bytes_read
+    job.summary.phases["calibrate"] = time.perf_counter() - phase
     if not options.weight_only:
         job.summary.input_scales_missing = sorted(m for m in job.plan.quantized if m not in input_scales)
+    data = job.summary.calibration["data"]
+    _log.info(
+        f"input scales: calibrated on {data['rows']} x {data['seq_len']} tokens for "
+        f"{len(job.plan.quantized) - len(job.summary.input_scales_missing)} modules"
+        + (f"; {len(live.written)} units written from the calibration's tensors" if live is not None else "")
+    )
+
+
+def _live_calibration(job: QuantizeJob, todo: list[Shard]):
+    """``write_shards_local``'s first step for a calibrated run: the calibration, writing each layer's units
+    while the layer is on the device; returns the ids of the units it wrote."""
+
+    def before(sink_of) -> set[int]:
+        live = LiveUnits(job, todo, sink_of)
+        try:
+            _calibrate(job, live)
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the calibration's error is the one to report
+                live.close()
+            raise
+        live.close()
+        return live.written
+
+    return before
 
 
 def _exclusions(plan: Plan, index: CheckpointIndex, recipe: Recipe) -> list[str]:
@@ -237,10 +267,9 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
     on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
     check_shared_output(state, rank, world)
     summary.phases["prepare"] = time.perf_counter() - phase
-    if job.calibration_data is not None:
-        phase = time.perf_counter()
+    if job.calibration_data is not None and world > 1:
+        # Each rank runs its share of the rows through every layer; the stream reads the weights again.
         _calibrate(job)
-        summary.phases["calibrate"] = time.perf_counter() - phase
     done = state.records()
     todo = [s for s in plan.shards if s.file not in done]
     if done:
@@ -248,12 +277,8 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
             + (" and verified by digest" if options.verify else " (sizes checked; --verify also checks their digests)")
         )
-    if summary.calibration:
-        data = summary.calibration["data"]
-        _log.info(
-            f"input scales: calibrated on {data['rows']} x {data['seq_len']} tokens for "
-            f"{len(plan.quantized) - len(summary.input_scales_missing)} modules"
-        )
+    if job.calibration_data is not None:
+        _log.debug("input scales: calibrated (said once the calibration has run)")
     elif job.recipe.input_scales:
         _log.info(
             f"input scales: from the reference for {len(plan.quantized) - len(summary.input_scales_missing)} modules"
@@ -277,8 +302,9 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
         with TensorReader(job.input_dir, threads=job.threads) as job.reader:
             if world == 1:
                 phase = time.perf_counter()
-                write_shards_local(job, todo)
-                summary.phases["stream"] = time.perf_counter() - phase
+                before = _live_calibration(job, todo) if job.calibration_data is not None else None
+                write_shards_local(job, todo, before)
+                summary.phases["stream"] = time.perf_counter() - phase - summary.phases.get("calibrate", 0.0)
             else:
                 write_shards_distributed(job, todo, lambda units, sink_of: stream_units(job, units, sink_of))
     except OSError as e:
@@ -289,6 +315,7 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
         ) from None
     finally:
         job.meter.close()
+        summary.source_bytes_read += job.reader.bytes_read if job.reader is not None else 0
         job.reader = None
     phase = time.perf_counter()
     if rank == 0:

@@ -6,6 +6,7 @@ the read-ahead and write-ahead budgets below."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -245,11 +246,18 @@ def stream_units(job: QuantizeJob, units: list[Unit], sink_of: Callable[[Unit], 
         raise
 
 
-def write_shards_local(job: QuantizeJob, todo: list[Shard]) -> None:
+def write_shards_local(
+    job: QuantizeJob,
+    todo: list[Shard],
+    before: Callable[[Callable[[Unit], PositionalShardWriter]], set[int]] | None = None,
+) -> None:
     """One process: each shard laid out when its first unit comes, its tensors written at their offsets by
     the writer threads (each digested by the thread that writes it), and the shard renamed and recorded by
     the thread that completes it, while the next shard's units stream on. On an error or a signal the
-    unfinished shards' partial files are removed; the finished ones stay for --resume."""
+    unfinished shards' partial files are removed; the finished ones stay for --resume.
+
+    ``before(sink_of)`` runs first with the same shard writers and returns the ids of the units it wrote (a
+    calibration writes each layer's units from the tensors it already holds); the stream writes the rest."""
     state = job.state
     writers: dict[str, PositionalShardWriter] = {}
     shard_of = {id(u): shard for shard in todo for u in shard.units}
@@ -265,7 +273,8 @@ def write_shards_local(job: QuantizeJob, todo: list[Shard]) -> None:
         return writers[shard.file]
 
     try:
-        stream_units(job, [u for shard in todo for u in shard.units], sink_of)
+        written = before(sink_of) if before is not None else set()
+        stream_units(job, [u for shard in todo for u in shard.units if id(u) not in written], sink_of)
         unfinished = [shard.file for shard in todo if not (state.dir / shard.file).exists()]
         if unfinished:
             raise IncompleteShardError(f"{state.dir}: shards {unfinished[:3]} were not completed; rerun with --resume")
@@ -274,6 +283,42 @@ def write_shards_local(job: QuantizeJob, todo: list[Shard]) -> None:
             if not (state.dir / f).exists():
                 w.abort()
         raise
+
+
+class LiveUnits:
+    """The units of ``todo`` that a calibration's live modules hold every source tensor of, quantized and
+    written while the module is on the device (``engine.calibrate``'s ``on_live``): the bytes the stream
+    would write, from tensors read once. A unit's input scales are final when its layer has run (every module
+    belongs to one layer), so each is encoded with the calibration's values so far."""
+
+    def __init__(self, job: QuantizeJob, todo: list[Shard], sink_of: Callable[[Unit], PositionalShardWriter]):
+        self.job, self.sink_of = job, sink_of
+        self.units = [u for shard in todo for u in shard.units if not isinstance(u, ScalarUnit)]
+        self.written: set[int] = set()
+        self.writer = ParallelWriter(job.stats, job.threads, WRITE_AHEAD_BYTES)
+
+    def __call__(self, module: str, views: dict[str, torch.Tensor], input_scales: dict[str, float]) -> None:
+        job = self.job
+        recipe = dataclasses.replace(job.recipe, input_scales=tuple(sorted(input_scales.items())))
+        for unit in self.units:
+            sources = unit_sources(unit)
+            if id(unit) in self.written or not all(s.name in views for s in sources):
+                continue
+            if isinstance(unit, QuantizeUnit):
+                members = [views[s.name] for s in sources]
+                encoded = _encode_unit(
+                    unit, members, job.codec, recipe, job.options.allow_nonfinite, job.input_dir, job.reciprocals
+                )
+            else:
+                encoded = [(unit.source.name, views[unit.source.name].contiguous().cpu())]
+            sink = self.sink_of(unit)
+            for name, tensor in encoded:
+                self.writer.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
+            self.written.add(id(unit))
+            job.meter.advance(sum(s.nbytes for s in sources), job.stats)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 _COPY_STREAMS: dict = {}

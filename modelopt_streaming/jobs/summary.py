@@ -41,6 +41,9 @@ class Summary:
     input_scales_missing: list[str] = field(default_factory=list)
     # --calib_data: the data's fingerprint, how the engine ran, tokens per expert, experts that saw none.
     calibration: dict = field(default_factory=dict)
+    # Tensor bytes this process read from the source, the calibration's reads included: a calibrated run
+    # quantizes each layer from the tensors its forward read, so this stays at one read of what it writes.
+    source_bytes_read: int = 0
     # The plan module by module (--json): quantized modules by kind, unquantized by reason, fused groups.
     plan: dict = field(default_factory=dict)
 

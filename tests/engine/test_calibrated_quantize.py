@@ -171,3 +171,26 @@ def test_validate_checks_the_kv_cache_scales(tmp_path):
     assert not report.ok
     assert any("model.layers.1.self_attn.v_proj.v_scale is missing" in e for e in errors), errors
     assert any("model.layers.0.self_attn.k_proj.k_scale = nan" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("arch, scope", [("llama", {}), ("qwen3_moe", {}), ("deepseek_v3", {"mlp_only": True})])
+def test_a_calibrated_run_reads_the_source_once(tmp_path, arch, scope):
+    """Every source byte is read once: each layer's units (quantized and copied) are written from the tensors
+    the calibration's forward read; the stream reads only what no forward needs (lm_head, the MTP layer)."""
+    from modelopt_streaming.source.index import build_index
+
+    src = make_source(tmp_path / "src", arch)
+    save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
+    summary = modelopt_streaming.quantize(
+        src, tmp_path / "out", calib_data=tmp_path / "rows.safetensors", device="cpu", **scope
+    )
+    source_bytes = sum(t.nbytes for t in build_index(src).tensors.values())
+    assert summary.source_bytes_read == source_bytes
+    plain = modelopt_streaming.quantize(src, tmp_path / "plain", device="cpu", **scope)
+    assert plain.source_bytes_read == source_bytes
+    ours, reference = load_dir(tmp_path / "out"), load_dir(tmp_path / "plain")
+    assert sorted(ours) == sorted(reference)
+    for name, t in reference.items():  # the uncalibrated run's bytes, input_scale aside
+        if not name.endswith("input_scale"):
+            a, b = (x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (t, ours[name]))
+            assert torch.equal(a, b), name

@@ -41,6 +41,11 @@ def test_every_layer_equals_the_full_model(tmp_path, arch):
             assert torch.equal(ours, theirs), f"{arch}: hidden state after layer {i - 1} differs"
     assert torch.equal(model.model.norm(states[-1]), ref.hidden_states[-1])
     assert torch.equal(logits, ref.logits), arch
+    # Every parameter and buffer in the dtype from_pretrained gives it (DeepSeek keeps its router bias fp32).
+    with TensorReader(src) as reader:
+        stream = LayerStream(build_index(src), reader, EngineOptions())
+        ours = {n: t.dtype for n, t in stream.skeleton.model.state_dict().items()}
+    assert ours == {n: t.dtype for n, t in model.state_dict().items() if n in ours}
 
 
 def test_attention_is_causal(tmp_path):
