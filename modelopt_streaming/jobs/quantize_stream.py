@@ -306,9 +306,11 @@ class LiveUnits:
                 continue
             if isinstance(unit, QuantizeUnit):
                 members = [views[s.name] for s in sources]
+                t = time.perf_counter()
                 encoded = _encode_unit(
                     unit, members, job.codec, recipe, job.options.allow_nonfinite, job.input_dir, job.reciprocals
                 )
+                job.stats.compute_s += time.perf_counter() - t
             else:
                 encoded = [(unit.source.name, views[unit.source.name].contiguous().cpu())]
             sink = self.sink_of(unit)

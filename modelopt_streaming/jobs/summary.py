@@ -72,6 +72,10 @@ class Summary:
                 f"calibration: {data['rows']} x {data['seq_len']} tokens of {data['source']} (sha256 "
                 f"{data['sha256'][:12]}), on {self.calibration['engine']['device']}"
             )
+            out.append(
+                f"  source read: {self.source_bytes_read / 1e9:.3f} GB of {self.input_bytes / 1e9:.3f} GB planned "
+                "(each layer quantized from the tensors its forward read)"
+            )
             if idle:
                 n = sum(len(v) for v in idle.values())
                 out.append(
