@@ -20,7 +20,7 @@ import torch
 
 from modelopt_streaming.errors import CheckpointError, UsageError
 from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
-from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights
+from modelopt_streaming.source.vendor import DecodedWeight
 
 
 # model_type of the text decoder -> how its checkpoint names its experts (gate, up, down leaves; None: the
@@ -173,15 +173,19 @@ class ParamSource:
 
 
 def param_sources(
-    skeleton: Skeleton, index: CheckpointIndex, module: torch.nn.Module, module_name: str
+    skeleton: Skeleton,
+    index: CheckpointIndex,
+    module: torch.nn.Module,
+    module_name: str,
+    decoded: dict[str, DecodedWeight],
 ) -> list[ParamSource]:
     """The checkpoint tensors of every parameter and persistent buffer of ``module`` (named ``module_name``
-    in ``skeleton.model``), checked for presence before anything is read.
+    in ``skeleton.model``), checked for presence before anything is read. ``decoded``: the checkpoint's vendor
+    encodings (``source.vendor.decoded_weights``), which stand in for their parts under the weight's name.
 
     Raises:
         CheckpointError: a tensor the module needs is missing from the checkpoint (the first one named).
     """
-    decoded = _decoded(index)
     out = []
     for param in module.state_dict(keep_vars=True):
         full = f"{module_name}.{param}" if module_name else param
@@ -212,17 +216,6 @@ def param_sources(
 def _num_experts(module: torch.nn.Module, experts_name: str, module_name: str) -> int:
     rel = experts_name[len(module_name) + 1 :] if module_name else experts_name
     return module.get_submodule(rel).num_experts
-
-
-_DECODED_CACHE: dict[int, dict[str, DecodedWeight]] = {}
-
-
-def _decoded(index: CheckpointIndex) -> dict[str, DecodedWeight]:
-    key = id(index)
-    if key not in _DECODED_CACHE:
-        _DECODED_CACHE.clear()
-        _DECODED_CACHE[key] = decoded_weights(index)
-    return _DECODED_CACHE[key]
 
 
 def _lookup(index: CheckpointIndex, decoded: dict[str, DecodedWeight], name: str) -> TensorInfo | DecodedWeight | None:

@@ -17,7 +17,7 @@ from modelopt_streaming.engine import observe
 from modelopt_streaming.engine.model import Skeleton, build_skeleton, materialize, param_sources
 from modelopt_streaming.source.index import DTYPES, CheckpointIndex, TensorInfo
 from modelopt_streaming.source.reader import TensorReader
-from modelopt_streaming.source.vendor import DecodedWeight, read_source
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights, read_source
 
 
 def _read_dtype(info: TensorInfo | DecodedWeight) -> torch.dtype:
@@ -48,6 +48,7 @@ class LayerStream:
 
     def __init__(self, index: CheckpointIndex, reader: TensorReader, options: EngineOptions):
         self.index, self.reader, self.options = index, reader, options
+        self.decoded = decoded_weights(index)  # FP8 blocks, INT4 packs, MXFP4: read as bf16
         self.skeleton: Skeleton = build_skeleton(
             index.config,
             str(index.root),
@@ -79,7 +80,7 @@ class LayerStream:
     def module(self, name: str) -> Iterator[torch.nn.Module]:
         """The module ``name`` of the model (e.g. ``model.layers.3``) with its tensors, on the device."""
         meta = self.skeleton.model.get_submodule(name)
-        sources = param_sources(self.skeleton, self.index, meta, name)
+        sources = param_sources(self.skeleton, self.index, meta, name, self.decoded)
         live = materialize(meta, sources, self._read, self.options.device)
         try:
             yield live
@@ -95,7 +96,7 @@ class LayerStream:
         bytes are not the source's."""
         params = module.state_dict(keep_vars=True)
         out = {}
-        for src in param_sources(self.skeleton, self.index, module, name):
+        for src in param_sources(self.skeleton, self.index, module, name, self.decoded):
             live = params[src.param]
             if not src.stacked:
                 (info,) = src.tensors[0]

@@ -194,3 +194,39 @@ def test_a_calibrated_run_reads_the_source_once(tmp_path, arch, scope):
         if not name.endswith("input_scale"):
             a, b = (x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (t, ours[name]))
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("encoding", ["deepseek_fp8", "kimi_int4"])
+def test_vendor_encoded_sources_calibrate_as_their_bf16_values(tmp_path, encoding):
+    """DeepSeek's block FP8 and Kimi's INT4-packed experts run through the engine decoded as the reader decodes
+    them: the calibrated output equals that of the bf16 checkpoint holding the decoded values, and the
+    encoded source is read once."""
+    from checkpoints import write_checkpoint
+    from checkpoints_extra import deepseek_fp8_checkpoint, kimi_int4_checkpoint
+
+    from modelopt_streaming.source.index import build_index
+
+    make = {"deepseek_fp8": deepseek_fp8_checkpoint, "kimi_int4": kimi_int4_checkpoint}[encoding]
+    src, decoded = make(tmp_path / "src")
+    tensors = load_dir(src)
+    plain = dict(decoded)
+    for name, t in tensors.items():
+        if (
+            name not in decoded
+            and not name.endswith("_scale_inv")
+            and f"{name.rsplit('.', 1)[0]}.weight" not in decoded
+        ):
+            plain[name] = t  # not one of an encoding's parts
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config")
+    twin = write_checkpoint(tmp_path / "twin", plain, config)
+    save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
+    rows = tmp_path / "rows.safetensors"
+    summary = modelopt_streaming.quantize(src, tmp_path / "out", calib_data=rows, device="cpu", mlp_only=True)
+    modelopt_streaming.quantize(twin, tmp_path / "out_twin", calib_data=rows, device="cpu", mlp_only=True)
+    ours, theirs = load_dir(tmp_path / "out"), load_dir(tmp_path / "out_twin")
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        a, b = (x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (t, ours[name]))
+        assert torch.equal(a, b), name
+    assert summary.source_bytes_read == sum(t.nbytes for t in build_index(src).tensors.values())
