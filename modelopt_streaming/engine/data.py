@@ -68,14 +68,25 @@ def load_calibration_data(
         UsageError: a missing, empty or ragged file, a wrong dtype, ids outside the vocabulary, fewer tokens
             than asked, or text data without a tokenizer.
     """
+    spec = str(path)
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and _looks_like_dataset_id(spec):
+        path = None
+    elif not path.exists():
         raise UsageError(f"--calib_data {path}: not a file")
     if size is not None and size < 1:
         raise UsageError(f"--calib_size must be at least 1, not {size}")
     if seq_len is not None and seq_len < 1:
         raise UsageError(f"--calib_seq_len must be at least 1, not {seq_len}")
-    if path.suffix == ".safetensors":
+    if path is None or path.is_dir():
+        records = _dataset_records(path or spec)
+        path = path or spec  # named in every message below
+        if all("input_ids" in r for r in records):
+            ids, kind = _listed_rows(path, records), "tokens"
+        else:
+            texts = [_record_text(path, i, r, checkpoint_dir, trust_remote_code) for i, r in enumerate(records)]
+            ids, kind = _packed(path, texts, checkpoint_dir, seq_len or 2048, size, trust_remote_code), "text"
+    elif path.suffix == ".safetensors":
         ids, kind = _safetensors_rows(path), "tokens"
     elif path.suffix in (".jsonl", ".json"):
         records = _json_lines(path)
@@ -106,6 +117,60 @@ def load_calibration_data(
         bad = low if low < 0 else high
         raise UsageError(f"--calib_data {path}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
     return CalibrationData(ids.to(torch.int64).contiguous(), str(path), kind)
+
+
+def _looks_like_dataset_id(spec: str) -> bool:
+    """``org/name`` (optionally ``org/name:split``): a Hugging Face dataset id, not a path."""
+    name = spec.split(":", 1)[0]
+    return name.count("/") == 1 and not name.startswith((".", "/")) and all(name.split("/"))
+
+
+def _dataset_records(source: str | Path) -> list[dict]:
+    """The records of a Hugging Face dataset: a directory written by ``save_to_disk``, a directory of data files
+    (``load_dataset(dir)``), or a dataset id already in the local cache (``org/name[:split]``), always read
+    offline: this tool never downloads. The split is ``train`` (or the only one, or the one named)."""
+    import os
+
+    # Before datasets is imported: it reads these once.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"--calib_data {source}: a dataset needs the datasets library: pip install 'modelopt-streaming[calib]'"
+        ) from None
+    # Imported before us, datasets has read the environment already: its flag is set too.
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    if isinstance(source, Path):
+        spec, split = str(source), ""
+    else:
+        spec, _, split = source.partition(":")
+    saved = isinstance(source, Path) and any((source / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    try:
+        data = datasets.load_from_disk(spec) if saved else datasets.load_dataset(spec, split=split or None)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(
+            f"--calib_data {source}: not a dataset this tool can read offline ({reason}); a dataset id must be in "
+            "the local cache already (this tool never downloads)"
+        ) from None
+    if isinstance(data, datasets.DatasetDict):
+        if split:
+            data = data[split]
+        elif "train" in data:
+            data = data["train"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise UsageError(f"--calib_data {source}: splits {sorted(data)}; name one as {spec}:SPLIT")
+    columns = set(data.column_names)
+    if not columns & {"input_ids", "text", "messages"}:
+        raise UsageError(f"--calib_data {source}: no input_ids, text or messages column (has {sorted(columns)})")
+    records = [dict(r) for r in data]
+    if not records:
+        raise UsageError(f"--calib_data {source}: no records")
+    return records
 
 
 def _safetensors_rows(path: Path) -> torch.Tensor:

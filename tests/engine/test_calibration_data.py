@@ -120,3 +120,29 @@ def test_bad_calibration_data_is_one_line_naming_the_file(tmp_path, case):
     with pytest.raises(UsageError, match=message) as e:
         load_calibration_data(path, tmp_path, vocab_size=256, **kwargs)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hugging_face_dataset_directories(tmp_path):
+    """A dataset saved with ``save_to_disk`` (a DatasetDict, its train split) and a directory of data files."""
+    import datasets
+
+    save_tokenizer(tmp_path)
+    text = " ".join(WORDS[i % 200] for i in range(50))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [text, text]})}).save_to_disk(str(saved))
+    data = load_calibration_data(saved, tmp_path, vocab_size=256, seq_len=25)
+    assert data.input_ids.shape == (4, 25) and data.input_ids[0, 0] == 2
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "part.jsonl").write_text(
+        json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"input_ids": [8, 9, 10]})
+    )
+    assert load_calibration_data(files, tmp_path, vocab_size=256).input_ids.tolist() == [[5, 6, 7], [8, 9, 10]]
+
+
+def test_a_dataset_id_not_in_the_cache_is_refused_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    with pytest.raises(UsageError, match="never downloads") as e:
+        load_calibration_data("someone/not-cached", tmp_path, vocab_size=256)
+    assert "someone/not-cached" in str(e.value) and "\n" not in str(e.value)
