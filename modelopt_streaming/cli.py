@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(q, "trust_remote_code", action="store_true", help="run the checkpoint's custom tokenizer code")
     _add(
         q,
+        "calib_device_budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="device memory one decoder layer may take in calibration; a larger layer keeps its experts in host "
+        "memory, one at a time on the device (default: the GPU's free memory less 10 GiB)",
+    )
+    _add(
+        q,
         "kv_cache",
         choices=["fp8", "fp8_cast"],
         help="FP8 KV cache: fp8 writes calibrated k_scale/v_scale per attention layer (needs --calib_data); "

@@ -227,18 +227,37 @@ def materialize(
     sources: list[ParamSource],
     read: Callable[[TensorInfo | DecodedWeight], torch.Tensor],
     device: torch.device,
+    on_host: frozenset[str] = frozenset(),
 ) -> torch.nn.Module:
     """``module`` with real tensors: each parameter read (``read``: a source tensor as stored, decoded to
-    bf16 when it is a vendor encoding) and cast to the dtype the module declares, on ``device``."""
+    bf16 when it is a vendor encoding) and cast to the dtype the module declares, on ``device`` (the
+    parameters named in ``on_host`` in host memory, page-locked when ``device`` is a GPU). Fused experts are
+    filled expert by expert into one tensor, so a layer never needs twice its experts' memory."""
     want = module.state_dict(keep_vars=True)
     state = {}
     for src in sources:
         meta = want[src.param]
+        target = torch.device("cpu") if src.param in on_host else device
         if src.stacked:
-            experts = [torch.cat([read(t).to(device) for t in parts], dim=0) for parts in src.tensors]
-            value = torch.stack(experts)
+            pin = target.type == "cpu" and device.type == "cuda"
+            value = torch.empty(meta.shape, dtype=meta.dtype, device=target, pin_memory=pin)
+            for e, parts in enumerate(src.tensors):
+                row = 0
+                for info in parts:
+                    part = read(info)
+                    if e >= meta.shape[0] or tuple(part.shape[1:]) != tuple(meta.shape[2:]):
+                        raise CheckpointError(
+                            f"tensor {info.name!r}: shape {list(part.shape)} does not fit {src.param!r} "
+                            f"{list(meta.shape)}"
+                        )
+                    value[e, row : row + part.shape[0]] = part.to(target)
+                    row += part.shape[0]
+                if row != meta.shape[1]:
+                    raise CheckpointError(
+                        f"{src.param!r}: expert {e} has {row} rows, the model expects {meta.shape[1]}"
+                    )
         else:
-            value = read(src.tensors[0][0]).to(device)
+            value = read(src.tensors[0][0]).to(target)
         if tuple(value.shape) != tuple(meta.shape):
             raise CheckpointError(
                 f"tensor for {src.param!r}: shape {list(value.shape)}, the model expects {list(meta.shape)}"

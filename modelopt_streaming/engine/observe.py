@@ -73,16 +73,19 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if observer is not None:
         observer.block_input(hidden_states)
     transposed, bias = getattr(self, "is_transposed", False), getattr(self, "has_bias", False)
+    fetch = getattr(self, "_modelopt_streaming_fetch", None)  # experts in host memory: one at a time
     for expert_idx in expert_hit:
         expert_idx = expert_idx[0]
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[token_idx]
-        if transposed:
-            gate_up = current_state @ self.gate_up_proj[expert_idx]
+        if fetch is not None:
+            e = int(expert_idx)
+            gate_up_w, down_w = self.gate_up_proj[e].to(fetch), self.down_proj[e].to(fetch)
         else:
-            gate_up = F.linear(current_state, self.gate_up_proj[expert_idx])
+            gate_up_w, down_w = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]
+        gate_up = current_state @ gate_up_w if transposed else F.linear(current_state, gate_up_w)
         if bias:
             gate_up = gate_up + self.gate_up_proj_bias[expert_idx]
         current_hidden_states = self._apply_gate(gate_up)
@@ -90,9 +93,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             observer.expert_input(int(expert_idx), token_idx.numel())
             observer.down_input(current_hidden_states)
         if transposed:
-            current_hidden_states = current_hidden_states @ self.down_proj[expert_idx]
+            current_hidden_states = current_hidden_states @ down_w
         else:
-            current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
+            current_hidden_states = F.linear(current_hidden_states, down_w)
         if bias:
             current_hidden_states = current_hidden_states + self.down_proj_bias[expert_idx]
         current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]

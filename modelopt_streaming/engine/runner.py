@@ -33,13 +33,16 @@ class EngineOptions:
     family we run). attn_implementation: transformers' attention ("auto": sdpa where the class supports it,
     as from_pretrained picks it; "sdpa"; "eager"). batch_size: sequences per forward call (the same rows
     batched differently give other bits, so a comparison with a reference must batch as it does).
-    trust_remote_code: run custom model code."""
+    trust_remote_code: run custom model code. device_budget_bytes: a module larger than this keeps its fused
+    experts in host memory and brings each expert to the device when the router picks it (the same
+    operations on the same device, so the same bits); None: every module whole on the device."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.bfloat16
     attn_implementation: str = "auto"
     batch_size: int = 1
     trust_remote_code: bool = False
+    device_budget_bytes: int | None = None
 
 
 class LayerStream:
@@ -81,12 +84,31 @@ class LayerStream:
         """The module ``name`` of the model (e.g. ``model.layers.3``) with its tensors, on the device."""
         meta = self.skeleton.model.get_submodule(name)
         sources = param_sources(self.skeleton, self.index, meta, name, self.decoded)
-        live = materialize(meta, sources, self._read, self.options.device)
+        on_host = self._experts_on_host(meta, sources)
+        live = materialize(meta, sources, self._read, self.options.device, on_host)
+        fetching = []
+        if on_host:
+            # The experts stay in host memory and each one the router picks comes to the device for its turn
+            # (observe.experts_forward): GPU memory holds the rest of the layer and one expert.
+            for sub in live.modules():
+                if hasattr(sub, "gate_up_proj") and hasattr(sub, "num_experts"):
+                    sub._modelopt_streaming_fetch = self.options.device
+                    fetching.append(sub)
         try:
             yield live
         finally:
+            for sub in fetching:
+                del sub._modelopt_streaming_fetch
             # Back to meta: the layer's tensors are freed, the skeleton keeps its structure.
             live.to_empty(device="meta")
+
+    def _experts_on_host(self, meta: torch.nn.Module, sources: list) -> frozenset[str]:
+        """The fused experts' parameters of a module larger than the device budget, kept in host memory."""
+        budget = self.options.device_budget_bytes
+        if budget is None:
+            return frozenset()
+        size = sum(t.numel() * t.element_size() for t in meta.state_dict(keep_vars=True).values())
+        return frozenset(s.param for s in sources if s.stacked) if size > budget else frozenset()
 
     def live_views(self, name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The checkpoint tensors of module ``name`` (materialized as ``module``) that its live parameters hold

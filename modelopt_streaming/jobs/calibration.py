@@ -127,7 +127,10 @@ def run_calibration(
         UsageError, CheckpointError: as ``engine.calibrate``.
     """
     engine = EngineOptions(
-        device=device, batch_size=options.calib_batch_size, trust_remote_code=options.trust_remote_code
+        device=device,
+        batch_size=options.calib_batch_size,
+        trust_remote_code=options.trust_remote_code,
+        device_budget_bytes=_device_budget(options.calib_device_budget, device),
     )
     key = calibration_key(data, options)
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)
@@ -182,6 +185,15 @@ def run_calibration(
     }
     read = bytes_reader.bytes_read if bytes_reader is not None else 0
     return CalibrationRun(data, calibration, scales, kv_scales, settings, read)
+
+
+def _device_budget(asked: int | None, device: torch.device) -> int | None:
+    """The bytes a layer may take on the device: as asked, or on a GPU its free memory less 10 GiB for the
+    hidden states of a batch and the codec's scratch."""
+    if asked is not None or device.type != "cuda":
+        return asked
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(0, free - 10 * 1024**3)
 
 
 def _share(input_ids: torch.Tensor, batch: int, rank: int, world: int) -> torch.Tensor:

@@ -58,6 +58,9 @@ class QuantizeOptions:
         kv_cache: an FP8 KV cache: ``"fp8_cast"`` writes the config entries and no scale tensors (ModelOpt's
             constant-amax mode: vLLM uses 1.0); ``"fp8"`` (needs ``calib_data``) also each attention layer's
             calibrated ``k_proj.k_scale`` and ``v_proj.v_scale`` (max |k| / 448, max |v| / 448).
+        calib_device_budget: bytes of device memory a decoder layer may take; a larger layer keeps its experts in
+            host memory and brings each to the device in its turn (default: the device's free memory less
+            10 GiB on a GPU, no limit on the CPU).
     """
 
     mlp_only: bool = False
@@ -83,6 +86,7 @@ class QuantizeOptions:
     calib_batch_size: int = 1
     trust_remote_code: bool = False
     kv_cache: str | None = None
+    calib_device_budget: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -102,8 +106,10 @@ class QuantizeOptions:
             )
         if self.io_threads is not None and self.io_threads < 1:
             raise UsageError(f"--io_threads must be at least 1, not {self.io_threads}")
-        if self.calib_data is None and (self.calib_size is not None or self.calib_seq_len is not None):
-            raise UsageError("--calib_size and --calib_seq_len need --calib_data")
+        if self.calib_data is None and (
+            self.calib_size is not None or self.calib_seq_len is not None or self.calib_device_budget is not None
+        ):
+            raise UsageError("--calib_size, --calib_seq_len and --calib_device_budget need --calib_data")
         if self.calib_data is not None and self.input_scales_from is not None:
             raise UsageError("--calib_data and --input_scales_from exclude each other (both give the input scales)")
         if self.calib_data is not None and self.weight_only and self.kv_cache != "fp8":

@@ -305,7 +305,7 @@ class LiveUnits:
             if id(unit) in self.written or not all(s.name in views for s in sources):
                 continue
             if isinstance(unit, QuantizeUnit):
-                members = [views[s.name] for s in sources]
+                members = [views[s.name].to(job.device) for s in sources]  # experts may wait in host memory
                 t = time.perf_counter()
                 encoded = _encode_unit(
                     unit, members, job.codec, recipe, job.options.allow_nonfinite, job.input_dir, job.reciprocals
