@@ -277,13 +277,12 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
             f"resuming: {len(done)} of {len(plan.shards)} shards already finished"
             + (" and verified by digest" if options.verify else " (sizes checked; --verify also checks their digests)")
         )
-    if job.calibration_data is not None:
-        _log.debug("input scales: calibrated (said once the calibration has run)")
-    elif job.recipe.input_scales:
+    # A calibrated run says where its input scales come from once the calibration has run (_calibrate).
+    if job.calibration_data is None and job.recipe.input_scales:
         _log.info(
             f"input scales: from the reference for {len(plan.quantized) - len(summary.input_scales_missing)} modules"
         )
-    elif not options.weight_only:
+    elif job.calibration_data is None and not options.weight_only:
         _log.info(
             "note: activation scales are not calibrated: every input_scale is 1.0 (NVIDIA's calibration-free "
             "W4A4 recipe); use --weight_only for W4A16"
