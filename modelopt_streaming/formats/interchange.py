@@ -34,6 +34,9 @@ LEAVES = {
         "input": "input_global_scale",
     },
 }
+# ModelOpt 0.47's 3-D fused experts (GPT-OSS, Llama-4): the packed codes keep the tensor's name X and the scales
+# are named by suffix, X_weight_scale, X_weight_scale_2 and X_input_scale (one each for the whole tensor), by role.
+EXPERTS_3D_SUFFIXES = {"weight_scale": "_weight_scale", "global": "_weight_scale_2", "input": "_input_scale"}
 # Shape of the scalar scales: ModelOpt exports 0-dim tensors, compressed-tensors [1]
 # (compressed_tensors/quantization/lifecycle/initialize.py registers ``*_global_scale`` as shape (1,)).
 SCALAR_SHAPE = {MODELOPT: (), COMPRESSED_TENSORS: (1,)}

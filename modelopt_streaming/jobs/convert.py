@@ -29,6 +29,7 @@ import torch
 from modelopt_streaming.errors import CheckpointError, ConversionRefused, UsageError
 from modelopt_streaming.formats.interchange import (
     COMPRESSED_TENSORS,
+    EXPERTS_3D_SUFFIXES,
     FORMATS,
     LEAVES,
     MODELOPT,
@@ -154,7 +155,7 @@ def linear_modules(tensors: dict[str, TensorInfo]) -> list[str]:
             continue
         if leaf in ("weight", "weight_packed"):
             out.add(module)
-        elif leaf in quant_leaves or name.endswith(("bias", "_weight_scale", "_weight_scale_2", "_input_scale")):
+        elif leaf in quant_leaves or name.endswith(("bias", *EXPERTS_3D_SUFFIXES.values())):
             continue
         elif info.dtype in FLOAT_DTYPES or (info.dtype == "U8" and len(info.shape) == 3):
             out.add(name)
@@ -164,7 +165,9 @@ def linear_modules(tensors: dict[str, TensorInfo]) -> list[str]:
 def quantized_experts_3d(tensors: dict[str, TensorInfo]) -> list[str]:
     """ModelOpt 0.47's 3-D fused experts: X uint8 [E, in/2, out] with ``X_weight_scale``."""
     return sorted(
-        n for n, i in tensors.items() if i.dtype == "U8" and len(i.shape) == 3 and f"{n}_weight_scale" in tensors
+        n
+        for n, i in tensors.items()
+        if i.dtype == "U8" and len(i.shape) == 3 and n + EXPERTS_3D_SUFFIXES["weight_scale"] in tensors
     )
 
 

@@ -28,7 +28,7 @@ import torch
 
 from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.errors import CheckpointError, UsageError
-from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, MODELOPT, PROVENANCE_FILE
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, EXPERTS_3D_SUFFIXES, MODELOPT, PROVENANCE_FILE
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.jobs.convert import quantized_experts_3d
 from modelopt_streaming.jobs.shard_copy import write_shards_in_order
@@ -129,16 +129,13 @@ def plan_units(index: CheckpointIndex, dtype: str) -> tuple[list[Unit], int]:
             consumed.update(r.name for r in roles.values())
         for name in quantized_experts_3d(index.tensors):
             packed = index.tensors[name]
-            parts = [index.tensors.get(f"{name}{s}") for s in ("_weight_scale", "_weight_scale_2")]
+            parts = [index.tensors.get(name + EXPERTS_3D_SUFFIXES[r]) for r in ("weight_scale", "global")]
             if parts[1] is None:
-                raise CheckpointError(f"{index.root / packed.file}, tensor {name!r}: no {name}_weight_scale_2")
+                missing = name + EXPERTS_3D_SUFFIXES["global"]
+                raise CheckpointError(f"{index.root / packed.file}, tensor {name!r}: no {missing}")
             n_exp, half_in, n_out = packed.shape
             units.append(Unit("experts_3d", name, out_dtype, (n_exp, half_in * 2, n_out), (packed, *parts)))
-            consumed.update(
-                n
-                for n in (name, *(f"{name}{s}" for s in ("_weight_scale", "_weight_scale_2", "_input_scale")))
-                if n in index.tensors
-            )
+            consumed.update(n for n in (name, *(name + s for s in EXPERTS_3D_SUFFIXES.values())) if n in index.tensors)
     # Vendor formats the reader decodes; looked for among what is not NVFP4 (an NVFP4 compressed-tensors
     # ``weight_packed`` is uint8, not the int32 of pack-quantized INT4).
     rest = {n: t for n, t in index.tensors.items() if n not in consumed}

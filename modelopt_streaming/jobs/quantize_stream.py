@@ -17,7 +17,7 @@ import torch
 from modelopt_streaming import faults
 from modelopt_streaming.codec import Codec, nvfp4
 from modelopt_streaming.errors import CheckpointError, IncompleteShardError
-from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, LEAVES, ExactReciprocals
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, EXPERTS_3D_SUFFIXES, LEAVES, ExactReciprocals
 from modelopt_streaming.jobs.distributed import contiguous_share
 from modelopt_streaming.jobs.pipeline import ParallelWriter, read_ahead
 from modelopt_streaming.jobs.quantize_job import QuantizeJob, shard_specs
@@ -73,10 +73,10 @@ def _encode_unit(
     if unit.layout == "experts_3d":
         (name,), (w,) = unit.modules, members
         packed, block_scales = nvfp4.quantize_experts(w, weight_scale_2, codec.quantize)
-        out += [(name, packed), (f"{name}_weight_scale", block_scales)]
-        out.append((f"{name}_weight_scale_2", weight_scale_2))
+        out += [(name, packed), (name + EXPERTS_3D_SUFFIXES["weight_scale"], block_scales)]
+        out.append((name + EXPERTS_3D_SUFFIXES["global"], weight_scale_2))
         if unit.with_input_scale:
-            out.append((f"{name}_input_scale", input_scale))
+            out.append((name + EXPERTS_3D_SUFFIXES["input"], input_scale))
         return _to_host(out)
     leaf = LEAVES[unit.dialect]
     for module, w in zip(unit.modules, members):

@@ -16,7 +16,7 @@ from typing import Literal
 
 from modelopt_streaming.consumers import ExclusionMatcher
 from modelopt_streaming.errors import CheckpointError
-from modelopt_streaming.formats.interchange import LEAVES, SCALAR_SHAPE
+from modelopt_streaming.formats.interchange import EXPERTS_3D_SUFFIXES, LEAVES, SCALAR_SHAPE
 from modelopt_streaming.formats.names import FUSED_EXPERTS, experts_of
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE
 from modelopt_streaming.plan.names import KIND_ORDER, default_exclusion, fusion_key, module_kind
@@ -111,11 +111,11 @@ class QuantizeUnit:
             n_exp, n_in, n_out = src.shape
             out = [
                 TensorSpec(name, "U8", (n_exp, n_in // 2, n_out)),
-                TensorSpec(f"{name}_weight_scale", "F8_E4M3", (n_exp, n_in // BLOCK_SIZE, n_out)),
-                TensorSpec(f"{name}_weight_scale_2", "F32", ()),
+                TensorSpec(name + EXPERTS_3D_SUFFIXES["weight_scale"], "F8_E4M3", (n_exp, n_in // BLOCK_SIZE, n_out)),
+                TensorSpec(name + EXPERTS_3D_SUFFIXES["global"], "F32", ()),
             ]
             if self.with_input_scale:
-                out.append(TensorSpec(f"{name}_input_scale", "F32", ()))
+                out.append(TensorSpec(name + EXPERTS_3D_SUFFIXES["input"], "F32", ()))
             return tuple(out)
         out = []
         leaf, scalar = LEAVES[self.dialect], SCALAR_SHAPE[self.dialect]
@@ -135,7 +135,7 @@ class QuantizeUnit:
     def encoded_names(self) -> list[tuple[str, str, str]]:
         """(module, packed codes tensor, weight_scale_2 tensor) of each member, as ``outputs`` names them."""
         if self.layout == "experts_3d":
-            return [(m, m, f"{m}_weight_scale_2") for m in self.modules]
+            return [(m, m, m + EXPERTS_3D_SUFFIXES["global"]) for m in self.modules]
         leaf = LEAVES[self.dialect]
         return [(m, f"{m}.{leaf['weight']}", f"{m}.{leaf['global']}") for m in self.modules]
 

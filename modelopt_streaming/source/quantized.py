@@ -11,6 +11,7 @@ from pathlib import Path
 from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.interchange import (
     COMPRESSED_TENSORS,
+    EXPERTS_3D_SUFFIXES,
     LEAVES,
     MODELOPT,
     PROVENANCE_FILE,
@@ -79,7 +80,8 @@ def reference_input_scales(path: str | Path) -> dict[str, float]:
     wanted = {n[: -len(leaf) - 1]: info for n, info in index.tensors.items() if n.endswith("." + leaf)}
     # ModelOpt 0.47's 3-D fused experts: ``X_input_scale`` for the tensor X.
     if fmt == MODELOPT:
-        wanted.update({n[: -len("_input_scale")]: i for n, i in index.tensors.items() if n.endswith("_input_scale")})
+        suffix = EXPERTS_3D_SUFFIXES["input"]
+        wanted.update({n[: -len(suffix)]: i for n, i in index.tensors.items() if n.endswith(suffix)})
     reciprocals = ExactReciprocals(load_exact_reciprocals(root)) if fmt == COMPRESSED_TENSORS else None
     out: dict[str, float] = {}
     with TensorReader(root) as reader:

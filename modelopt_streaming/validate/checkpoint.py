@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.errors import CheckpointError
-from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, LEAVES, MODELOPT
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, EXPERTS_3D_SUFFIXES, LEAVES, MODELOPT
 from modelopt_streaming.source.index import INDEX_FILE, TensorInfo, shard_tensors
 from modelopt_streaming.source.reader import TensorReader
 
+# ModuleView attribute of each role of a 3-D experts tensor's scales.
+_EXPERTS_3D_ROLES = (("weight_scale", "weight_scale"), ("global", "global_scale"), ("input", "input_scale"))
 _FUSED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)$")
 _SUFFIXES = LEAVES
 
@@ -160,13 +162,13 @@ class NVFP4Checkpoint:
         for name, info in self.tensors.items():
             if _FUSED_EXPERTS.search(name) and len(info.shape) == 3:
                 view = views[name] = ModuleView(name, weight=info)
-                for role, suffix in (
-                    ("weight_scale", "_weight_scale"),
-                    ("global_scale", "_weight_scale_2"),
-                    ("input_scale", "_input_scale"),
+                for role, attr in (
+                    ("weight_scale", "weight_scale"),
+                    ("global", "global_scale"),
+                    ("input", "input_scale"),
                 ):
-                    setattr(view, role, self.tensors.get(name + suffix))
-                taken |= {name, *(name + s for s in ("_weight_scale", "_weight_scale_2", "_input_scale"))}
+                    setattr(view, attr, self.tensors.get(name + EXPERTS_3D_SUFFIXES[role]))
+                taken |= {name, *(name + s for s in EXPERTS_3D_SUFFIXES.values())}
         suffix = _SUFFIXES.get(self.format or MODELOPT)
         roles = {
             suffix["weight"]: "weight",
