@@ -84,6 +84,15 @@ def child_quantize(args: argparse.Namespace) -> dict:
             if on_layer is not None:
                 on_layer(b, n)
 
+        live = kw.get("on_live")
+        if live is not None:  # the job writes a layer's units from the tensors the calibration read
+
+            def timed_live(module_name, views, measured):
+                t = time.perf_counter()
+                live(module_name, views, measured)
+                writes[module_name] = writes.get(module_name, 0.0) + time.perf_counter() - t
+
+            kw["on_live"] = timed_live
         result = engine_calibrate(index, reader, input_ids, options, kv=kv, on_layer=boundary, **kw)
         calib.update(seconds=time.perf_counter() - t0, tokens=int(input_ids.numel()), rows=list(input_ids.shape))
         # Before the first layer: the model skeleton, the embedding's read and its lookup of every row.
@@ -93,8 +102,9 @@ def child_quantize(args: argparse.Namespace) -> dict:
             span = spans.get(x["layer"], {})
             x["s"] = span.get("s", x["boundary_s"])
             x["read_s"] = reads.get(f"model.layers.{x['layer']}")
+            x["write_s"] = writes.get(f"model.layers.{x['layer']}", 0.0)  # quantize + write while it is live
             if x["read_s"] is not None:
-                x["forward_s"] = x["s"] - x["read_s"]
+                x["forward_s"] = x["s"] - x["read_s"] - x["write_s"]
         return result
 
     calibration_job.calibrate = timed_calibrate
@@ -107,6 +117,7 @@ def child_quantize(args: argparse.Namespace) -> dict:
     run_layer, module = engine_module._run_layer, runner.LayerStream.module
     spans: dict[int, dict] = {}
     reads: dict[str, float] = {}
+    writes: dict[str, float] = {}
 
     def timed_run_layer(stream, layer_index, *a, **kw):
         t = time.perf_counter()
@@ -143,6 +154,8 @@ def child_quantize(args: argparse.Namespace) -> dict:
         "phases": s.phases,
         "input_bytes": s.input_bytes,
         "output_bytes": s.output_bytes,
+        # Bytes read from the source in all: input_bytes when each tensor is read once.
+        "source_bytes_read": getattr(s, "source_bytes_read", None),
         "layers": layers,
         "calibrate": calib,
         "engine": s.calibration.get("engine", {}),
@@ -445,6 +458,7 @@ def main() -> None:
                     "mean": sum(x["s"] for x in v) / len(v),
                     "read_mean": sum(x.get("read_s") or 0 for x in v) / len(v),
                     "forward_mean": sum(x.get("forward_s") or 0 for x in v) / len(v),
+                    "write_mean": sum(x.get("write_s") or 0 for x in v) / len(v),
                     "all": [x["s"] for x in v],
                 }
                 for k, v in by_kind.items()
