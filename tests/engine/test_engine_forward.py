@@ -30,7 +30,8 @@ def _engine_states(src, ids: torch.Tensor, options: EngineOptions | None = None)
 def test_every_layer_equals_the_full_model(tmp_path, arch):
     src = make_source(tmp_path / "src", arch)
     model = reference_model(src)
-    ids = token_rows(model.config.vocab_size, rows=2)
+    # Rows on which DeepSeek-V3 routed a token otherwise while its router bias was cast to bf16.
+    ids = token_rows(model.config.vocab_size, rows=2, seed=5)
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True)
     states, logits = _engine_states(src, ids)
