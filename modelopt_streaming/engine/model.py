@@ -152,20 +152,32 @@ class ParamSource:
 
 
 def param_sources(
-    skeleton: Skeleton, index: CheckpointIndex, module: torch.nn.Module, module_name: str
+    skeleton: Skeleton,
+    index: CheckpointIndex,
+    module: torch.nn.Module,
+    module_name: str,
+    lookup: Callable[[str], object | None] | None = None,
 ) -> list[ParamSource]:
     """The checkpoint tensors of every parameter and persistent buffer of ``module`` (named ``module_name``
     in ``skeleton.model``), checked for presence before anything is read.
 
+    ``lookup`` (checkpoint name -> what ``materialize``'s ``read`` is given, or None when absent) replaces the
+    source lookup (a tensor of the index, or a vendor-decoded weight): a quantized checkpoint's own.
+
     Raises:
         CheckpointError: a tensor the module needs is missing from the checkpoint (the first one named).
     """
-    decoded = _decoded(index)
+    if lookup is None:
+        decoded = _decoded(index)
+
+        def lookup(name: str) -> TensorInfo | DecodedWeight | None:
+            return _lookup(index, decoded, name)
+
     out = []
     for param in module.state_dict(keep_vars=True):
         full = f"{module_name}.{param}" if module_name else param
         ckpt = skeleton.checkpoint_name(full)
-        hit = _lookup(index, decoded, ckpt)
+        hit = lookup(ckpt)
         if hit is not None:
             out.append(ParamSource(param, ((hit,),), stacked=False))
             continue
@@ -179,7 +191,7 @@ def param_sources(
         per_expert = []
         for e in range(n):
             names = [f"{experts_ckpt}.{e}.{leaf}.weight" for leaf in wanted]
-            found = [_lookup(index, decoded, x) for x in names]
+            found = [lookup(x) for x in names]
             missing = [x for x, f in zip(names, found) if f is None]
             if missing:
                 raise CheckpointError(f"{index.root}: tensor {missing[0]!r} is missing (the model's {full})")
