@@ -1,6 +1,6 @@
 """modelopt-streaming: any-size safetensors checkpoint in, ModelOpt-exact NVFP4 checkpoint out.
 
-The public surface: the jobs ``quantize``, ``convert`` and ``decompress``, the options ``quantize`` takes
+The public surface: the jobs ``quantize``, ``convert``, ``decompress`` and ``evaluate``, the options ``quantize`` takes
 (``QuantizeOptions``) and the summary it returns, and every error the tool raises (all subclasses of
 ``ModeloptStreamingError``). Messages go to the ``modelopt_streaming`` logger (configured by the command
 line only)."""
@@ -19,6 +19,7 @@ from modelopt_streaming.errors import (
 )
 from modelopt_streaming.jobs.convert import convert
 from modelopt_streaming.jobs.decompress import decompress
+from modelopt_streaming.jobs.evaluate import EvaluationReport, evaluate
 from modelopt_streaming.jobs.quantize import quantize
 from modelopt_streaming.jobs.quantize_job import QuantizeOptions
 from modelopt_streaming.jobs.summary import Summary
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "ConsumerError",
     "ConversionRefused",
+    "EvaluationReport",
     "IncompleteShardError",
     "ModeloptStreamingError",
     "OutputError",
@@ -40,5 +42,6 @@ __all__ = [
     "__version__",
     "convert",
     "decompress",
+    "evaluate",
     "quantize",
 ]

@@ -201,6 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add(w, "source", metavar="BF16_DIR", help="source checkpoint: report each one's quantization error")
     _add(w, "json", action="store_true")
 
+    e = sub.add_parser("evaluate", help="what NVFP4 did to the model's outputs: KL, top-1, perplexity, per layer")
+    _add(e, "source", required=True, metavar="IN", help="the unquantized source checkpoint")
+    _add(e, "checkpoint", required=True, metavar="Q", help="its NVFP4 checkpoint (either dialect, any producer)")
+    _add(e, "data", metavar="SRC", help="what --calib_data takes (default: the evaluation text shipped with the tool)")
+    _add(e, "samples", type=int, metavar="N", help="rows to evaluate (default: all the data gives)")
+    _add(e, "seq_len", type=int, metavar="L", help="tokens per row for text data (default 2048)")
+    _add(e, "batch_size", type=int, default=1, metavar="B", help="rows per forward (default 1)")
+    _add(
+        e,
+        "act_quant",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="quantize-dequantize the inputs of quantized Linears (W4A4); auto follows the checkpoint's config",
+    )
+    _add(
+        e,
+        "dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="compute dtype: the source's (bfloat16) or float32 (only the quantization's error is measured)",
+    )
+    _add(e, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    _add(e, "plot", metavar="FILE.png", help="write the per-layer relative error curve")
+    _add(e, "trust_remote_code", action="store_true", help="run the checkpoint's custom tokenizer code")
+    _add(e, "quiet", action="store_true", help="no progress output")
+    _add(e, "json", action="store_true", help="machine-readable report")
+    _add(e, "debug", action="store_true", help="show tracebacks on errors")
+
     d = sub.add_parser("doctor", help="check the serving stack (vLLM version, GPU, CUDA headers)")
     d.add_argument("checkpoint", nargs="?")
     _add(d, "json", action="store_true")
@@ -257,7 +285,12 @@ def exit_code_of(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runs = {"quantize": _run_quantize, "convert": _run_interchange, "decompress": _run_interchange}
+    runs = {
+        "quantize": _run_quantize,
+        "convert": _run_interchange,
+        "decompress": _run_interchange,
+        "evaluate": _run_evaluate,
+    }
     if args.command in WRITING_COMMANDS:
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -342,6 +375,33 @@ def _run_quantize(args) -> int:
         return 0
     title = "plan (dry run, nothing written)" if args.dry_run else f"wrote {summary.output_dir}"
     print(f"{title}\n" + "\n".join(f"  {line}" for line in summary.lines()))
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from modelopt_streaming.jobs.evaluate import evaluate
+
+    with _messages_to_stderr(args.quiet):
+        report = evaluate(
+            args.source,
+            args.checkpoint,
+            data=args.data,
+            samples=args.samples,
+            seq_len=args.seq_len,
+            act_quant=args.act_quant,
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.batch_size,
+            plot=args.plot,
+            progress="none" if args.quiet else "auto",
+            trust_remote_code=args.trust_remote_code,
+        )
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))
     return 0
 
 

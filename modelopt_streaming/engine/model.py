@@ -20,7 +20,7 @@ import torch
 
 from modelopt_streaming.errors import CheckpointError, UsageError
 from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
-from modelopt_streaming.source.vendor import DecodedWeight
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights
 
 
 # model_type of the text decoder -> how its checkpoint names its experts (gate, up, down leaves; None: the
@@ -177,20 +177,30 @@ def param_sources(
     index: CheckpointIndex,
     module: torch.nn.Module,
     module_name: str,
-    decoded: dict[str, DecodedWeight],
+    decoded: dict[str, DecodedWeight] | None = None,
+    lookup: Callable[[str], object | None] | None = None,
 ) -> list[ParamSource]:
     """The checkpoint tensors of every parameter and persistent buffer of ``module`` (named ``module_name``
     in ``skeleton.model``), checked for presence before anything is read. ``decoded``: the checkpoint's vendor
     encodings (``source.vendor.decoded_weights``), which stand in for their parts under the weight's name.
 
+    ``lookup`` (checkpoint name -> what ``materialize``'s ``read`` is given, or None when absent) replaces the
+    source lookup (a tensor of the index, or a vendor-decoded weight): a quantized checkpoint's own.
+
     Raises:
         CheckpointError: a tensor the module needs is missing from the checkpoint (the first one named).
     """
+    if lookup is None:
+        known = decoded if decoded is not None else decoded_weights(index)
+
+        def lookup(name: str) -> TensorInfo | DecodedWeight | None:
+            return _lookup(index, known, name)
+
     out = []
     for param in module.state_dict(keep_vars=True):
         full = f"{module_name}.{param}" if module_name else param
         ckpt = skeleton.checkpoint_name(full)
-        hit = _lookup(index, decoded, ckpt)
+        hit = lookup(ckpt)
         if hit is not None:
             out.append(ParamSource(param, ((hit,),), stacked=False))
             continue
@@ -204,7 +214,7 @@ def param_sources(
         per_expert = []
         for e in range(n):
             names = [f"{experts_ckpt}.{e}.{leaf}.weight" for leaf in wanted]
-            found = [_lookup(index, decoded, x) for x in names]
+            found = [lookup(x) for x in names]
             missing = [x for x, f in zip(names, found) if f is None]
             if missing:
                 raise CheckpointError(f"{index.root}: tensor {missing[0]!r} is missing (the model's {full})")

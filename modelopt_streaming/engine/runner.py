@@ -8,6 +8,7 @@ module, the causal mask of ``create_causal_mask`` (and the sliding-window one fo
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,7 +52,6 @@ class LayerStream:
 
     def __init__(self, index: CheckpointIndex, reader: TensorReader, options: EngineOptions):
         self.index, self.reader, self.options = index, reader, options
-        self.decoded = decoded_weights(index)  # FP8 blocks, INT4 packs, MXFP4: read as bf16
         self.skeleton: Skeleton = build_skeleton(
             index.config,
             str(index.root),
@@ -71,6 +71,12 @@ class LayerStream:
         with torch.device(device):
             self.rotary = rotary_class(config=config)
         self._cache: dict[int, tuple] = {}
+
+    @functools.cached_property
+    def decoded(self) -> dict[str, DecodedWeight]:
+        """The source's vendor encodings (FP8 blocks, INT4 packs, MXFP4), read as bf16: found on first use, so a
+        stream over a checkpoint with its own lookup (an NVFP4 one, ``engine.quantized``) never looks."""
+        return decoded_weights(self.index)
 
     @property
     def num_layers(self) -> int:

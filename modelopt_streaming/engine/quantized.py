@@ -1,0 +1,368 @@
+"""A quantized NVFP4 checkpoint run by the engine as the serving engine's emulation runs it: the architecture is
+the source's (its ``config.json``), every parameter comes from the quantized files.
+
+- An NVFP4 weight (ModelOpt ``X.weight``/``X.weight_scale``/``X.weight_scale_2``, compressed-tensors
+  ``X.weight_packed``/``X.weight_scale``/``X.weight_global_scale``, ModelOpt 0.47's 3-D fused experts ``X``,
+  ``X_weight_scale``, ``X_weight_scale_2``) is dequantized exactly, ``E2M1[code] * fp32(block scale) * global
+  scale`` in float32, then cast to the compute dtype: vLLM 0.32's NVFP4 emulation
+  (``model_executor/layers/quantization/utils/nvfp4_emulation_utils.py`` ``dequantize_to_dtype``), whose
+  global scale is ``weight_scale_2`` for ModelOpt and ``1.0 / weight_global_scale`` (float32) for
+  compressed-tensors (``compressed_tensors_w4a4_nvfp4.py`` ``process_weights_after_loading``).
+- Per-expert checkpoint modules are stacked into the fused 3-D parameters as the source is
+  (``engine.model.param_sources``).
+- Every other parameter (norms, embeddings, routers, unquantized projections) is read from the quantized
+  checkpoint, never from the source, so a producer that damaged one is measured.
+- W4A4: the input of each quantized Linear is quantize-dequantized per 16 values with its stored input scale, as
+  vLLM's emulation kernel does (``ref_nvfp4_quant_dequant``, run by ``run_nvfp4_emulations``; global scale
+  ``1.0 / input_scale`` for ModelOpt, ``modelopt.py`` ``input_global_scale_inv``, the stored
+  ``input_global_scale`` for compressed-tensors), as forward pre-hooks. Fused experts have no Linear: our experts
+  implementation quantizes each expert's gate/up input and down input with the experts module's one global
+  scale per projection, ``1.0 / max`` over the experts' input scales, as vLLM's emulated NVFP4 MoE takes it
+  (``fused_moe/oracle/nvfp4.py`` ``convert_to_nvfp4_moe_kernel_format``, then ``moe_kernel_quantize_input``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from modelopt_streaming.codec.nvfp4 import dequantize, e2m1_codes
+from modelopt_streaming.engine import observe
+from modelopt_streaming.engine.model import materialize, param_sources
+from modelopt_streaming.engine.runner import EngineOptions, LayerStream
+from modelopt_streaming.errors import CheckpointError, UsageError
+from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS, LEAVES, MODELOPT
+from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES
+from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
+from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
+from modelopt_streaming.source.reader import TensorReader
+
+EXPERTS_IMPLEMENTATION = "modelopt_streaming_nvfp4"
+ACT_QUANT_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One NVFP4 weight of the checkpoint, standing for the parameter ``name``."""
+
+    name: str
+    packed: TensorInfo
+    scale: TensorInfo
+    global_scale: TensorInfo
+    fmt: str
+    three_d: bool  # ModelOpt 0.47's fused experts [E, in/2, out]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.three_d:
+            e, half_in, out = self.packed.shape
+            return (e, half_in * 2, out)
+        return (self.packed.shape[0], self.packed.shape[1] * 2)
+
+
+def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of ``x`` per 16 values along its last dimension, in ``x``'s dtype: vLLM 0.32's
+    ``ref_nvfp4_quant_dequant`` (``ref_nvfp4_quant`` then the dequantization), operation by operation.
+    ``global_scale``: float32, one element (vLLM's input global scale, ``1 / input_scale``)."""
+    shape, dtype = x.shape, x.dtype
+    gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(())
+    blocks = x.reshape(-1, shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    vec_max = blocks.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    scale = gs * (vec_max * (1 / 6.0))
+    scale = torch.clamp(scale, max=448, min=-448).to(torch.float8_e4m3fn).to(torch.float32)
+    output_scale = _reciprocal(scale * _reciprocal(gs))
+    scaled = torch.clamp(blocks.to(torch.float32) * output_scale, -6.0, 6.0)
+    # vLLM's cast_to_fp4 rounds to the nearest E2M1 magnitude with ties to the even code: the codec's rule.
+    codes = e2m1_codes(scaled)
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
+    values = table[(codes & 7).long()] * torch.sign(scaled)
+    return (values * (scale / gs)).reshape(shape).to(dtype)
+
+
+def _reciprocal(x: torch.Tensor) -> torch.Tensor:
+    # vLLM's get_reciprocal: 1 / x, and 1e-8 for 0.
+    return 1.0 / (x + (x == 0) * 1e8)
+
+
+class QuantizedCheckpoint:
+    """What an NVFP4 checkpoint holds, by the parameter names of the source's model."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        fmt = detect_format(index.config, index.tensors, index.root)
+        if fmt is None:
+            raise UsageError(
+                f"--checkpoint {index.root}: not an NVFP4 checkpoint (no hf_quant_config.json, no ModelOpt or "
+                "compressed-tensors nvfp4-pack-quantized quantization_config, no packed NVFP4 weights)"
+            )
+        self.fmt = fmt
+        self.weights: dict[str, QuantizedWeight] = {}
+        self.input_scales: dict[str, TensorInfo] = {}  # parameter name -> its module's input scale tensor
+        self.consumed: set[str] = set()
+        for module, roles in nvfp4_modules(index.tensors, fmt).items():
+            packed = roles["weight"]
+            if "weight_scale" not in roles or "global" not in roles:
+                raise CheckpointError(
+                    f"{index.root / packed.file}, tensor {packed.name!r}: packed NVFP4 weight without its "
+                    f"{LEAVES[fmt]['weight_scale']} and {LEAVES[fmt]['global']}"
+                )
+            name = f"{module}.weight"
+            self.weights[name] = QuantizedWeight(name, packed, roles["weight_scale"], roles["global"], fmt, False)
+            if "input" in roles:
+                self.input_scales[name] = roles["input"]
+            self.consumed.update(r.name for r in roles.values())
+        if fmt == MODELOPT:
+            for name, info in index.tensors.items():
+                scale = index.tensors.get(f"{name}_weight_scale")
+                if info.dtype != "U8" or len(info.shape) != 3 or scale is None:
+                    continue
+                global_scale = index.tensors.get(f"{name}_weight_scale_2")
+                if global_scale is None:
+                    raise CheckpointError(f"{index.root / info.file}, tensor {name!r}: no {name}_weight_scale_2")
+                self.weights[name] = QuantizedWeight(name, info, scale, global_scale, fmt, True)
+                self.consumed.update((name, scale.name, global_scale.name))
+                if f"{name}_input_scale" in index.tensors:
+                    self.input_scales[name] = index.tensors[f"{name}_input_scale"]
+                    self.consumed.add(f"{name}_input_scale")
+        if not self.weights:
+            raise UsageError(f"--checkpoint {index.root}: no NVFP4 weights in it (an unquantized checkpoint?)")
+
+    def declares_w4a4(self) -> bool | None:
+        """What the checkpoint's config says: True (NVFP4 weights and activations), False (weight-only), None."""
+        root = self.index.root
+        if self.fmt == MODELOPT and (root / "hf_quant_config.json").is_file():
+            try:
+                algo = json.loads((root / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+            except (ValueError, KeyError, TypeError):
+                algo = None
+        else:
+            qc = self.index.config.get("quantization_config") or {}
+            algo = qc.get("quant_algo")
+            if self.fmt == COMPRESSED_TENSORS:
+                groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+                if groups:
+                    return any(g.get("input_activations") for g in groups)
+        if algo == "NVFP4":
+            return True
+        if algo == "W4A16_NVFP4":
+            return False
+        return None
+
+    def resolve_act_quant(self, mode: str) -> bool:
+        if mode not in ACT_QUANT_MODES:
+            raise UsageError(f"--act_quant {mode!r}: one of {', '.join(ACT_QUANT_MODES)}")
+        if mode == "off":
+            return False
+        declared = self.declares_w4a4()
+        on = mode == "on" or (declared if declared is not None else bool(self.input_scales))
+        if on:
+            missing = sorted(set(self.weights) - set(self.input_scales))
+            if missing:
+                raise CheckpointError(
+                    f"--checkpoint {self.index.root}: activations are NVFP4 (--act_quant {mode}) but "
+                    f"{missing[0]!r} has no input scale"
+                )
+        return on
+
+    def lookup(self, name: str) -> QuantizedWeight | TensorInfo | None:
+        hit = self.weights.get(name)
+        if hit is not None:
+            return hit
+        info = self.index.tensors.get(name)
+        if info is not None and info.name in self.consumed:
+            return None
+        return info
+
+    def read(self, reader: TensorReader, item: QuantizedWeight | TensorInfo) -> torch.Tensor:
+        if not isinstance(item, QuantizedWeight):
+            return reader.read(item)
+        packed, scale = reader.read(item.packed), reader.read(item.scale)
+        global_scale = self.weight_global_scale(reader, item)
+        if not item.three_d:
+            return dequantize(packed, scale, global_scale)
+        # [E, in/2, out] codes packed along ``in``: each expert is the 2-D weight [out, in] transposed.
+        return torch.stack(
+            [
+                dequantize(packed[e].t().contiguous(), scale[e].t().contiguous(), global_scale).t()
+                for e in range(len(packed))
+            ]
+        )
+
+    def weight_global_scale(self, reader: TensorReader, item: QuantizedWeight) -> torch.Tensor:
+        value = reader.read(item.global_scale).to(torch.float32).reshape(())
+        return (1.0 / value).to(torch.float32) if item.fmt == COMPRESSED_TENSORS else value
+
+    def input_global_scale(self, reader: TensorReader, param: str) -> torch.Tensor:
+        """vLLM's input global scale of the module of parameter ``param`` (float32 scalar)."""
+        value = reader.read(self.input_scales[param]).to(torch.float32).reshape(())
+        return value if self.fmt == COMPRESSED_TENSORS else (1.0 / value).to(torch.float32)
+
+    def input_scale_value(self, reader: TensorReader, param: str) -> torch.Tensor:
+        """The input scale in ModelOpt's sense (amax / 2688): what vLLM's MoE takes the max of."""
+        value = reader.read(self.input_scales[param]).to(torch.float32).reshape(())
+        return (1.0 / value).to(torch.float32) if self.fmt == COMPRESSED_TENSORS else value
+
+
+_EXPERTS = re.compile(r"^(?P<experts>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")
+
+
+class QuantizedLayerStream(LayerStream):
+    """The quantized checkpoint run with the source's architecture: ``module(name)`` gives a module of the
+    source's model with the checkpoint's tensors (NVFP4 ones dequantized) and, with ``act_quant``, the inputs
+    of its quantized Linears and experts quantize-dequantized."""
+
+    def __init__(
+        self,
+        checkpoint: QuantizedCheckpoint,
+        reader: TensorReader,
+        source_config: dict,
+        options: EngineOptions,
+        act_quant: bool,
+    ):
+        index = dataclasses.replace(checkpoint.index, config=source_config)
+        super().__init__(index, reader, options)
+        self.checkpoint, self.act_quant = checkpoint, act_quant
+        self.index = checkpoint.index  # its own files (the architecture is the source's)
+        if act_quant:
+            from transformers.integrations.moe import ExpertsInterface
+
+            ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+            self.skeleton.config._experts_implementation = EXPERTS_IMPLEMENTATION
+
+    def _read(self, item) -> torch.Tensor:
+        return self.checkpoint.read(self.reader, item)
+
+    def sources(self, name: str) -> list:
+        """The checkpoint tensors of module ``name``, checked against the module's shapes (no data read)."""
+        meta = self.skeleton.model.get_submodule(name)
+        sources = param_sources(self.skeleton, self.index, meta, name, lookup=self.checkpoint.lookup)
+        want = meta.state_dict(keep_vars=True)
+        for src in sources:
+            expected = tuple(want[src.param].shape)
+            if src.stacked:
+                first = src.tensors[0]
+                rows = sum(_shape(t)[0] for t in first)
+                shape = (len(src.tensors), rows, *_shape(first[0])[1:])
+                bad = [t for parts in src.tensors for t in parts if tuple(_shape(t)[1:]) != tuple(_shape(first[0])[1:])]
+                named = bad[0] if bad else first[0]
+            else:
+                named = src.tensors[0][0]
+                shape = _shape(named)
+            if tuple(shape) != expected:
+                raise CheckpointError(
+                    f"--checkpoint {self.index.root}: tensor {_ckpt_name(named)!r} gives {src.param!r} of "
+                    f"{name} the shape {list(shape)}, the source's architecture has {list(expected)}"
+                )
+        return sources
+
+    def has_tensor(self, name: str) -> bool:
+        return self.checkpoint.lookup(name) is not None
+
+    @contextlib.contextmanager
+    def module(self, name: str) -> Iterator[torch.nn.Module]:
+        meta = self.skeleton.model.get_submodule(name)
+        live = materialize(meta, self.sources(name), self._read, self.options.device)
+        handles = self._attach_act_quant(live, name) if self.act_quant else []
+        try:
+            yield live
+        finally:
+            for handle in handles:
+                handle.remove()
+            for mod in live.modules():
+                if hasattr(mod, "_modelopt_streaming_act"):
+                    del mod._modelopt_streaming_act
+            live.to_empty(device="meta")
+
+    def _attach_act_quant(self, live: torch.nn.Module, name: str) -> list:
+        device = self.options.device
+        handles = []
+        for sub, mod in live.named_modules():
+            path = f"{name}.{sub}" if sub else name
+            if isinstance(mod, torch.nn.Linear):
+                param = self.skeleton.checkpoint_name(f"{path}.weight")
+                if param in self.checkpoint.weights:
+                    gs = self.checkpoint.input_global_scale(self.reader, param).to(device)
+                    handles.append(mod.register_forward_pre_hook(_quant_input(gs)))
+            elif hasattr(mod, "gate_up_proj") and hasattr(mod, "num_experts"):
+                mod._modelopt_streaming_act = self._expert_scales(mod, path)
+        return handles
+
+    def _expert_scales(self, mod: torch.nn.Module, path: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The experts module's (gate/up, down) input global scales: 1 / max over the experts' input scales."""
+        experts = self.skeleton.checkpoint_name(path)
+        leaves = self.skeleton.family.expert_leaves
+        out = []
+        for proj, members in (("gate_up_proj", (0, 1)), ("down_proj", (2,))):
+            if leaves is None:
+                params = [f"{experts}.{proj}"]
+            else:
+                params = [f"{experts}.{e}.{leaves[m]}.weight" for e in range(mod.num_experts) for m in members]
+            quantized = [p for p in params if p in self.checkpoint.weights]
+            if not quantized:
+                out.append(None)
+                continue
+            amax = torch.stack([self.checkpoint.input_scale_value(self.reader, p) for p in quantized]).max()
+            out.append((1.0 / amax).to(torch.float32).to(self.options.device))
+        return out[0], out[1]
+
+
+def _shape(item) -> tuple[int, ...]:
+    return tuple(item.shape)
+
+
+def _ckpt_name(item) -> str:
+    return item.packed.name if isinstance(item, QuantizedWeight) else item.name
+
+
+def _quant_input(global_scale: torch.Tensor):
+    def hook(_module, args):
+        return (fake_quant_nvfp4(args[0], global_scale), *args[1:])
+
+    return hook
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """The eager per-expert loop of ``observe.experts_forward`` (transformers' eager experts, operation for
+    operation) with each expert's gate/up input and down input NVFP4 quantize-dequantized, as vLLM's emulated
+    MoE quantizes them (``moe_kernel_quantize_input``)."""
+    gs13, gs2 = getattr(self, "_modelopt_streaming_act", (None, None))
+    if gs13 is None and gs2 is None:
+        return observe.experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    transposed, bias = getattr(self, "is_transposed", False), getattr(self, "has_bias", False)
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        if gs13 is not None:
+            current_state = fake_quant_nvfp4(current_state, gs13)
+        if transposed:
+            gate_up = current_state @ self.gate_up_proj[expert_idx]
+        else:
+            gate_up = F.linear(current_state, self.gate_up_proj[expert_idx])
+        if bias:
+            gate_up = gate_up + self.gate_up_proj_bias[expert_idx]
+        current_hidden_states = self._apply_gate(gate_up)
+        if gs2 is not None:
+            current_hidden_states = fake_quant_nvfp4(current_hidden_states, gs2)
+        if transposed:
+            current_hidden_states = current_hidden_states @ self.down_proj[expert_idx]
+        else:
+            current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
+        if bias:
+            current_hidden_states = current_hidden_states + self.down_proj_bias[expert_idx]
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states

@@ -1,0 +1,398 @@
+"""``evaluate``: what NVFP4 did to a model's outputs, in one streamed pass over the source and the quantized
+checkpoint together.
+
+Each decoder layer of both checkpoints is materialized once, and two hidden streams advance through it: the
+source's through the source weights, the quantized one's through the checkpoint's weights dequantized as vLLM's
+emulation does (and, for W4A4, every quantized input quantize-dequantized: ``engine/quantized.py``). After the
+last layer the final norm and ``lm_head`` of each give the logits, and the report compares the two
+distributions per token: mean KL(P_source || P_quantized) and its p99, top-1 agreement, the perplexity of each
+on the data's own next tokens, and after every layer the relative error ||h_q - h_s|| / ||h_s|| over all
+tokens, so the layer where the damage enters is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from modelopt_streaming.engine.data import load_calibration_data
+from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.model import family_of_config, text_config_dict
+from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
+from modelopt_streaming.engine.runner import EngineOptions, LayerStream
+from modelopt_streaming.errors import UsageError
+from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
+from modelopt_streaming.source.index import build_index
+from modelopt_streaming.source.reader import TensorReader
+
+__all__ = ["DEFAULT_TEXT", "EvaluationReport", "evaluate"]
+
+_log = logging.getLogger(__name__)
+
+# The evaluation text shipped with the package (never the calibration text): Isaac Newton, "Opticks" (4th
+# edition, 1730), the Project Gutenberg transcription (eBook #33504), public domain; libbacktrace ships the same
+# file as test data. Named and fingerprinted in every report.
+DEFAULT_TEXT = "newton-opticks.txt"
+DEFAULT_TEXT_NAME = 'Isaac Newton, "Opticks" (1730), Project Gutenberg eBook #33504, public domain'
+DEFAULT_SEQ_LEN = 2048
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class EvaluationReport:
+    """The figures of one evaluation (``as_dict`` is ``--json``)."""
+
+    kl_mean: float
+    kl_p99: float
+    top1_agree: float
+    ppl: float
+    source_ppl: float
+    layers: list[float]  # relative error of the hidden state after each decoder layer
+    embed_rel_error: float
+    data: dict
+    checkpoint: dict
+    engine: dict
+    tokens: int
+    seconds: float
+    plot: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "kl_mean": self.kl_mean,
+            "kl_p99": self.kl_p99,
+            "top1_agree": self.top1_agree,
+            "ppl": self.ppl,
+            "source_ppl": self.source_ppl,
+            "layers": self.layers,
+            "embed_rel_error": self.embed_rel_error,
+            "tokens": self.tokens,
+            "data": self.data,
+            "checkpoint": self.checkpoint,
+            "engine": self.engine,
+            "seconds": self.seconds,
+            "plot": self.plot,
+        }
+
+    def worst_jump(self) -> int:
+        """The layer whose output error rose most over its input's (the embedding's for layer 0)."""
+        before = [self.embed_rel_error, *self.layers[:-1]]
+        return max(range(len(self.layers)), key=lambda i: self.layers[i] - before[i])
+
+    def lines(self) -> list[str]:
+        d = self.data
+        out = [
+            f"data: {d.get('name') or d['source']}, {d['rows']} x {d['seq_len']} tokens (sha256 {d['sha256'][:16]})",
+            f"checkpoint: {self.checkpoint['format']}, {'W4A4' if self.checkpoint['act_quant'] else 'W4A16'}, "
+            f"{self.checkpoint['nvfp4_weights']} NVFP4 weights",
+            f"KL(source || quantized) per token: mean {self.kl_mean:.6g}, p99 {self.kl_p99:.6g}",
+            f"top-1 agreement: {100 * self.top1_agree:.2f}%",
+            f"perplexity: quantized {self.ppl:.4f}, source {self.source_ppl:.4f} "
+            f"({100 * (self.ppl / self.source_ppl - 1):+.2f}%)",
+            "relative error of the hidden state after each layer (||h_q - h_s|| / ||h_s||):",
+            f"  embedding {self.embed_rel_error:.4g}",
+        ]
+        out += [f"  layer {i:>3} {e:.4g}" for i, e in enumerate(self.layers)]
+        out.append(f"largest rise at layer {self.worst_jump()}; {self.tokens} tokens in {self.seconds:.1f} s")
+        if self.plot:
+            out.append(f"plot: {self.plot}")
+        return out
+
+
+def default_text_path() -> Path:
+    return Path(str(resources.files("modelopt_streaming.jobs") / "evaldata" / DEFAULT_TEXT))
+
+
+def _device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
+
+
+def _load_data(path, source_dir: Path, vocab: int, samples, seq_len, trust_remote_code: bool):
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be at least 1, not {samples}")
+    if seq_len is not None and seq_len < 2:
+        raise UsageError(f"--seq_len must be at least 2 (perplexity needs a next token), not {seq_len}")
+    given = path is not None
+    text = Path(path) if given else default_text_path()
+    try:
+        data = load_calibration_data(
+            text,
+            source_dir,
+            vocab_size=vocab,
+            size=samples,
+            seq_len=seq_len or (None if given else DEFAULT_SEQ_LEN),
+            trust_remote_code=trust_remote_code,
+        )
+    except UsageError as e:
+        message = str(e).replace("--calib_data", "--data").replace("--calib_size", "--samples")
+        raise UsageError(message.replace("--calib_seq_len", "--seq_len")) from None
+    if data.input_ids.shape[1] < 2:
+        raise UsageError(f"--data {text}: rows of {data.input_ids.shape[1]} token; perplexity needs at least 2")
+    info = data.as_dict()
+    if not given:
+        info["name"] = DEFAULT_TEXT_NAME
+        info["file_sha256"] = hashlib.sha256(text.read_bytes()).hexdigest()
+    return data, info
+
+
+def _head(stream, has) -> str:
+    return "lm_head" if has(stream.checkpoint_name("lm_head.weight")) else "model.embed_tokens"
+
+
+def evaluate(
+    source: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    act_quant: str = "auto",
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    batch_size: int = 1,
+    plot: str | os.PathLike | None = None,
+    progress: str = "auto",
+    host_budget_bytes: int = HOST_BUDGET_BYTES,
+    trust_remote_code: bool = False,
+) -> EvaluationReport:
+    """Measure what the NVFP4 checkpoint ``checkpoint`` did to the outputs of its source ``source``.
+
+    Args:
+        source: the unquantized checkpoint (any source format the engine reads).
+        checkpoint: the NVFP4 checkpoint (ModelOpt or compressed-tensors, any producer), of the same architecture.
+        data: what ``quantize --calib_data`` takes; default the evaluation text shipped with the package.
+        samples: rows to use (default all the data gives). seq_len: tokens per row of text (default 2048).
+        act_quant: "auto" (W4A4 when the checkpoint's config says so), "on", "off".
+        dtype: "bfloat16" (the source's dtype) or "float32" (weights and activations upcast: the only error left
+            is the quantization's).
+        device: where each layer runs (default cuda when there is one). batch_size: rows per forward.
+        plot: a PNG path for the per-layer curve (needs matplotlib).
+        progress: "auto" (a bar on a terminal), "bar", "log", "none".
+        host_budget_bytes: hidden states of one stream kept in host memory up to this, in a file beyond.
+
+    Raises:
+        UsageError: bad data, an unquantized checkpoint, options out of range, an architecture the engine does
+            not run.
+        CheckpointError: a tensor the model needs is missing from the checkpoint or has another shape (the
+            first one named).
+    """
+    started = time.monotonic()
+    if dtype not in _DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: one of {', '.join(_DTYPES)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, not {batch_size}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("evaluate runs the model with transformers: pip install 'modelopt-streaming[calib]'") from None
+    src_dir, q_dir = resolve_checkpoint_dir(source), resolve_checkpoint_dir(checkpoint)
+    src_index, q_index = build_index(src_dir), build_index(q_dir)
+    family_of_config(src_index.config, str(src_dir))
+    quantized = QuantizedCheckpoint(q_index)
+    on = quantized.resolve_act_quant(act_quant)
+    text, _ = text_config_dict(src_index.config)
+    vocab = text.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UsageError(f"{src_dir / 'config.json'}: no vocab_size to check the token ids against")
+    rows, data_info = _load_data(data, src_dir, vocab, samples, seq_len, trust_remote_code)
+    ids = rows.input_ids
+    options = EngineOptions(
+        device=_device(device), dtype=_DTYPES[dtype], batch_size=batch_size, trust_remote_code=trust_remote_code
+    )
+    with TensorReader(src_dir) as src_reader, TensorReader(q_dir) as q_reader:
+        src = LayerStream(src_index, src_reader, options)
+        q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
+        figures = _run(src, q, ids, options, host_budget_bytes, progress)
+    report = EvaluationReport(
+        **figures,
+        data=data_info,
+        checkpoint={
+            "path": str(q_dir),
+            "format": quantized.fmt,
+            "act_quant": on,
+            "nvfp4_weights": len(quantized.weights),
+        },
+        engine={
+            "device": str(options.device),
+            "dtype": dtype,
+            "attention": src.skeleton.attn_implementation,
+            "batch_size": batch_size,
+        },
+        tokens=ids.numel(),
+        seconds=time.monotonic() - started,
+    )
+    if plot is not None:
+        report.plot = str(write_plot(report, plot))
+    return report
+
+
+def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, budget: int, progress: str) -> dict:
+    layers = src.num_layers
+    # Every module of the quantized checkpoint is checked against the source's architecture before any work, so
+    # a mismatch is named at once, not after hours.
+    q_head = _head(q, q.has_tensor)
+    for name in ["model.embed_tokens", *(f"model.layers.{i}" for i in range(layers)), "model.norm", q_head]:
+        q.sources(name)
+    n, length = ids.shape
+    shape = (length, src.skeleton.config.hidden_size)
+    batch, device = options.batch_size, options.device
+    stores = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+    bar = _LayerProgress(layers + 2, progress)
+    try:
+        with src.module("model.embed_tokens") as es, q.module("model.embed_tokens") as eq, torch.no_grad():
+            err = _Error()
+            for i in range(0, n, batch):
+                rows = ids[i : i + batch].to(device)
+                hs, hq = es(rows), eq(rows)
+                err.add(hs, hq)
+                stores[0][i : i + batch], stores[1][i : i + batch] = hs.cpu(), hq.cpu()
+        embed_err = err.value()
+        bar.step("embedding")
+        rel = []
+        for layer in range(layers):
+            nxt = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+            path = f"model.layers.{layer}"
+            err = _Error()
+            with src.module(path) as ls, q.module(path) as lq:
+                for i in range(0, n, batch):
+                    hs = src.forward(ls, layer, stores[0][i : i + batch].to(device))
+                    hq = q.forward(lq, layer, stores[1][i : i + batch].to(device))
+                    err.add(hs, hq)
+                    nxt[0][i : i + batch], nxt[1][i : i + batch] = hs.cpu(), hq.cpu()
+            for s in stores:
+                s.close()
+            stores = nxt
+            rel.append(err.value())
+            bar.step(f"layer {layer}: rel. error {rel[-1]:.3g}")
+        figures = _logits(src, q, q_head, stores, ids, options)
+        bar.step("logits")
+    finally:
+        for s in stores:
+            s.close()
+        bar.close()
+    return {**figures, "layers": rel, "embed_rel_error": embed_err}
+
+
+class _Error:
+    """||h_q - h_s|| / ||h_s|| over all tokens, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.diff = self.ref = 0.0
+
+    def add(self, hs: torch.Tensor, hq: torch.Tensor) -> None:
+        self.diff += float((hq.double() - hs.double()).pow(2).sum())
+        self.ref += float(hs.double().pow(2).sum())
+
+    def value(self) -> float:
+        return math.sqrt(self.diff / self.ref) if self.ref > 0 else (0.0 if self.diff == 0 else math.inf)
+
+
+def _logits(src, q, q_head: str, stores, ids: torch.Tensor, options) -> dict:
+    n = ids.shape[0]
+    batch, device = options.batch_size, options.device
+    src_head = _head(src, lambda name: name in src.index.tensors)
+    kls, agree, nll_s, nll_q, predicted = [], 0, 0.0, 0.0, 0
+    with (
+        src.module("model.norm") as ns,
+        q.module("model.norm") as nq,
+        src.module(src_head) as hs_mod,
+        q.module(q_head) as hq_mod,
+        torch.no_grad(),
+    ):
+        for i in range(0, n, batch):
+            rows = ids[i : i + batch].to(device)
+            ls = _project(hs_mod, ns(stores[0][i : i + batch].to(device))).float()
+            lq = _project(hq_mod, nq(stores[1][i : i + batch].to(device))).float()
+            log_s, log_q = torch.log_softmax(ls, -1), torch.log_softmax(lq, -1)
+            kls.append((log_s.exp() * (log_s - log_q)).sum(-1).reshape(-1).double().cpu())
+            agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
+            target = rows[:, 1:, None]
+            nll_s -= float(log_s[:, :-1].gather(-1, target).double().sum())
+            nll_q -= float(log_q[:, :-1].gather(-1, target).double().sum())
+            predicted += target.numel()
+    kl = torch.cat(kls)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl, 0.99))
+        if kl.numel() <= 16_000_000
+        else float(kl.sort().values[int(0.99 * (kl.numel() - 1))]),
+        "top1_agree": agree / kl.numel(),
+        "ppl": math.exp(nll_q / predicted),
+        "source_ppl": math.exp(nll_s / predicted),
+    }
+
+
+def _project(head: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    # lm_head's own forward (its pre-hooks run, for a W4A4 lm_head); a tied head is the embedding's weight.
+    if isinstance(head, torch.nn.Linear):
+        return head(normed)
+    return torch.nn.functional.linear(normed, head.weight)
+
+
+class _LayerProgress:
+    """A bar over the pieces (embedding, layers, logits) with tqdm's ETA, or log lines with an ETA."""
+
+    def __init__(self, total: int, mode: str):
+        import sys
+
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.total, self.done, self.started = mode, total, 0, time.monotonic()
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="layer", desc="evaluate")
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+        elif self.mode == "log":
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            _log.info(f"evaluate: {self.done}/{self.total} ({what}), ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def write_plot(report: EvaluationReport, path: str | os.PathLike) -> Path:
+    """The per-layer relative error as a PNG (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'modelopt-streaming[plot]'") from None
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    xs = list(range(-1, len(report.layers)))
+    ax.plot(xs, [report.embed_rel_error, *report.layers], marker="o", markersize=3)
+    ax.set_xlabel("decoder layer (-1: embedding)")
+    ax.set_ylabel("||h_q - h_s|| / ||h_s||")
+    ax.set_title(
+        f"KL mean {report.kl_mean:.3g}, top-1 {100 * report.top1_agree:.1f}%, "
+        f"ppl {report.ppl:.3f} vs {report.source_ppl:.3f}",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
