@@ -31,7 +31,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(BIN)/python examples/synthetic_checkpoint.py $(DEMO)/deepseek-tiny-bf16 --preset tiny --shard_size 2MB \
-		--calib_tokens $(DEMO)/calib-rows.safetensors --calib_shape 16x64
+		--calib_tokens $(DEMO)/calib-rows.safetensors --eval_tokens $(DEMO)/eval-rows.safetensors --calib_shape 16x64
 	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 --dry_run --mlp_only
 	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 \
 		--output_dir $(DEMO)/deepseek-tiny-nvfp4 --mlp_only --max_shard_size 2MB
@@ -41,6 +41,10 @@ demo: $(VENV)/.installed
 		--output_dir $(DEMO)/deepseek-tiny-nvfp4-calibrated --mlp_only --max_shard_size 2MB \
 		--calib_data $(DEMO)/calib-rows.safetensors
 	$(BIN)/modelopt-streaming validate $(DEMO)/deepseek-tiny-nvfp4-calibrated
+	# What NVFP4 did to the model's outputs: source and checkpoint run side by side, one layer at a time.
+	$(BIN)/modelopt-streaming evaluate --source $(DEMO)/deepseek-tiny-bf16 \
+		--checkpoint $(DEMO)/deepseek-tiny-nvfp4-calibrated --data $(DEMO)/eval-rows.safetensors \
+		--plot $(DEMO)/evaluate.png
 
 # Built once (the stamp is written last, so an interrupted install is redone from scratch).
 $(VLLM_VENV)/.installed:

@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: much faster)")
     parser.add_argument("--calib_tokens", metavar="FILE", help="also write random calibration rows (input_ids) here")
     parser.add_argument("--calib_shape", default="16x64", help="rows x tokens of --calib_tokens (default 16x64)")
+    parser.add_argument("--eval_tokens", metavar="FILE", help="also write other random rows, for evaluate --data")
     args = parser.parse_args()
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
     size = args.shard_size.upper()
@@ -207,6 +208,11 @@ def main() -> None:
         ids = torch.randint(0, shape.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
         save_file({"input_ids": ids}, args.calib_tokens)
         print(f"wrote {args.calib_tokens}: {rows} x {length} calibration tokens")
+    if args.eval_tokens:
+        rows, length = (int(x) for x in args.calib_shape.lower().split("x"))
+        ids = torch.randint(0, shape.vocab_size, (rows, length), generator=torch.Generator().manual_seed(1))
+        save_file({"input_ids": ids}, args.eval_tokens)
+        print(f"wrote {args.eval_tokens}: {rows} x {length} evaluation tokens (not the calibration rows)")
 
 
 if __name__ == "__main__":
