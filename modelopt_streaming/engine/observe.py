@@ -65,6 +65,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     observed. The gate is applied by the module's own ``_apply_gate`` (transformers' default one is the same
     ``chunk``, ``act_fn(gate) * up`` the eager code inlines)."""
     observer: ExpertObserver | None = getattr(self, "_modelopt_streaming_observer", None)
+    # (gate/up input, down input) transforms: evaluate's NVFP4 quantize-dequantize of a W4A4 checkpoint's
+    # expert inputs (engine.quantized), applied to each expert's tokens where vLLM's MoE quantizes them.
+    quant_in, quant_mid = getattr(self, "_modelopt_streaming_inputs", (None, None))
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts)
@@ -80,6 +83,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[token_idx]
+        if quant_in is not None:
+            current_state = quant_in(current_state)
         if fetch is not None:
             e = int(expert_idx)
             gate_up_w, down_w = self.gate_up_proj[e].to(fetch), self.down_proj[e].to(fetch)
@@ -92,6 +97,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         if observer is not None:
             observer.expert_input(int(expert_idx), token_idx.numel())
             observer.down_input(current_hidden_states)
+        if quant_mid is not None:
+            current_hidden_states = quant_mid(current_hidden_states)
         if transposed:
             current_hidden_states = current_hidden_states @ down_w
         else:

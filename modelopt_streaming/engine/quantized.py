@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from modelopt_streaming.codec.nvfp4 import dequantize, e2m1_codes
-from modelopt_streaming.engine import observe
 from modelopt_streaming.engine.model import materialize, param_sources
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import CheckpointError, UsageError
@@ -44,7 +43,6 @@ from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
 from modelopt_streaming.source.quantized import detect_format, nvfp4_modules
 from modelopt_streaming.source.reader import TensorReader
 
-EXPERTS_IMPLEMENTATION = "modelopt_streaming_nvfp4"
 ACT_QUANT_MODES = ("auto", "on", "off")
 
 
@@ -230,11 +228,6 @@ class QuantizedLayerStream(LayerStream):
         super().__init__(index, reader, options)
         self.checkpoint, self.act_quant = checkpoint, act_quant
         self.index = checkpoint.index  # its own files (the architecture is the source's)
-        if act_quant:
-            from transformers.integrations.moe import ExpertsInterface
-
-            ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
-            self.skeleton.config._experts_implementation = EXPERTS_IMPLEMENTATION
 
     def _read(self, item) -> torch.Tensor:
         return self.checkpoint.read(self.reader, item)
@@ -276,8 +269,8 @@ class QuantizedLayerStream(LayerStream):
             for handle in handles:
                 handle.remove()
             for mod in live.modules():
-                if hasattr(mod, "_modelopt_streaming_act"):
-                    del mod._modelopt_streaming_act
+                if hasattr(mod, "_modelopt_streaming_inputs"):
+                    del mod._modelopt_streaming_inputs
             live.to_empty(device="meta")
 
     def _attach_act_quant(self, live: torch.nn.Module, name: str) -> list:
@@ -291,7 +284,10 @@ class QuantizedLayerStream(LayerStream):
                     gs = self.checkpoint.input_global_scale(self.reader, param).to(device)
                     handles.append(mod.register_forward_pre_hook(_quant_input(gs)))
             elif hasattr(mod, "gate_up_proj") and hasattr(mod, "num_experts"):
-                mod._modelopt_streaming_act = self._expert_scales(mod, path)
+                gs13, gs2 = self._expert_scales(mod, path)
+                mod._modelopt_streaming_inputs = tuple(
+                    None if gs is None else functools.partial(fake_quant_nvfp4, global_scale=gs) for gs in (gs13, gs2)
+                )
         return handles
 
     def _expert_scales(self, mod: torch.nn.Module, path: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -326,43 +322,3 @@ def _quant_input(global_scale: torch.Tensor):
         return (fake_quant_nvfp4(args[0], global_scale), *args[1:])
 
     return hook
-
-
-def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """The eager per-expert loop of ``observe.experts_forward`` (transformers' eager experts, operation for
-    operation) with each expert's gate/up input and down input NVFP4 quantize-dequantized, as vLLM's emulated
-    MoE quantizes them (``moe_kernel_quantize_input``)."""
-    gs13, gs2 = getattr(self, "_modelopt_streaming_act", (None, None))
-    if gs13 is None and gs2 is None:
-        return observe.experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    final_hidden_states = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    transposed, bias = getattr(self, "is_transposed", False), getattr(self, "has_bias", False)
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        if expert_idx == self.num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[token_idx]
-        if gs13 is not None:
-            current_state = fake_quant_nvfp4(current_state, gs13)
-        if transposed:
-            gate_up = current_state @ self.gate_up_proj[expert_idx]
-        else:
-            gate_up = F.linear(current_state, self.gate_up_proj[expert_idx])
-        if bias:
-            gate_up = gate_up + self.gate_up_proj_bias[expert_idx]
-        current_hidden_states = self._apply_gate(gate_up)
-        if gs2 is not None:
-            current_hidden_states = fake_quant_nvfp4(current_hidden_states, gs2)
-        if transposed:
-            current_hidden_states = current_hidden_states @ self.down_proj[expert_idx]
-        else:
-            current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
-        if bias:
-            current_hidden_states = current_hidden_states + self.down_proj_bias[expert_idx]
-        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    return final_hidden_states
