@@ -379,3 +379,16 @@ def test_the_command_line_reports_on_the_shipped_text_with_a_plot(tmp_path):
         [sys.executable, "-m", "modelopt_streaming", "evaluate", *map(str, args)], capture_output=True, text=True
     )
     assert r.returncode == 0 and "top-1 agreement" in r.stdout and "layer   1" in r.stdout, r.stderr
+
+
+def test_a_compressed_tensors_nvfp4a16_checkpoint_of_another_producer(tmp_path):
+    """compressed-tensors' own NVFP4 compressor (every Linear on its own global scale, as llm-compressor's
+    model-free path writes it), weight-only: the figures equal the oracle's."""
+    from checkpoints import compressed_tensors_nvfp4a16
+
+    src = make_source(tmp_path / "src", "llama")
+    data, ids = _rows(tmp_path)
+    q = compressed_tensors_nvfp4a16(src, tmp_path / "ct")
+    report = _evaluate(src, q, data)
+    assert report.checkpoint["format"] == "compressed-tensors" and report.checkpoint["act_quant"] is False
+    _close(report.as_dict(), oracle_figures(src, q, ids, tmp_path, False, fmt="compressed-tensors"))
