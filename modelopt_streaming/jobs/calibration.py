@@ -82,13 +82,14 @@ def load_data(index: CheckpointIndex, options) -> CalibrationData:
     )
 
 
-def calibration_key(data: CalibrationData, options) -> str:
+def calibration_key(data: CalibrationData, options, device: torch.device) -> str:
     """What a calibrated run's scales depend on besides the source and the recipe: the rows (their digest),
     how the engine runs (the bits of a forward differ between devices, dtypes, attention implementations
-    and batch compositions) and what is measured. The resume fingerprint holds it."""
+    and batch compositions) and what is measured. The resume fingerprint holds it. ``device``: the resolved
+    one (``jobs.quantize.resolve_device``), never re-derived here."""
     settings = {
         "data": data.fingerprint,
-        "device": torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu")).type,
+        "device": device.type,
         "batch_size": options.calib_batch_size,
         "kv_cache": options.kv_cache,
     }
@@ -132,7 +133,7 @@ def run_calibration(
         trust_remote_code=options.trust_remote_code,
         device_budget_bytes=_device_budget(options.calib_device_budget, device),
     )
-    key = calibration_key(data, options)
+    key = calibration_key(data, options, device)
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)
     keep = _Keeper(state_dir / f"rank{rank}" if state_dir is not None else None, key, world, mine.shape)
     calibration, bytes_reader = keep.result(), None

@@ -129,7 +129,10 @@ def quantize(
         format=options.format,  # type: ignore[arg-type]
         input_scales=tuple(sorted(input_scales.items())),
         kv_cache=options.kv_cache,  # type: ignore[arg-type]
-        calibration=calibration_key(data, options) if data is not None else "",
+        # A dry run asks for no device (it may plan a GPU run on a machine without one).
+        calibration=calibration_key(data, options, resolve_device(options.device))
+        if data and not options.dry_run
+        else "",
     )
     if not options.dry_run:
         if output_dir is None:

@@ -230,3 +230,13 @@ def test_vendor_encoded_sources_calibrate_as_their_bf16_values(tmp_path, encodin
         a, b = (x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (t, ours[name]))
         assert torch.equal(a, b), name
     assert summary.source_bytes_read == sum(t.nbytes for t in build_index(src).tensors.values())
+
+
+def test_device_auto_calibrates(tmp_path):
+    """``--device auto`` (CUDA when available) is a device the calibration's resume key must resolve, not parse."""
+    src = make_source(tmp_path / "src", "llama")
+    save_file({"input_ids": token_rows(256, rows=1)}, tmp_path / "rows.safetensors")
+    summary = modelopt_streaming.quantize(
+        src, tmp_path / "out", calib_data=tmp_path / "rows.safetensors", device="auto"
+    )
+    assert summary.calibration["engine"]["device"] in ("cpu", "cuda") and validate(tmp_path / "out").ok
