@@ -163,6 +163,58 @@ def child_quantize(args: argparse.Namespace) -> dict:
     }
 
 
+def child_evaluate(args: argparse.Namespace) -> dict:
+    """``modelopt_streaming.evaluate`` of the calibrated output against its source: seconds of each step
+    (embedding, each decoder layer of both checkpoints, the logits), from the engine's own progress calls."""
+    started = time.perf_counter()
+    import torch
+
+    import modelopt_streaming
+    from modelopt_streaming.jobs import evaluate as evaluate_job
+
+    imported = time.perf_counter() - started
+    cuda = args.device.startswith("cuda")
+    steps: list[dict] = []
+    base = evaluate_job._LayerProgress
+
+    class TimedProgress(base):  # each step is reported once its outputs reached the host
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._last = time.perf_counter()
+
+        def step(self, what, *a, **kw):
+            now = time.perf_counter()
+            entry = {"step": what.split(":")[0], "s": now - self._last}
+            if cuda:
+                entry["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
+            steps.append(entry)
+            self._last = now
+            return super().step(what, *a, **kw)
+
+    evaluate_job._LayerProgress = TimedProgress
+    t = time.perf_counter()
+    report = modelopt_streaming.evaluate(
+        args.src, args.dst, data=args.calib_data, samples=args.eval_samples, device=args.device,
+        batch_size=args.calib_batch_size, progress="log",
+    )
+    wall = time.perf_counter() - t
+    peaks = _peaks(torch, args.device)
+    if cuda and steps:
+        peaks["peak_gpu_mb"] = max(peaks["peak_gpu_mb"], *(x["peak_gpu_mb"] for x in steps))
+    return {
+        "imports_s": imported,
+        "evaluate_s": wall,
+        "tokens": report.tokens,
+        "tokens_per_s": report.tokens / wall,
+        "steps": steps,
+        "figures": {k: getattr(report, k) for k in ("kl_mean", "kl_p99", "top1_agree", "ppl", "source_ppl")},
+        "layers_rel_error": report.layers,
+        "act_quant": report.checkpoint.get("act_quant"),
+        **peaks,
+    }
+
+
 def child_modelopt(args: argparse.Namespace) -> dict:
     """ModelOpt's max calibration of the same model on the same rows (the peer)."""
     started = time.perf_counter()
@@ -372,15 +424,17 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="keep a checkpoint and rows already in the workdir")
     p.add_argument("--skip_modelopt", action="store_true")
     p.add_argument("--modelopt_only", action="store_true", help="only the ModelOpt peer (after a run with --reuse)")
+    p.add_argument("--eval_samples", type=int, default=64, help="rows that evaluate runs (0: no evaluate)")
     # internal: one child run
-    p.add_argument("--child", choices=["quantize", "modelopt"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["quantize", "modelopt", "evaluate"], help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--dst", help=argparse.SUPPRESS)
     p.add_argument("--calib_data", help=argparse.SUPPRESS)
     p.add_argument("--compare_with", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        result = child_quantize(args) if args.child == "quantize" else child_modelopt(args)
+        child = {"quantize": child_quantize, "modelopt": child_modelopt, "evaluate": child_evaluate}[args.child]
+        result = child(args)
         sys.stdout.write(json.dumps(result) + "\n")
         return
 
@@ -480,6 +534,13 @@ def main() -> None:
             t = time.perf_counter()
             result["validate"] = {"uncalibrated": validate(plain).ok, "calibrated": validate(cal).ok}
             result["validate"]["seconds"] = time.perf_counter() - t
+            if args.eval_samples:  # the calibrated (W4A4) output against its source, the same rows' first ones
+                argv = [*common, "--dst", str(cal), "--calib_data", str(rows), "--eval_samples", str(args.eval_samples)]
+                e = run_child("evaluate", argv, logs / "evaluate.log")
+                result["evaluate"] = e
+                if "steps" in e:
+                    lay = [x for x in e["steps"] if x["step"].startswith("layer")]
+                    e["seconds_per_layer"] = [x["s"] for x in lay]
 
     if not args.skip_modelopt:
         import importlib.util
