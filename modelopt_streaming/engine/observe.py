@@ -6,7 +6,8 @@
   ``config._experts_implementation``); ours keeps the per-expert loop of the eager implementation (the same
   operations in the same order, so the outputs are the eager bits, which the tests check against the full
   model) and sees the MoE block input of every token (the gate/up input ModelOpt's shared expert quantizer
-  sees), each routed token's ``act(gate) * up`` (the down input) and how many tokens each expert received.
+  sees), each routed token's ``act(gate) * up`` (the down input) and how many tokens each expert received; for
+  GPTQ, each expert's own inputs (``engine.hessian.ExpertHessians``).
 - Keys and values: attention functions are dispatched by name too (``AttentionInterface``); ours records
   max |k| and max |v| where they enter the attention function (after RoPE and k-norm, before KV heads are
   repeated, as ModelOpt measures them) and calls the real implementation.
@@ -65,6 +66,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     observed. The gate is applied by the module's own ``_apply_gate`` (transformers' default one is the same
     ``chunk``, ``act_fn(gate) * up`` the eager code inlines)."""
     observer: ExpertObserver | None = getattr(self, "_modelopt_streaming_observer", None)
+    hessians = getattr(self, "_modelopt_streaming_hessian", None)  # engine.hessian.ExpertHessians (GPTQ)
     # (gate/up input, down input) transforms: evaluate's NVFP4 quantize-dequantize of a W4A4 checkpoint's
     # expert inputs (engine.quantized), applied to each expert's tokens where vLLM's MoE quantizes them.
     quant_in, quant_mid = getattr(self, "_modelopt_streaming_inputs", (None, None))
@@ -97,6 +99,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         if observer is not None:
             observer.expert_input(int(expert_idx), token_idx.numel())
             observer.down_input(current_hidden_states)
+        if hessians is not None:
+            hessians.add(int(expert_idx), current_state, current_hidden_states)
         if quant_mid is not None:
             current_hidden_states = quant_mid(current_hidden_states)
         if transposed:
