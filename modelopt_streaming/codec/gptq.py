@@ -17,7 +17,15 @@ import torch
 from modelopt_streaming.codec import nvfp4
 from modelopt_streaming.formats.nvfp4 import BLOCK_SIZE, E2M1_VALUES
 
-__all__ = ["DAMP", "GPTQ_BLOCK", "MAX_DAMP_TRIES", "gptq_codes", "gptq_quantize", "inverse_hessian_factor"]
+__all__ = [
+    "DAMP",
+    "GPTQ_BLOCK",
+    "MAX_DAMP_TRIES",
+    "gptq_codes",
+    "gptq_quantize",
+    "inverse_hessian_factor",
+    "output_error",
+]
 
 DAMP = 0.01  # of the mean diagonal, added to the diagonal (the paper's "percdamp")
 GPTQ_BLOCK = 128  # columns whose error feeds forward lazily as one matrix product (the paper's B)
@@ -148,3 +156,11 @@ def gptq_quantize(
     """
     codes = gptq_codes(weight, hessian, weight_scale_2, block_scales, damp, block_size, act_order)
     return nvfp4.pack_nibbles(codes), block_scales
+
+
+def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||X Wᵀ - X Ŵᵀ||²`` for the inputs whose ``XᵀX`` is ``hessian``: ``tr(Δ XᵀX Δᵀ)`` with ``Δ = W - Ŵ``,
+    without forming ``X``. GPTQ is greedy and its damping moves it off the exact objective, so a caller can check
+    its result against round-to-nearest's with this."""
+    delta = weight.float() - dequantized.float()
+    return float(((delta @ hessian.float()) * delta).sum())

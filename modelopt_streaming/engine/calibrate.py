@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modelopt_streaming.engine import observe
+from modelopt_streaming.engine import hessian, observe
 from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.source.index import CheckpointIndex
@@ -53,6 +53,29 @@ class Calibration:
 
 
 @dataclass
+class WeightSolver:
+    """A weight quantization that needs each layer's Hessians (GPTQ), run inside the calibration pass.
+
+    key_of: checkpoint name of an ``nn.Linear`` -> the key of its Hessian (the members of a fused group share
+    one), or None for a Linear not quantized (a router).
+    solve: ``solve(layer_path, views, linears, experts, calibration)``, called while the layer is on the device
+    with its live tensors (``LayerStream.live_views``), the statistics so far (the layer's included) and
+    Hessians: ``linears`` (key -> ``HessianSum``) once,
+    ``experts`` (experts module -> ``ExpertHessians``) once per group of experts; it quantizes what they cover
+    and writes the dequantized weights back into ``views`` in place. The experts come first, group by group
+    (each expert's inputs depend only on the layer's input and its own weights, so replacing the weights of
+    one group changes no other group's Hessians), the Linears last.
+    expert_budget_bytes: device memory for one group of experts' Hessians (None: all experts at once).
+    sequential: the next layer's inputs are this layer's outputs with its quantized weights (the layer runs
+    once more); otherwise those of the unquantized layer."""
+
+    key_of: Callable[[str], str | None]
+    solve: Callable[[str, dict[str, torch.Tensor], dict, dict, Calibration], None]
+    expert_budget_bytes: int | None = None
+    sequential: bool = True
+
+
+@dataclass
 class Boundary:
     """Where a calibration pass stands between two layers: the layers done, what they measured, and the
     hidden states of every row entering the next layer (what a resumed pass starts from)."""
@@ -72,6 +95,7 @@ def calibrate(
     resume: Boundary | None = None,
     host_budget_bytes: int = HOST_BUDGET_BYTES,
     on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
+    solver: WeightSolver | None = None,
 ) -> Calibration:
     """Run ``input_ids`` [N, L] through the checkpoint layer by layer and return the statistics.
 
@@ -88,6 +112,7 @@ def calibrate(
             parameters hold as read (``LayerStream.live_views``): a job quantizes and writes them there, so
             the source is read once.
         host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
+        solver: a quantization that needs the layers' Hessians (GPTQ), run on each layer before ``on_live``.
 
     Raises:
         UsageError: an architecture the engine does not run.
@@ -110,7 +135,7 @@ def calibrate(
     try:
         for layer_index in range(first, stream.num_layers):
             nxt = HiddenStore(n, shape, options.dtype, host_budget_bytes)
-            _run_layer(stream, layer_index, current, nxt, result, kv, batch, on_live)
+            _run_layer(stream, layer_index, current, nxt, result, kv, batch, on_live, solver)
             current.close()
             current = nxt
             if on_layer is not None:
@@ -129,21 +154,29 @@ def _run_layer(
     kv: bool,
     batch: int,
     on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
+    solver: WeightSolver | None = None,
 ) -> None:
     """One layer over every row, its statistics folded into ``result`` (each module belongs to one layer, so
-    ``result`` is complete for the layers done), then ``on_live`` while the layer is still on the device."""
+    ``result`` is complete for the layers done), then ``on_live`` while the layer is still on the device.
+    With ``solver``, the same forward accumulates the Hessians, the solver quantizes the layer in place, and
+    (sequential) the layer runs again to give the next layer's inputs."""
     path = f"model.layers.{layer_index}"
-    device = stream.options.device
+    name_of = lambda p: stream.checkpoint_name(f"{path}.{p}")  # noqa: E731
     amax = observe.Amax()
     kv_max: dict[str, list[torch.Tensor]] = {}
     with stream.module(path) as layer:
-        handles = observe.observe_linears(layer, lambda p: stream.checkpoint_name(f"{path}.{p}"), amax)
+        handles = observe.observe_linears(layer, name_of, amax)
         experts = _attach_expert_observers(stream, layer, path)
         attentions = _attach_kv_observers(stream, layer, path, kv_max) if kv else []
+        groups: list = [None]
+        if solver is not None:
+            linear_hessians = hessian.LinearHessians(solver.key_of)
+            handles += linear_hessians.attach(layer, name_of)
+            groups = _expert_groups(layer, solver.expert_budget_bytes)
+            expert_hessians = hessian.attach_expert_hessians(layer, name_of, groups[0])
+        keep = solver is None or not solver.sequential
         try:
-            for i in range(0, inputs.count, batch):
-                h = inputs[i : i + batch].to(device)
-                outputs[i : i + batch] = stream.forward(layer, layer_index, h).cpu()
+            _forward_rows(stream, layer, layer_index, inputs, outputs if keep else None, batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -151,12 +184,65 @@ def _run_layer(
                 del mod._modelopt_streaming_observer
             for mod in attentions:
                 del mod._modelopt_streaming_kv
+            hessian.detach_expert_hessians(layer)
         result.input_amax.update(amax.as_floats())
         for _mod, (name, obs, leaves) in experts:
             _spread_expert_values(result, name, obs, leaves)
         result.kv_amax.update({k: (float(a), float(b)) for k, (a, b) in kv_max.items()})
+        views = stream.live_views(path, layer)
+        if solver is not None:
+            linear_hessians.check()
+            solver.solve(path, views, {}, expert_hessians, result)
+            del expert_hessians
+            for group in groups[1:]:
+                expert_hessians = hessian.attach_expert_hessians(layer, name_of, group)
+                try:
+                    _forward_rows(stream, layer, layer_index, inputs, None, batch)
+                finally:
+                    hessian.detach_expert_hessians(layer)
+                solver.solve(path, views, {}, expert_hessians, result)
+                del expert_hessians
+            solver.solve(path, views, linear_hessians.sums, {}, result)
+            del linear_hessians
+            if solver.sequential:
+                _forward_rows(stream, layer, layer_index, inputs, outputs, batch)
         if on_live is not None:
-            on_live(path, stream.live_views(path, layer), result)
+            on_live(path, views, result)
+
+
+def _forward_rows(
+    stream: LayerStream,
+    layer: torch.nn.Module,
+    index: int,
+    inputs: HiddenStore,
+    outputs: HiddenStore | None,
+    batch: int,
+) -> None:
+    """The layer over every row, batch by batch as given; the outputs kept in ``outputs`` unless None."""
+    device = stream.options.device
+    for i in range(0, inputs.count, batch):
+        out = stream.forward(layer, index, inputs[i : i + batch].to(device))
+        if outputs is not None:
+            outputs[i : i + batch] = out.cpu()
+
+
+def _expert_groups(layer: torch.nn.Module, budget: int | None) -> list:
+    """The groups of experts whose Hessians the device holds at once (``hessian.expert_groups``), the same for
+    every fused experts module of the layer (a layer has one); ``[None]`` (all) for a layer without experts."""
+    sizes = [
+        (mod.num_experts, 4 * (_input_width(mod.gate_up_proj, mod) ** 2 + _input_width(mod.down_proj, mod) ** 2))
+        for mod in layer.modules()
+        if hessian.is_fused_experts(mod)
+    ]
+    if not sizes:
+        return [None]
+    n, per_expert = sizes[0][0], sum(b for _, b in sizes)
+    return hessian.expert_groups(n, per_expert, budget)
+
+
+def _input_width(weight: torch.Tensor, mod: torch.nn.Module) -> int:
+    """The input width of a fused experts projection: [E, out, in], or [E, in, out] in GPT-OSS's layout."""
+    return weight.shape[1] if getattr(mod, "is_transposed", False) else weight.shape[2]
 
 
 def _attach_expert_observers(stream: LayerStream, layer: torch.nn.Module, path: str) -> list:

@@ -82,16 +82,18 @@ def load_data(index: CheckpointIndex, options) -> CalibrationData:
     )
 
 
-def calibration_key(data: CalibrationData, options, device: torch.device) -> str:
+def calibration_key(data: CalibrationData, options, device: torch.device, weights=None) -> str:
     """What a calibrated run's scales depend on besides the source and the recipe: the rows (their digest),
     how the engine runs (the bits of a forward differ between devices, dtypes, attention implementations
     and batch compositions) and what is measured. The resume fingerprint holds it. ``device``: the resolved
-    one (``jobs.quantize.resolve_device``), never re-derived here."""
+    one (``jobs.quantize.resolve_device``), never re-derived here. ``weights``: the settings of a weight
+    quantization run inside the pass (``jobs.gptq.GptqSettings``), whose ``key()`` joins it."""
     settings = {
         "data": data.fingerprint,
         "device": device.type,
         "batch_size": options.calib_batch_size,
         "kv_cache": options.kv_cache,
+        **({"weights": weights.key()} if weights is not None else {}),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -114,6 +116,7 @@ def run_calibration(
     rank: int = 0,
     world: int = 1,
     on_live: Callable[[str, dict[str, torch.Tensor], dict[str, float]], None] | None = None,
+    weights=None,
 ) -> CalibrationRun:
     """Run the calibration rows through the source model one layer at a time (``engine.calibrate``).
 
@@ -124,6 +127,10 @@ def run_calibration(
     counts with sum: the scales are those of one process. ``on_live(module, tensors, input_scales)`` (one
     process) is called while each module is on the device, with the input scales measured so far.
 
+    ``weights`` (one process; ``jobs.gptq.GptqUnits``): a weight quantization run inside the pass (its
+    ``solver()``), whose settings join the key, and which keeps what a resume needs beside each boundary
+    (``save``) and writes it back first on a resumed run (``restore``).
+
     Raises:
         UsageError, CheckpointError: as ``engine.calibrate``.
     """
@@ -133,9 +140,12 @@ def run_calibration(
         trust_remote_code=options.trust_remote_code,
         device_budget_bytes=_device_budget(options.calib_device_budget, device),
     )
-    key = calibration_key(data, options, device)
+    key = calibration_key(data, options, device, weights.settings if weights is not None else None)
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)
     keep = _Keeper(state_dir / f"rank{rank}" if state_dir is not None else None, key, world, mine.shape)
+    if weights is not None:
+        keep.on_keep = lambda directory: weights.save(directory, key)
+        weights.restore(keep.dir, key)
     calibration, bytes_reader = keep.result(), None
     if calibration is None:
         bar = _LayerProgress(data.input_ids.numel(), options.progress)
@@ -165,6 +175,7 @@ def run_calibration(
                     on_layer=on_layer,
                     resume=keep.last_boundary(engine.dtype, index),
                     on_live=live if on_live is not None and world == 1 else None,
+                    solver=weights.solver() if weights is not None else None,
                 )
         finally:
             bar.close()
@@ -234,6 +245,8 @@ class _Keeper:
         self.dir, self.key, self.world, self.rows = directory, key, world, tuple(rows)
         self.every = float(os.environ.get(CHECKPOINT_ENV, CHECKPOINT_S))
         self._last = time.monotonic()
+        # Called with the directory before a boundary or the result is recorded: what else a resume needs.
+        self.on_keep: Callable[[Path], None] | None = None
 
     def _read(self, name: str) -> dict | None:
         if self.dir is None or not (self.dir / name).is_file():
@@ -265,7 +278,11 @@ class _Keeper:
         self.dir.mkdir(parents=True, exist_ok=True)
         partial = self.dir / ".hidden.bin.partial"
         boundary.hidden.save(partial)
+        # The old record goes first: a kill between the two renames must not pair it with the new hidden states.
+        (self.dir / "boundary.json").unlink(missing_ok=True)
         os.replace(partial, self.dir / "hidden.bin")
+        if self.on_keep is not None:
+            self.on_keep(self.dir)
         record = {"layers_done": boundary.layers_done, "calibration": boundary.calibration.as_json()}
         self._write("boundary.json", record)
         self._last = time.monotonic()
@@ -274,6 +291,8 @@ class _Keeper:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.on_keep is not None:
+            self.on_keep(self.dir)
         self._write("result.json", {"calibration": calibration.as_json()})
         (self.dir / "hidden.bin").unlink(missing_ok=True)
 

@@ -30,6 +30,7 @@ from modelopt_streaming.jobs.distributed import (
     world_size_env,
     write_shards_distributed,
 )
+from modelopt_streaming.jobs.gptq import GptqSettings, GptqUnits
 from modelopt_streaming.jobs.pipeline import map_large_buffers
 from modelopt_streaming.jobs.progress import Progress
 from modelopt_streaming.jobs.quantize_export import export_checkpoint
@@ -46,7 +47,7 @@ from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
 
 # init_distributed is public here: quantize's WORLD_SIZE error tells callers to call it from this module.
-__all__ = ["init_distributed", "quantize", "resolve_device", "resolve_io_threads"]
+__all__ = ["init_distributed", "quantize", "quantize_gptq", "resolve_device", "resolve_io_threads"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ def resolve_io_threads(requested: int | None = None) -> int:
         return requested
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(2, min(8, len(os.sched_getaffinity(0)) // (2 * local)))
+
+
+def quantize_gptq(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    gptq: GptqSettings | None = None,
+    options: QuantizeOptions | None = None,
+    **overrides: Any,
+) -> Summary:
+    """``quantize`` with the weights quantized by GPTQ inside the calibration pass (``jobs.gptq``): an internal
+    entry point until the ``--algorithm`` option reaches it. Needs ``calib_data``; one process; the ModelOpt
+    format.
+
+    Raises:
+        UsageError: no calibration data, torchrun, or the compressed-tensors format; and as ``quantize``.
+    """
+    options = dataclasses.replace(options or QuantizeOptions(), **overrides)
+    if options.calib_data is None:
+        raise UsageError("GPTQ needs calibration data (--calib_data)")
+    if world_size_env() > 1:
+        raise UsageError("GPTQ under torchrun is not built yet: run it in one process")
+    if options.format != "modelopt":
+        raise UsageError("GPTQ writes the ModelOpt format only for now (--format modelopt)")
+    return _quantize(input_dir, output_dir, options, gptq or GptqSettings())
 
 
 def quantize(
@@ -109,7 +135,15 @@ def quantize(
         IncompleteShardError: a shard was left incomplete.
         RankLostError: under torchrun, a rank died or stalled.
     """
-    options = dataclasses.replace(options or QuantizeOptions(), **overrides)
+    return _quantize(input_dir, output_dir, dataclasses.replace(options or QuantizeOptions(), **overrides))
+
+
+def _quantize(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None,
+    options: QuantizeOptions,
+    gptq: GptqSettings | None = None,
+) -> Summary:
     entered = time.perf_counter()
     input_dir = resolve_checkpoint_dir(input_dir)
     input_scales = reference_input_scales(options.input_scales_from) if options.input_scales_from is not None else {}
@@ -130,7 +164,7 @@ def quantize(
         input_scales=tuple(sorted(input_scales.items())),
         kv_cache=options.kv_cache,  # type: ignore[arg-type]
         # A dry run asks for no device (it may plan a GPU run on a machine without one).
-        calibration=calibration_key(data, options, resolve_device(options.device))
+        calibration=calibration_key(data, options, resolve_device(options.device), gptq)
         if data and not options.dry_run
         else "",
     )
@@ -180,6 +214,7 @@ def quantize(
         device=resolve_device(options.device),
         threads=resolve_io_threads(options.io_threads),
         calibration_data=data,
+        gptq=gptq,
     )
     lock = OutputDirLock(output_dir)  # taken (rank 0) before anything is written, held to the end
     try:
@@ -194,6 +229,7 @@ def _calibrate(job: QuantizeJob, live: LiveUnits | None = None) -> None:
     ``live``, each layer's units are written from the tensors the calibration read (one read of the source)."""
     options = job.options
     phase = time.perf_counter()
+    weights = GptqUnits(job, live, job.gptq) if job.gptq is not None and live is not None else None
     run = run_calibration(
         job.index,
         job.calibration_data,
@@ -204,12 +240,15 @@ def _calibrate(job: QuantizeJob, live: LiveUnits | None = None) -> None:
         rank=job.rank,
         world=job.world,
         on_live=live,
+        weights=weights,
     )
     input_scales = {} if options.weight_only else run.input_scales
     job.recipe = dataclasses.replace(
         job.recipe, input_scales=tuple(sorted(input_scales.items())), kv_scales=tuple(sorted(run.kv_scales.items()))
     )
     job.summary.calibration = run.report()
+    if weights is not None:
+        job.summary.calibration["weights"] = weights.report(run.calibration)
     job.summary.source_bytes_read += run.bytes_read
     job.summary.phases["calibrate"] = time.perf_counter() - phase
     if not options.weight_only:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,6 +167,8 @@ class QuantizeJob:
     meter: Progress | None = None
     # --calib_data: the rows, checked before any work; the calibration runs once the directory is prepared.
     calibration_data: CalibrationData | None = None
+    # GPTQ of the weights inside the calibration (jobs.gptq.GptqSettings; ``quantize_gptq``); None: round-to-nearest.
+    gptq: Any = None
 
     @property
     def planned(self) -> dict[str, list[str]]:

@@ -313,11 +313,15 @@ class LiveUnits:
                 job.stats.compute_s += time.perf_counter() - t
             else:
                 encoded = [(unit.source.name, views[unit.source.name].contiguous().cpu())]
-            sink = self.sink_of(unit)
-            for name, tensor in encoded:
-                self.writer.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
-            self.written.add(id(unit))
-            job.meter.advance(sum(s.nbytes for s in sources), job.stats)
+            self.write(unit, encoded)
+
+    def write(self, unit: Unit, encoded: list[tuple[str, torch.Tensor]]) -> None:
+        """Hand a unit's output tensors to the writer threads; the stream will not write it again."""
+        sink = self.sink_of(unit)
+        for name, tensor in encoded:
+            self.writer.submit(sink.write, name, tensor, nbytes=tensor.numel() * tensor.element_size())
+        self.written.add(id(unit))
+        self.job.meter.advance(sum(s.nbytes for s in unit_sources(unit)), self.job.stats)
 
     def close(self) -> None:
         self.writer.close()

@@ -1,0 +1,283 @@
+"""GPTQ in a calibrated quantize run: each decoder layer's quantized units solved against the Hessians of their
+inputs while the layer is on the device (``engine.calibrate``'s ``WeightSolver``), written at their planned
+offsets, and the layer's weights replaced by their dequantized values, so that (sequential, the default) the
+next layer's inputs are those of the already quantized model.
+
+- Scales are fixed before the loop as round-to-nearest computes them: a fused group's one global scale from the
+  max of its members, each member's block scales; GPTQ chooses the codes (``codec.gptq``).
+- Members of a fused group share their input, hence one Hessian. Routed experts: each its own, from the tokens
+  routed to it; an expert with fewer than ``min_expert_tokens`` keeps round-to-nearest and is reported.
+- Resume: the encoded units of shards not finished when a boundary is kept are kept beside it
+  (``gptq_pending.safetensors``, bounded by the open shards), so a resumed run writes the layers before its
+  boundary from there and never needs their Hessians again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from modelopt_streaming.codec import Codec, gptq, nvfp4
+from modelopt_streaming.engine.calibrate import Calibration, WeightSolver
+from modelopt_streaming.engine.hessian import ExpertHessians, HessianSum
+from modelopt_streaming.engine.model import family_of_config
+from modelopt_streaming.jobs.quantize_job import QuantizeJob
+from modelopt_streaming.jobs.quantize_stream import LiveUnits, _encode_unit
+from modelopt_streaming.plan.build import QuantizeUnit
+
+__all__ = ["GptqSettings", "GptqUnits"]
+
+PENDING_FILE = "gptq_pending.safetensors"
+
+# A routed expert with fewer tokens than this keeps round-to-nearest: its Hessian has at most this rank, and
+# GPTQ would fit the codes to a handful of tokens.
+MIN_EXPERT_TOKENS = 64
+
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
+_RTN = object()  # a member that keeps round-to-nearest
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """How GPTQ runs. ``expert_budget_bytes`` (device memory for one group of experts' Hessians) changes no bits;
+    every other field is part of the run's fingerprint."""
+
+    act_order: bool = False
+    damp: float = gptq.DAMP
+    block_size: int = gptq.GPTQ_BLOCK
+    min_expert_tokens: int = MIN_EXPERT_TOKENS
+    sequential: bool = True
+    expert_budget_bytes: int | None = None
+
+    def key(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k != "expert_budget_bytes"}
+        return json.dumps({"weights": "gptq", **fields}, sort_keys=True)
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class GptqUnits:
+    """The job's side of GPTQ: which Hessian each quantized module needs (``key_of``), the solve of every unit a
+    layer holds (``solve``), its writing through the run's live writer when its shard is still to be written,
+    and the encoded units kept for a resume (``save``, ``restore``)."""
+
+    def __init__(self, job: QuantizeJob, live: LiveUnits, settings: GptqSettings):
+        self.job, self.live, self.settings = job, live, settings
+        self.leaves = family_of_config(job.index.config, str(job.index.root)).expert_leaves
+        self.units = [u for u in job.plan.units if isinstance(u, QuantizeUnit)]
+        self.todo = {id(u) for u in live.units}
+        self.shard_of = {id(u): s.file for s in job.plan.shards for u in s.units}
+        self._key: dict[str, str] = {}
+        for unit in self.units:
+            if unit.layout == "linear":
+                for module in unit.modules:
+                    if self._expert(module) is None:
+                        self._key[module] = "+".join(unit.modules)
+        self.solved: set[int] = set()
+        self.restored: set[int] = set()  # written from the encodings an earlier run kept
+        self.pending: dict[int, list[tuple[str, torch.Tensor]]] = {}  # written, shard not yet finished
+        # Weights whose GPTQ codes lost to round-to-nearest's on the calibration inputs, which were kept instead:
+        # the module, or "<3-D experts tensor>[<expert>]".
+        self.lost: list[str] = []
+
+    def solver(self) -> WeightSolver:
+        return WeightSolver(
+            key_of=self._key.get,
+            solve=self.solve,
+            expert_budget_bytes=self.settings.expert_budget_bytes,
+            sequential=self.settings.sequential,
+        )
+
+    def _expert(self, module: str) -> tuple[str, int, str] | None:
+        """(experts module, expert, "gate_up" or "down") of a per-expert checkpoint module, else None."""
+        m = _EXPERT.match(module)
+        if m is None or self.leaves is None or m["leaf"] not in self.leaves:
+            return None
+        return m["experts"], int(m["e"]), "down" if m["leaf"] == self.leaves[2] else "gate_up"
+
+    def _expert_hessian(self, hessians: ExpertHessians, experts: str, e: int, kind: str):
+        if e not in hessians.selected:
+            return None
+        if hessians.tokens(e) < self.settings.min_expert_tokens:
+            return _RTN
+        return (hessians.down if kind == "down" else hessians.gate_up)[e].h
+
+    def _hessians(self, unit: QuantizeUnit, linears: dict[str, HessianSum], experts: dict[str, ExpertHessians]):
+        """One Hessian (or ``_RTN``) per 2-D weight the codec will be given, in its order; None when this call
+        does not hold them."""
+        if unit.layout == "experts_3d":
+            (name,) = unit.modules
+            module, leaf = name.rsplit(".", 1)
+            hessians = experts.get(module)
+            if hessians is None:
+                return None
+            n = unit.sources[0].shape[0]
+            if len(hessians.selected) != n:
+                raise NotImplementedError(
+                    f"{name}: GPTQ of 3-D experts whose Hessians do not fit the device together is not built"
+                )
+            kind = "down" if leaf.startswith("down") else "gate_up"
+            return [self._expert_hessian(hessians, module, e, kind) for e in range(n)]
+        out = []
+        for module in unit.modules:
+            where = self._expert(module)
+            if where is not None:
+                hessians = experts.get(where[0])
+                h = None if hessians is None else self._expert_hessian(hessians, *where)
+            else:
+                s = linears.get(self._key[module])
+                h = None if s is None else s.h
+            if h is None:
+                return None
+            out.append(h)
+        return out
+
+    def solve(
+        self,
+        path: str,
+        views: dict[str, torch.Tensor],
+        linears: dict[str, HessianSum],
+        experts: dict[str, ExpertHessians],
+        calibration: Calibration,
+    ) -> None:
+        """GPTQ of every unit whose tensors ``views`` holds and whose Hessians this call gives; the dequantized
+        weights replace the live ones in place; a unit still to be written is written."""
+        from modelopt_streaming.jobs.calibration import _input_scale
+
+        job, options = self.job, self.job.options
+        scales = {} if options.weight_only else calibration.input_amax
+        scales = {m: _input_scale(a, options.scale_math) for m, a in scales.items()}
+        recipe = dataclasses.replace(job.recipe, input_scales=tuple(sorted(scales.items())))
+        for unit in self.units:
+            if id(unit) in self.solved or not all(s.name in views for s in unit.sources):
+                continue
+            hessians = self._hessians(unit, linears, experts)
+            if hessians is None:
+                continue
+            members = [views[s.name].to(job.device) for s in unit.sources]
+            encoded, used = self._encode(unit, members, hessians, recipe)
+            self._write_back(unit, views, used)
+            self.solved.add(id(unit))
+            # A unit a resumed run already wrote from the kept encodings is solved again all the same (its layer
+            # must hold the dequantized weights for the next layer's inputs), to the same bytes.
+            if id(unit) in self.todo and id(unit) not in self.live.written:
+                self.live.write(unit, encoded)
+                self.pending[id(unit)] = encoded
+
+    def _encode(self, unit: QuantizeUnit, members: list[torch.Tensor], hessians: list, recipe):
+        codec, settings = self.job.codec, self.settings
+        order = iter(hessians)
+        used: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def quantize(w: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            packed, block_scales = codec.quantize(w, weight_scale_2)
+            h = next(order)
+            if h is not _RTN:
+                solved, _ = gptq.gptq_quantize(
+                    w,
+                    h,
+                    weight_scale_2,
+                    block_scales,
+                    damp=settings.damp,
+                    block_size=settings.block_size,
+                    act_order=settings.act_order,
+                )
+                # Kept only when it is better on the calibration inputs: GPTQ is greedy, and against block scales
+                # fixed beforehand a weight pushed past its block's largest code saturates, so on a small or
+                # outlier-heavy weight it can lose to round-to-nearest (a 32 x 64 k_proj of the tiny Llama did).
+                rtn_error = gptq.output_error(w, nvfp4.dequantize(packed, block_scales, weight_scale_2), h)
+                if gptq.output_error(w, nvfp4.dequantize(solved, block_scales, weight_scale_2), h) < rtn_error:
+                    packed = solved
+                else:
+                    i = len(used)
+                    self.lost.append(f"{unit.modules[0]}[{i}]" if unit.layout == "experts_3d" else unit.modules[i])
+            used.append((packed, block_scales, weight_scale_2))
+            return packed, block_scales
+
+        wrapped = Codec(codec.tensor_amax, quantize, f"GPTQ over {codec.name}")
+        encoded = _encode_unit(
+            unit, members, wrapped, recipe, self.job.options.allow_nonfinite, self.job.input_dir, self.job.reciprocals
+        )
+        return encoded, used
+
+    @staticmethod
+    def _write_back(unit: QuantizeUnit, views: dict[str, torch.Tensor], used: list) -> None:
+        """The live weights become the values the written codes dequantize to (what the next layer will see)."""
+        if unit.layout == "experts_3d":
+            view = views[unit.sources[0].name]
+            for e, (packed, block_scales, scale_2) in enumerate(used):
+                view[e].copy_(nvfp4.dequantize(packed, block_scales, scale_2).t().to(view.dtype))
+            return
+        for src, (packed, block_scales, scale_2) in zip(unit.sources, used):
+            view = views[src.name]
+            view.copy_(nvfp4.dequantize(packed, block_scales, scale_2).to(view.dtype))
+
+    # -- resume ------------------------------------------------------------------------------------------------
+
+    def save(self, directory: Path, key: str) -> None:
+        """Keep the encoded units whose shards are not finished (the others are in the output already)."""
+        from safetensors.torch import save_file
+
+        done = self.job.state.dir
+        self.pending = {u: t for u, t in self.pending.items() if not (done / self.shard_of[u]).exists()}
+        tensors = {name: t.clone() for encoded in self.pending.values() for name, t in encoded}  # no shared storage
+        partial = directory / f".{PENDING_FILE}.partial"
+        save_file(tensors, str(partial), metadata={"key": _key_digest(key), "lost": json.dumps(self.lost)})
+        os.replace(partial, directory / PENDING_FILE)
+
+    def restore(self, directory: Path | None, key: str) -> None:
+        """Write the units of shards still to be written that an earlier run solved and kept."""
+        from safetensors import safe_open
+
+        path = directory / PENDING_FILE if directory is not None else None
+        if path is None or not path.is_file():
+            return
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != _key_digest(key):
+                return
+            self.lost = json.loads(meta.get("lost", "[]"))
+            names = set(f.keys())
+            for unit in self.units:
+                if id(unit) not in self.todo or id(unit) in self.live.written:
+                    continue
+                outputs = [t.name for t in unit.outputs]
+                if all(n in names for n in outputs):
+                    encoded = [(n, f.get_tensor(n)) for n in outputs]
+                    self.live.write(unit, encoded)
+                    self.pending[id(unit)] = encoded
+                    self.restored.add(id(unit))
+
+    def report(self, calibration: Calibration) -> dict:
+        """What the summary, ``--json`` and the provenance say about the weights' algorithm: the experts kept on
+        round-to-nearest (from the routed token counts, which are the counts of their Hessians, so a resumed run
+        reports the layers before its boundary too) and any unit of this run that no layer held (written by the
+        stream, round-to-nearest)."""
+        quantized = {where[0] for u in self.units for m in u.modules if (where := self._expert(m)) is not None}
+        quantized |= {u.modules[0].rsplit(".", 1)[0] for u in self.units if u.layout == "experts_3d"}
+        low = self.settings.min_expert_tokens
+        rtn = {
+            m: [e for e, n in enumerate(tokens) if n < low]
+            for m, tokens in sorted(calibration.expert_tokens.items())
+            if m in quantized
+        }
+        return {
+            "algorithm": "gptq",
+            **{k: v for k, v in asdict(self.settings).items() if k != "expert_budget_bytes"},
+            "experts_round_to_nearest": {m: e for m, e in rtn.items() if e},
+            "units_round_to_nearest": [
+                u.modules[0]
+                for u in self.units
+                if id(u) in self.todo and id(u) not in self.solved and id(u) not in self.restored
+            ],
+            "round_to_nearest_was_better": sorted(set(self.lost)),
+        }
