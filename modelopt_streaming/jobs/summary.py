@@ -81,6 +81,17 @@ class Summary:
                 out.append(
                     f"  experts that saw no token: {n} in {len(idle)} layers (they get the layer's shared value)"
                 )
+            weights = self.calibration.get("weights")
+            if weights:
+                few = sum(len(v) for v in weights["experts_round_to_nearest"].values())
+                out.append(
+                    f"  weights: {weights['algorithm']}"
+                    + (" (act order)" if weights.get("act_order") else "")
+                    + (", sequential" if weights.get("sequential") else "")
+                    + f"; round-to-nearest kept for {few} experts under {weights['min_expert_tokens']} tokens, "
+                    f"{len(weights['round_to_nearest_was_better'])} weights where it was better on the calibration "
+                    f"inputs, {len(weights['units_round_to_nearest'])} units no layer held"
+                )
         if self.input_scales_missing:
             shown = ", ".join(self.input_scales_missing[:6]) + (" ..." if len(self.input_scales_missing) > 6 else "")
             where = "calibration" if self.calibration else "reference"
