@@ -127,9 +127,9 @@ def run_calibration(
     counts with sum: the scales are those of one process. ``on_live(module, tensors, input_scales)`` (one
     process) is called while each module is on the device, with the input scales measured so far.
 
-    ``weights`` (one process; ``jobs.gptq.GptqUnits``): a weight quantization run inside the pass (its
-    ``solver()``), whose settings join the key, and which keeps what a resume needs beside each boundary
-    (``save``) and writes it back first on a resumed run (``restore``).
+    ``weights`` (``jobs.gptq.GptqUnits``): a weight quantization run inside the pass (its ``solver()``), whose
+    settings join the key, and which keeps what a resume needs beside each boundary (``save``) and writes it
+    back first on a resumed run (``restore``). Under torchrun every rank then runs every row.
 
     Raises:
         UsageError, CheckpointError: as ``engine.calibrate``.
@@ -141,6 +141,10 @@ def run_calibration(
         device_budget_bytes=_device_budget(options.calib_device_budget, device),
     )
     key = calibration_key(data, options, device, weights.settings if weights is not None else None)
+    if weights is not None:
+        # Every rank runs every row: Hessians summed across ranks would not be those of one process (float sums
+        # are not associative); the ranks split the layer's solves instead (jobs.gptq).
+        world = 1
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)
     keep = _Keeper(state_dir / f"rank{rank}" if state_dir is not None else None, key, world, mine.shape)
     if weights is not None:

@@ -223,7 +223,10 @@ def contiguous_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
 
 
 def write_shards_distributed(
-    job: QuantizeJob, todo: list[Shard], stream: Callable[[list[Unit], Callable[[Unit], PositionalShardWriter]], None]
+    job: QuantizeJob,
+    todo: list[Shard],
+    stream: Callable[[list[Unit], Callable[[Unit], PositionalShardWriter]], None],
+    before: Callable[[Callable[[Unit], PositionalShardWriter]], set[int]] | None = None,
 ) -> None:
     """torchrun: rank 0 lays out every unfinished shard at its final size; each rank writes its share of
     the units at their planned offsets, digesting each tensor as it writes it, so the work splits evenly
@@ -232,7 +235,10 @@ def write_shards_distributed(
 
     ``stream(units, sink_of)`` reads, encodes and writes ``units`` into ``sink_of(unit)``; the seconds of each
     step go to ``job.summary.phases``, and a finished shard's record is ``job.finished_record`` of it given
-    every rank's exact reciprocals."""
+    every rank's exact reciprocals.
+
+    ``before(sink_of)`` runs first on every rank with the same writers and returns the ids of the units this
+    rank wrote (a GPTQ calibration writes each layer's units); the units no rank wrote are then shared."""
     import torch.distributed as dist
 
     state, rank, world, phases = job.state, job.rank, job.world, job.summary.phases
@@ -252,6 +258,19 @@ def write_shards_distributed(
     writers = {shard.file: PositionalShardWriter(state.dir, shard.file, specs[shard.file]) for shard in todo}
     shard_of = {id(u): shard.file for shard in todo for u in shard.units}
     units = [u for shard in todo for u in shard.units]
+    if before is not None:
+        try:
+            written = before(lambda unit: writers[shard_of[id(unit)]])
+        except BaseException:
+            for w in writers.values():
+                w.close()
+            raise
+        position = {id(u): i for i, u in enumerate(units)}
+        parts: list = [None] * world
+        dist.all_gather_object(parts, sorted(position[w] for w in written if w in position))
+        done = {i for part in parts for i in part}
+        units = [u for i, u in enumerate(units) if i not in done]
+        lap("calibrate and write")
     mine = contiguous_share(units, rank, world)
     job.meter.set_total(sum(sum(src.nbytes for src in unit_sources(u)) for u in mine))
     try:

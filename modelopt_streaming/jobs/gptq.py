@@ -65,6 +65,16 @@ def _key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _exchange(results: dict[int, list]) -> dict[int, list]:
+    """Every rank's solved units (unit index -> the codes, block scales and global scale of each weight) on
+    every rank, so that all of them hold the same quantized layer."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, results)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 class GptqUnits:
     """The job's side of GPTQ: which Hessian each quantized module needs (``key_of``), the solve of every unit a
     layer holds (``solve``), its writing through the run's live writer when its shard is still to be written,
@@ -74,7 +84,10 @@ class GptqUnits:
         self.job, self.live, self.settings = job, live, settings
         self.leaves = family_of_config(job.index.config, str(job.index.root)).expert_leaves
         self.units = [u for u in job.plan.units if isinstance(u, QuantizeUnit)]
-        self.todo = {id(u) for u in live.units}
+        self.todo = {id(u) for u in live.todo}
+        # Under torchrun every rank runs every layer and solves every world-th unit; the codes are exchanged.
+        self.rank, self.world = job.rank, job.world
+        self.index = {id(u): i for i, u in enumerate(self.units)}
         self.shard_of = {id(u): s.file for s in job.plan.shards for u in s.units}
         self._key: dict[str, str] = {}
         for unit in self.units:
@@ -157,21 +170,35 @@ class GptqUnits:
         scales = {} if options.weight_only else calibration.input_amax
         scales = {m: _input_scale(a, options.scale_math) for m, a in scales.items()}
         recipe = dataclasses.replace(job.recipe, input_scales=tuple(sorted(scales.items())))
+        ready = []
         for unit in self.units:
             if id(unit) in self.solved or not all(s.name in views for s in unit.sources):
                 continue
             hessians = self._hessians(unit, linears, experts)
-            if hessians is None:
+            if hessians is not None:
+                ready.append((unit, hessians))
+        results = {}
+        for unit, hessians in ready:
+            if self.index[id(unit)] % self.world != self.rank:
                 continue
             members = [views[s.name].to(job.device) for s in unit.sources]
             encoded, used = self._encode(unit, members, hessians, recipe)
-            self._write_back(unit, views, used)
-            self.solved.add(id(unit))
+            # Block scales travel as bytes: torch's pickling of float8 storages does not load back (torch 2.13).
+            sent = [(p.cpu(), s.view(torch.uint8).cpu(), s2.cpu()) for p, s, s2 in used]
+            results[self.index[id(unit)]] = used if self.world == 1 else sent
             # A unit a resumed run already wrote from the kept encodings is solved again all the same (its layer
             # must hold the dequantized weights for the next layer's inputs), to the same bytes.
             if id(unit) in self.todo and id(unit) not in self.live.written:
                 self.live.write(unit, encoded)
                 self.pending[id(unit)] = encoded
+        if self.world > 1:
+            results = _exchange(results)
+            results = {k: [(p, s.view(torch.float8_e4m3fn), s2) for p, s, s2 in v] for k, v in results.items()}
+        for unit, _ in ready:
+            self._write_back(unit, views, results[self.index[id(unit)]])
+            self.solved.add(id(unit))
+            if id(unit) in self.todo:
+                self.live.written.add(id(unit))  # written by the rank that solved it
 
     def _encode(self, unit: QuantizeUnit, members: list[torch.Tensor], hessians: list, recipe):
         codec, settings = self.job.codec, self.settings
@@ -215,11 +242,13 @@ class GptqUnits:
         if unit.layout == "experts_3d":
             view = views[unit.sources[0].name]
             for e, (packed, block_scales, scale_2) in enumerate(used):
-                view[e].copy_(nvfp4.dequantize(packed, block_scales, scale_2).t().to(view.dtype))
+                deq = nvfp4.dequantize(packed.to(view.device), block_scales.to(view.device), scale_2.to(view.device))
+                view[e].copy_(deq.t().to(view.dtype))
             return
         for src, (packed, block_scales, scale_2) in zip(unit.sources, used):
             view = views[src.name]
-            view.copy_(nvfp4.dequantize(packed, block_scales, scale_2).to(view.dtype))
+            deq = nvfp4.dequantize(packed.to(view.device), block_scales.to(view.device), scale_2.to(view.device))
+            view.copy_(deq.to(view.dtype))
 
     # -- resume ------------------------------------------------------------------------------------------------
 
@@ -258,6 +287,17 @@ class GptqUnits:
                     self.restored.add(id(unit))
 
     def report(self, calibration: Calibration) -> dict:
+        """(Every rank calls it: under torchrun the ranks' lists are merged.)"""
+        lost = self.lost
+        if self.world > 1:
+            import torch.distributed as dist
+
+            parts: list = [None] * self.world
+            dist.all_gather_object(parts, lost)
+            lost = [x for part in parts for x in part]
+        return self._report(calibration, lost)
+
+    def _report(self, calibration: Calibration, lost: list[str]) -> dict:
         """What the summary, ``--json`` and the provenance say about the weights' algorithm: the experts kept on
         round-to-nearest (from the routed token counts, which are the counts of their Hessians, so a resumed run
         reports the layers before its boundary too) and any unit of this run that no layer held (written by the
@@ -279,5 +319,5 @@ class GptqUnits:
                 for u in self.units
                 if id(u) in self.todo and id(u) not in self.solved and id(u) not in self.restored
             ],
-            "round_to_nearest_was_better": sorted(set(self.lost)),
+            "round_to_nearest_was_better": sorted(set(lost)),
         }

@@ -85,17 +85,15 @@ def quantize_gptq(
     **overrides: Any,
 ) -> Summary:
     """``quantize`` with the weights quantized by GPTQ inside the calibration pass (``jobs.gptq``): an internal
-    entry point until the ``--algorithm`` option reaches it. Needs ``calib_data``; one process; the ModelOpt
-    format.
+    entry point until the ``--algorithm`` option reaches it. Needs ``calib_data`` and the ModelOpt format. Under
+    torchrun every rank runs every row through every layer and the ranks split each layer's solves.
 
     Raises:
-        UsageError: no calibration data, torchrun, or the compressed-tensors format; and as ``quantize``.
+        UsageError: no calibration data, or the compressed-tensors format; and as ``quantize``.
     """
     options = dataclasses.replace(options or QuantizeOptions(), **overrides)
     if options.calib_data is None:
         raise UsageError("GPTQ needs calibration data (--calib_data)")
-    if world_size_env() > 1:
-        raise UsageError("GPTQ under torchrun is not built yet: run it in one process")
     if options.format != "modelopt":
         raise UsageError("GPTQ writes the ModelOpt format only for now (--format modelopt)")
     return _quantize(input_dir, output_dir, options, gptq or GptqSettings())
@@ -309,7 +307,7 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
     on_rank0(rank, world, take_and_prepare, "prepare the output directory", GROUP_TIMEOUT_S + verify_s)
     check_shared_output(state, rank, world)
     summary.phases["prepare"] = time.perf_counter() - phase
-    if job.calibration_data is not None and world > 1:
+    if job.calibration_data is not None and world > 1 and job.gptq is None:
         # Each rank runs its share of the rows through every layer; the stream reads the weights again.
         _calibrate(job)
     done = state.records()
@@ -347,7 +345,9 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
                 write_shards_local(job, todo, before)
                 summary.phases["stream"] = time.perf_counter() - phase - summary.phases.get("calibrate", 0.0)
             else:
-                write_shards_distributed(job, todo, lambda units, sink_of: stream_units(job, units, sink_of))
+                # GPTQ writes each layer's units from the calibration (every rank runs it, each writes its share).
+                before = _live_calibration(job, todo) if job.gptq is not None else None
+                write_shards_distributed(job, todo, lambda units, sink_of: stream_units(job, units, sink_of), before)
     except OSError as e:
         where = e.filename or job.output_dir
         raise OutputError(

@@ -293,7 +293,9 @@ class LiveUnits:
 
     def __init__(self, job: QuantizeJob, todo: list[Shard], sink_of: Callable[[Unit], PositionalShardWriter]):
         self.job, self.sink_of = job, sink_of
-        self.units = [u for shard in todo for u in shard.units if not isinstance(u, ScalarUnit)]
+        self.todo = [u for shard in todo for u in shard.units if not isinstance(u, ScalarUnit)]
+        # Under torchrun (a GPTQ run, where every rank runs every layer) each rank writes every world-th unit.
+        self.units = self.todo[job.rank :: job.world]
         self.written: set[int] = set()
         self.writer = ParallelWriter(job.stats, job.threads, WRITE_AHEAD_BYTES)
 

@@ -288,3 +288,35 @@ def test_killed_after_each_layer_then_resumed_is_byte_identical(tmp_path):
     resumed = _child(src, rows, out, True, {})
     assert resumed.returncode == 0, resumed.stderr
     assert tree_hashes(out) == reference
+
+
+_RANKED = """
+import sys
+from modelopt_streaming.jobs.gptq import GptqSettings
+from modelopt_streaming.jobs.quantize import init_distributed, quantize_gptq
+src, rows, out, batch = sys.argv[1:5]
+device, _ = init_distributed("cpu")
+quantize_gptq(src, out, gptq=GptqSettings(min_expert_tokens=16), calib_data=rows, device=device, progress="none",
+              max_shard_size=40_000, kv_cache="fp8", calib_batch_size=int(batch))
+"""
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,batch", [("qwen3_moe", 1), ("deepseek_v3", 2)])
+def test_two_ranks_write_the_bytes_of_one_process(tmp_path, arch, batch):
+    """Every rank runs every row (the Hessians are those of one process), the ranks split each layer's solves and
+    exchange the codes, each writes the units it solved."""
+    src = make_source(tmp_path / "src", arch)
+    rows = tmp_path / "rows.safetensors"
+    save_file({"input_ids": token_rows(256, **_ROWS)}, rows)
+    script = tmp_path / "child.py"
+    script.write_text(_RANKED)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("MODELOPT_STREAMING_")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for out, launcher in (("one", [sys.executable]), ("two", torchrun)):
+        args = [*launcher, str(script), str(src), str(rows), str(tmp_path / out), str(batch)]
+        r = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert tree_hashes(tmp_path / "two") == tree_hashes(tmp_path / "one")
