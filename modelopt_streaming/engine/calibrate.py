@@ -65,7 +65,8 @@ class WeightSolver:
     and writes the dequantized weights back into ``views`` in place. The experts come first, group by group
     (each expert's inputs depend only on the layer's input and its own weights, so replacing the weights of
     one group changes no other group's Hessians), the Linears last.
-    expert_budget_bytes: device memory for one group of experts' Hessians (None: all experts at once).
+    expert_budget_bytes: device memory for one group of experts' Hessians (None: on a GPU, its free memory once
+    the layer is there less ``SOLVE_RESERVE_BYTES``; on the CPU, all experts at once).
     sequential: the next layer's inputs are this layer's outputs with its quantized weights (the layer runs
     once more); otherwise those of the unquantized layer."""
 
@@ -172,7 +173,7 @@ def _run_layer(
         if solver is not None:
             linear_hessians = hessian.LinearHessians(solver.key_of)
             handles += linear_hessians.attach(layer, name_of)
-            groups = _expert_groups(layer, solver.expert_budget_bytes)
+            groups = _expert_groups(layer, _hessian_budget(solver.expert_budget_bytes, stream.options.device))
             expert_hessians = hessian.attach_expert_hessians(layer, name_of, groups[0])
         keep = solver is None or not solver.sequential
         try:
@@ -224,6 +225,20 @@ def _forward_rows(
         out = stream.forward(layer, index, inputs[i : i + batch].to(device))
         if outputs is not None:
             outputs[i : i + batch] = out.cpu()
+
+
+# Device memory left beside a group of experts' Hessians: a batch's activations and one GPTQ solve (a 7168-input
+# weight's float32 copy, Hessian and factor: ~0.5 GB; DeepSeek-V3's dense down_proj, 18432 inputs: ~3 GB).
+SOLVE_RESERVE_BYTES = 8 * 1024**3
+
+
+def _hessian_budget(asked: int | None, device: torch.device) -> int | None:
+    """The bytes a group of experts' Hessians may take: as asked, else on a GPU what is free now (the layer is
+    there) less the reserve. The grouping changes no bits (each expert's Hessian is the same in any group)."""
+    if asked is not None or device.type != "cuda":
+        return asked
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, free - SOLVE_RESERVE_BYTES)
 
 
 def _expert_groups(layer: torch.nn.Module, budget: int | None) -> list:

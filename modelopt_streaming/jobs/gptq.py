@@ -46,8 +46,9 @@ _RTN = object()  # a member that keeps round-to-nearest
 
 @dataclass(frozen=True)
 class GptqSettings:
-    """How GPTQ runs. ``expert_budget_bytes`` (device memory for one group of experts' Hessians) changes no bits;
-    every other field is part of the run's fingerprint."""
+    """How GPTQ runs. ``expert_budget_bytes`` (device memory for one group of experts' Hessians; None: on a GPU its
+    free memory once a layer is there, less a reserve for the solves) changes no bits; every other field is part
+    of the run's fingerprint."""
 
     act_order: bool = False
     damp: float = gptq.DAMP
@@ -183,9 +184,11 @@ class GptqUnits:
                 continue
             members = [views[s.name].to(job.device) for s in unit.sources]
             encoded, used = self._encode(unit, members, hessians, recipe)
-            # Block scales travel as bytes: torch's pickling of float8 storages does not load back (torch 2.13).
-            sent = [(p.cpu(), s.view(torch.uint8).cpu(), s2.cpu()) for p, s, s2 in used]
-            results[self.index[id(unit)]] = used if self.world == 1 else sent
+            if self.world == 1:
+                self._write_back(unit, views, used)  # at once: the codes of a whole layer need not wait on the GPU
+            else:
+                # Block scales travel as bytes: torch's pickling of float8 storages does not load back (torch 2.13).
+                results[self.index[id(unit)]] = [(p.cpu(), s.view(torch.uint8).cpu(), s2.cpu()) for p, s, s2 in used]
             # A unit a resumed run already wrote from the kept encodings is solved again all the same (its layer
             # must hold the dequantized weights for the next layer's inputs), to the same bytes.
             if id(unit) in self.todo and id(unit) not in self.live.written:
@@ -195,7 +198,8 @@ class GptqUnits:
             results = _exchange(results)
             results = {k: [(p, s.view(torch.float8_e4m3fn), s2) for p, s, s2 in v] for k, v in results.items()}
         for unit, _ in ready:
-            self._write_back(unit, views, results[self.index[id(unit)]])
+            if self.world > 1:
+                self._write_back(unit, views, results[self.index[id(unit)]])
             self.solved.add(id(unit))
             if id(unit) in self.todo:
                 self.live.written.add(id(unit))  # written by the rank that solved it
