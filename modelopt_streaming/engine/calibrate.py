@@ -97,26 +97,38 @@ def calibrate(
     n, length = input_ids.shape
     shape = (length, stream.skeleton.config.hidden_size)
     batch = max(1, options.batch_size)
+    def new_store() -> HiddenStore:
+        return HiddenStore(n, shape, options.dtype, host_budget_bytes, device=options.device)
+
     if resume is not None:
         result, current, first = resume.calibration, resume.hidden, resume.layers_done
     else:
         result, first = Calibration(tokens=n * length), 0
-        current = HiddenStore(n, shape, options.dtype, host_budget_bytes)
+        current = new_store()
         with stream.module("model.embed_tokens") as embed, torch.no_grad():
             for i in range(0, n, batch):
-                current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device)).cpu()
+                current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device))
             if on_live is not None:
                 on_live("model.embed_tokens", stream.live_views("model.embed_tokens", embed), result)
+    # Two stores for the whole pass, a layer's input and its output, swapped at each boundary: page-locked
+    # host memory is slow to allocate, and a fresh store's first writes fault every page in.
+    spare: HiddenStore | None = None
     try:
         for layer_index in range(first, stream.num_layers):
-            nxt = HiddenStore(n, shape, options.dtype, host_budget_bytes)
+            nxt = spare if spare is not None else new_store()
+            spare = None
             _run_layer(stream, layer_index, current, nxt, result, kv, batch, on_live)
-            current.close()
+            if current.owned:
+                spare = current
+            else:
+                current.close()
             current = nxt
             if on_layer is not None:
                 on_layer(Boundary(layer_index + 1, result, current), stream.num_layers)
     finally:
         current.close()
+        if spare is not None:
+            spare.close()
     return result
 
 
@@ -142,8 +154,7 @@ def _run_layer(
         attentions = _attach_kv_observers(stream, layer, path, kv_max) if kv else []
         try:
             for i in range(0, inputs.count, batch):
-                h = inputs[i : i + batch].to(device)
-                outputs[i : i + batch] = stream.forward(layer, layer_index, h).cpu()
+                outputs[i : i + batch] = stream.forward(layer, layer_index, inputs.load(slice(i, i + batch), device))
         finally:
             for handle in handles:
                 handle.remove()

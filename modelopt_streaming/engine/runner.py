@@ -68,8 +68,10 @@ class LayerStream:
         config._experts_implementation = observe.EXPERTS_IMPLEMENTATION
         device = options.device
         rotary_class = type(self.skeleton.decoder.rotary_emb)
-        with torch.device(device):
-            self.rotary = rotary_class(config=config)
+        # Computed on the CPU and moved, as from_pretrained's weight initialization computes inv_freq
+        # (modeling_utils ``_init_weights``: ``rope_fn(module.config)`` without a device, then copied in): the
+        # same frequencies computed on a GPU can differ in the last bit.
+        self.rotary = rotary_class(config=config).to(device)
         self._cache: dict[int, tuple] = {}
 
     @functools.cached_property

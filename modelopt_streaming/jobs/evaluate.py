@@ -248,7 +248,11 @@ def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, 
     n, length = ids.shape
     shape = (length, src.skeleton.config.hidden_size)
     batch, device = options.batch_size, options.device
-    stores = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+    def new_stores() -> list[HiddenStore]:
+        return [HiddenStore(n, shape, options.dtype, budget, device=device) for _ in range(2)]
+
+    stores = new_stores()
+    spare: list[HiddenStore] | None = None  # the two streams' stores of the layer before, reused
     bar = _LayerProgress(layers + 2, progress)
     try:
         with src.module("model.embed_tokens") as es, q.module("model.embed_tokens") as eq, torch.no_grad():
@@ -257,29 +261,28 @@ def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, 
                 rows = ids[i : i + batch].to(device)
                 hs, hq = es(rows), eq(rows)
                 err.add(hs, hq)
-                stores[0][i : i + batch], stores[1][i : i + batch] = hs.cpu(), hq.cpu()
+                stores[0][i : i + batch], stores[1][i : i + batch] = hs, hq
         embed_err = err.value()
         bar.step("embedding")
         rel = []
         for layer in range(layers):
-            nxt = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+            nxt, spare = spare or new_stores(), None
             path = f"model.layers.{layer}"
             err = _Error()
             with src.module(path) as ls, q.module(path) as lq:
                 for i in range(0, n, batch):
-                    hs = src.forward(ls, layer, stores[0][i : i + batch].to(device))
-                    hq = q.forward(lq, layer, stores[1][i : i + batch].to(device))
+                    rows = slice(i, i + batch)
+                    hs = src.forward(ls, layer, stores[0].load(rows, device))
+                    hq = q.forward(lq, layer, stores[1].load(rows, device))
                     err.add(hs, hq)
-                    nxt[0][i : i + batch], nxt[1][i : i + batch] = hs.cpu(), hq.cpu()
-            for s in stores:
-                s.close()
-            stores = nxt
+                    nxt[0][rows], nxt[1][rows] = hs, hq
+            stores, spare = nxt, stores
             rel.append(err.value())
             bar.step(f"layer {layer}: rel. error {rel[-1]:.3g}")
         figures = _logits(src, q, q_head, stores, ids, options)
         bar.step("logits")
     finally:
-        for s in stores:
+        for s in stores + (spare or []):
             s.close()
         bar.close()
     return {**figures, "layers": rel, "embed_rel_error": embed_err}
@@ -313,8 +316,8 @@ def _logits(src, q, q_head: str, stores, ids: torch.Tensor, options) -> dict:
     ):
         for i in range(0, n, batch):
             rows = ids[i : i + batch].to(device)
-            ls = _project(hs_mod, ns(stores[0][i : i + batch].to(device))).float()
-            lq = _project(hq_mod, nq(stores[1][i : i + batch].to(device))).float()
+            ls = _project(hs_mod, ns(stores[0].load(slice(i, i + batch), device))).float()
+            lq = _project(hq_mod, nq(stores[1].load(slice(i, i + batch), device))).float()
             log_s, log_q = torch.log_softmax(ls, -1), torch.log_softmax(lq, -1)
             kls.append((log_s.exp() * (log_s - log_q)).sum(-1).reshape(-1).double().cpu())
             agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
