@@ -132,6 +132,7 @@ def run_calibration(
         batch_size=options.calib_batch_size,
         trust_remote_code=options.trust_remote_code,
         device_budget_bytes=_device_budget(options.calib_device_budget, device),
+        read_threads=threads,
     )
     key = calibration_key(data, options, device)
     mine = _share(data.input_ids, options.calib_batch_size, rank, world)

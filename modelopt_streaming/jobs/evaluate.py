@@ -29,6 +29,7 @@ from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import UsageError
+from modelopt_streaming.jobs.quantize import resolve_io_threads
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import build_index
 from modelopt_streaming.source.reader import TensorReader
@@ -208,10 +209,15 @@ def evaluate(
         raise UsageError(f"{src_dir / 'config.json'}: no vocab_size to check the token ids against")
     rows, data_info = _load_data(data, src_dir, vocab, samples, seq_len, trust_remote_code)
     ids = rows.input_ids
+    threads = resolve_io_threads()
     options = EngineOptions(
-        device=_device(device), dtype=_DTYPES[dtype], batch_size=batch_size, trust_remote_code=trust_remote_code
+        device=_device(device),
+        dtype=_DTYPES[dtype],
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        read_threads=threads,
     )
-    with TensorReader(src_dir) as src_reader, TensorReader(q_dir) as q_reader:
+    with TensorReader(src_dir, threads=threads) as src_reader, TensorReader(q_dir, threads=threads) as q_reader:
         src = LayerStream(src_index, src_reader, options)
         q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
         figures = _run(src, q, ids, options, host_budget_bytes, progress)
