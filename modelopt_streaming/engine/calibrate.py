@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelopt_streaming.engine import observe
-from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.hidden import HiddenStore, default_host_budget
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.source.index import CheckpointIndex
 from modelopt_streaming.source.reader import TensorReader
@@ -70,7 +70,7 @@ def calibrate(
     kv: bool = False,
     on_layer: Callable[[Boundary, int], None] | None = None,
     resume: Boundary | None = None,
-    host_budget_bytes: int = HOST_BUDGET_BYTES,
+    host_budget_bytes: int | None = None,
     on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
 ) -> Calibration:
     """Run ``input_ids`` [N, L] through the checkpoint layer by layer and return the statistics.
@@ -87,7 +87,8 @@ def calibrate(
             are in the calibration (the embedding, then each decoder layer), with the checkpoint tensors its
             parameters hold as read (``LayerStream.live_views``): a job quantizes and writes them there, so
             the source is read once.
-        host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
+        host_budget_bytes: bytes of hidden states kept in host memory by each of the pass's two stores (a layer's
+            input and output), a memory-mapped file beyond; None: ``default_host_budget()``.
 
     Raises:
         UsageError: an architecture the engine does not run.
@@ -97,8 +98,10 @@ def calibrate(
     n, length = input_ids.shape
     shape = (length, stream.skeleton.config.hidden_size)
     batch = max(1, options.batch_size)
+    budget = default_host_budget() if host_budget_bytes is None else host_budget_bytes
+
     def new_store() -> HiddenStore:
-        return HiddenStore(n, shape, options.dtype, host_budget_bytes, device=options.device)
+        return HiddenStore(n, shape, options.dtype, budget, device=options.device)
 
     if resume is not None:
         result, current, first = resume.calibration, resume.hidden, resume.layers_done

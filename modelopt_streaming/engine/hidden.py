@@ -4,6 +4,7 @@ memory-mapped file beyond it, so a run's host memory does not grow with the numb
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,8 +12,27 @@ import numpy as np
 import torch
 
 # Hidden states of all sequences kept in host memory before spilling to a file (one store; the engine holds
-# two at a time, the layer's input and its output).
+# two at a time, the layer's input and its output): the least default, whatever the machine.
 HOST_BUDGET_BYTES = 4 * 1024**3
+
+
+def default_host_budget(stores: int = 2) -> int:
+    """Bytes one of ``stores`` hidden-state stores may keep in host memory: a quarter of the memory this
+    process may use (the machine's, or its cgroup's limit if lower) shared among the stores, at least
+    HOST_BUDGET_BYTES. A spilled store costs its layer a write and a read of every row through the page cache:
+    512 x 2048 DeepSeek-V3 rows (15 GB a store) took 10 s a dense layer against 2.5 s of compute on an H100
+    host (docs/benchmarks.md section 7), while a node that serves such a model has the memory to hold them."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return HOST_BUDGET_BYTES
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    except OSError:
+        pass
+    return max(HOST_BUDGET_BYTES, memory // 4 // max(1, stores))
 
 _NUMPY_OF = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
 

@@ -166,6 +166,7 @@ def run_calibration(
                     on_layer=on_layer,
                     resume=keep.last_boundary(engine.dtype, index),
                     on_live=live if on_live is not None and world == 1 else None,
+                    host_budget_bytes=options.calib_host_budget,
                 )
         finally:
             bar.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.engine.data import load_calibration_data
-from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.hidden import HiddenStore, default_host_budget
 from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
@@ -165,7 +165,7 @@ def evaluate(
     batch_size: int = 1,
     plot: str | os.PathLike | None = None,
     progress: str = "auto",
-    host_budget_bytes: int = HOST_BUDGET_BYTES,
+    host_budget_bytes: int | None = None,
     trust_remote_code: bool = False,
 ) -> EvaluationReport:
     """Measure what the NVFP4 checkpoint ``checkpoint`` did to the outputs of its source ``source``.
@@ -181,7 +181,8 @@ def evaluate(
         device: where each layer runs (default cuda when there is one). batch_size: rows per forward.
         plot: a PNG path for the per-layer curve (needs matplotlib).
         progress: "auto" (a bar on a terminal), "bar", "log", "none".
-        host_budget_bytes: hidden states of one stream kept in host memory up to this, in a file beyond.
+        host_budget_bytes: bytes of hidden states kept in host memory by each of the pass's four stores (each
+            stream's layer input and output), a memory-mapped file beyond; None: ``default_host_budget(4)``.
 
     Raises:
         UsageError: bad data, an unquantized checkpoint, options out of range, an architecture the engine does
@@ -220,7 +221,8 @@ def evaluate(
     with TensorReader(src_dir, threads=threads) as src_reader, TensorReader(q_dir, threads=threads) as q_reader:
         src = LayerStream(src_index, src_reader, options)
         q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
-        figures = _run(src, q, ids, options, host_budget_bytes, progress)
+        budget = default_host_budget(4) if host_budget_bytes is None else host_budget_bytes
+        figures = _run(src, q, ids, options, budget, progress)
     report = EvaluationReport(
         **figures,
         data=data_info,
