@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         q,
+        "calib_host_budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="host memory for the hidden states of each of the calibration's two layer boundaries, a memory-mapped "
+        "file in the temp directory beyond (default: a quarter of this process's memory shared by the two, "
+        "at least 4 GiB each)",
+    )
+    _add(
+        q,
         "kv_cache",
         choices=["fp8", "fp8_cast"],
         help="FP8 KV cache: fp8 writes calibrated k_scale/v_scale per attention layer (needs --calib_data); "
@@ -223,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype: the source's (bfloat16) or float32 (only the quantization's error is measured)",
     )
     _add(e, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    _add(
+        e,
+        "host_budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="host memory for each of the four hidden-state stores (two streams, a layer's input and output), a "
+        "memory-mapped file in the temp directory beyond (default: a quarter of this process's memory shared by "
+        "the four, at least 4 GiB each)",
+    )
     _add(e, "plot", metavar="FILE.png", help="write the per-layer relative error curve")
     _add(e, "trust_remote_code", action="store_true", help="run the checkpoint's custom tokenizer code")
     _add(e, "quiet", action="store_true", help="no progress output")
@@ -392,6 +410,7 @@ def _run_evaluate(args) -> int:
             dtype=args.dtype,
             device=args.device,
             batch_size=args.batch_size,
+            host_budget_bytes=args.host_budget,
             plot=args.plot,
             progress="none" if args.quiet else "auto",
             trust_remote_code=args.trust_remote_code,

@@ -211,6 +211,40 @@ def choose_prompts(model: Llama) -> list[list[int]]:
     raise AssertionError(f"only {len(chosen)} of 64 prompts decode with top-1 margins >= {MIN_MARGIN}")
 
 
+def _run_vllm(vllm_python: Path, checkpoint: Path, root: Path, name: str) -> dict:
+    """vLLM's engine (its own interpreter) on ``checkpoint`` with the prompts of ``root/prompts.json``."""
+    # TRITON_INTERPRET is this suite's setting for our own Triton kernel (conftest.py), not vLLM's.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    run = subprocess.run(
+        [
+            str(vllm_python),
+            str(ORACLE),
+            str(checkpoint),
+            str(root / "prompts.json"),
+            str(N_TOKENS),
+            str(N_LOGPROBS),
+            str(root / name),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, f"vLLM failed on {checkpoint}:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    return json.loads((root / name).read_text())
+
+
+def _logprob_gaps(results: list[dict], references: list[dict]) -> list[float]:
+    """|vLLM's logprob - the reference's| of every token vLLM returned at every step of every prompt."""
+    return [
+        abs(logprob - float(expected[int(token)]))
+        for result, reference in zip(results, references, strict=True)
+        for returned, expected in zip(result["logprobs"], reference["logprobs"], strict=True)
+        for token, logprob in returned.items()
+    ]
+
+
 @pytest.fixture(scope="module", params=["input_scale 1.0", "calibrated"])
 def engine(request, tmp_path_factory, vllm_python) -> dict:
     """Our W4A4 output of the tied Llama (every input_scale 1.0, or calibrated with --calib_data), run by
@@ -235,32 +269,17 @@ def engine(request, tmp_path_factory, vllm_python) -> dict:
     bf16, _ = reference_model(source, config)
     prompts = choose_prompts(w4a4)
     (root / "prompts.json").write_text(json.dumps(prompts))
-    # TRITON_INTERPRET is this suite's setting for our own Triton kernel (conftest.py), not vLLM's.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    run = subprocess.run(
-        [
-            str(vllm_python),
-            str(ORACLE),
-            str(output),
-            str(root / "prompts.json"),
-            str(N_TOKENS),
-            str(N_LOGPROBS),
-            str(root / "vllm.json"),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, f"vLLM failed on our output:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
-    vllm = json.loads((root / "vllm.json").read_text())
+    vllm = _run_vllm(vllm_python, output, root, "vllm.json")
+    # The same prompts through vLLM's engine on the bf16 source: how far vLLM's CPU arithmetic outside the
+    # NVFP4 layers (norms, rotary, attention, the bf16 lm_head) is from the reference's on this machine.
+    vllm_bf16 = _run_vllm(vllm_python, source, root, "vllm_bf16.json")
     return {
         "source": source,
         "output": output,
         "prompts": prompts,
         "quantized": quantized,
         "vllm": vllm,
+        "vllm_bf16": vllm_bf16,
         "w4a4": w4a4,
         "bf16": bf16,
     }
@@ -315,16 +334,61 @@ def test_vllm_builds_our_nvfp4_layers(engine):
     assert layers["model.embed_tokens"]["method"] == "UnquantizedEmbeddingMethod"
 
 
+def test_vllm_nvfp4_layers_compute_the_format_definition(engine):
+    """Each NVFP4 layer vLLM built from our files, run through its own quantization method on a fixed input,
+    gives bit for bit the reference's output: the input NVFP4 quantize-dequantized with our ``input_scale``,
+    times our weight dequantized by the format's definition. This holds on any CPU (the matmul is the same
+    torch call on both sides); it is the check that vLLM reads our bytes, scales and layout as they are meant."""
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    applied = engine["vllm"]["applied"]
+    assert len(applied) == 8
+    for name, run in applied.items():
+        parent, _, leaf = name.rpartition(".")
+        x = torch.tensor(run["x"]).to(torch.bfloat16)
+        width = x.shape[-1]
+        expected_x = (torch.randn(3, width, generator=torch.Generator().manual_seed(width)) * 2).to(torch.bfloat16)
+        assert torch.equal(x, expected_x)
+        reference = torch.cat([engine["w4a4"].linear(f"{parent}.{m}", x) for m in fused.get(leaf, (leaf,))], dim=-1)
+        assert torch.equal(torch.tensor(run["y"]).to(torch.bfloat16), reference), name
+
+
 def test_vllm_tokens_match_the_dequantized_reference(engine):
-    """vLLM's greedy tokens are the reference's, with wide top-1 margins, and its logprobs agree."""
-    for prompt, result in zip(engine["prompts"], engine["vllm"]["results"], strict=True):
-        reference = greedy(engine["w4a4"], prompt, N_TOKENS)
-        assert min(reference["margins"]) >= MIN_MARGIN
-        assert result["tokens"] == reference["tokens"], (prompt, result["tokens"], reference["tokens"])
-        for step, (returned, expected) in enumerate(zip(result["logprobs"], reference["logprobs"], strict=True)):
-            assert len(returned) >= N_LOGPROBS
-            for token, logprob in returned.items():
-                assert abs(logprob - float(expected[int(token)])) <= LOGPROB_TOL, (prompt, step, token)
+    """vLLM's greedy tokens are the reference's, with wide top-1 margins, and its logprobs agree.
+
+    How closely depends on the CPU: the reference rounds where vLLM's CPU kernels round on the machine it was
+    written on (every logprob equal to the last bit there), but vLLM's compiled norm, rotary and attention
+    kernels round otherwise on other instruction sets (an AVX2-only EPYC, 2026-12-07: up to 2.1 nats on the bf16
+    model's returned logprobs), and W4A4 amplifies such a difference (one bf16 step moves an activation to the
+    next E2M1 level): up to 8 nats there, enough to flip a greedy token; the mean gap was 0.46-0.54 nats to the
+    W4A4 reference against 2.0-2.1 to the bf16 model. So the bf16 model measures the machine first. Where vLLM's bf16
+    logprobs are the reference's (within LOGPROB_TOL), the tokens must be equal and each W4A4 logprob within
+    LOGPROB_TOL. Elsewhere the reference scores vLLM's own tokens, and vLLM's logprobs must be on average
+    less than half as far from the W4A4 reference as from the bf16 model; the NVFP4 layers themselves are
+    checked bit for bit on any CPU (test_vllm_nvfp4_layers_compute_the_format_definition)."""
+    results = engine["vllm"]["results"]
+    assert all(len(returned) >= N_LOGPROBS for result in results for returned in result["logprobs"])
+
+    def scored(model: Llama, vllm_results: list[dict]) -> list[dict]:
+        return [
+            greedy(model, prompt, N_TOKENS, forced=result["tokens"])
+            for prompt, result in zip(engine["prompts"], vllm_results, strict=True)
+        ]
+
+    bf16_noise = max(
+        _logprob_gaps(engine["vllm_bf16"]["results"], scored(engine["bf16"], engine["vllm_bf16"]["results"]))
+    )
+    if bf16_noise <= LOGPROB_TOL:
+        for prompt, result in zip(engine["prompts"], results, strict=True):
+            reference = greedy(engine["w4a4"], prompt, N_TOKENS)
+            assert min(reference["margins"]) >= MIN_MARGIN
+            assert result["tokens"] == reference["tokens"], (prompt, result["tokens"], reference["tokens"])
+        gaps = _logprob_gaps(results, scored(engine["w4a4"], results))
+        assert max(gaps) <= LOGPROB_TOL, (max(gaps), bf16_noise)
+        return
+    gaps = _logprob_gaps(results, scored(engine["w4a4"], results))
+    to_bf16 = _logprob_gaps(results, scored(engine["bf16"], results))
+    mean_gap, mean_to_bf16 = sum(gaps) / len(gaps), sum(to_bf16) / len(to_bf16)
+    assert mean_gap < 0.5 * mean_to_bf16, (mean_gap, mean_to_bf16, bf16_noise)
 
 
 def test_vllm_runs_the_quantized_model_not_the_bf16_one(engine):

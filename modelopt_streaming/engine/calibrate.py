@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelopt_streaming.engine import hessian, observe
-from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.hidden import HiddenStore, default_host_budget
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.source.index import CheckpointIndex
 from modelopt_streaming.source.reader import TensorReader
@@ -94,7 +94,7 @@ def calibrate(
     kv: bool = False,
     on_layer: Callable[[Boundary, int], None] | None = None,
     resume: Boundary | None = None,
-    host_budget_bytes: int = HOST_BUDGET_BYTES,
+    host_budget_bytes: int | None = None,
     on_live: Callable[[str, dict[str, torch.Tensor], Calibration], None] | None = None,
     solver: WeightSolver | None = None,
 ) -> Calibration:
@@ -112,7 +112,8 @@ def calibrate(
             are in the calibration (the embedding, then each decoder layer), with the checkpoint tensors its
             parameters hold as read (``LayerStream.live_views``): a job quantizes and writes them there, so
             the source is read once.
-        host_budget_bytes: hidden states of all rows kept in host memory up to this, in a file beyond.
+        host_budget_bytes: bytes of hidden states kept in host memory by each of the pass's two stores (a layer's
+            input and output), a memory-mapped file beyond; None: ``default_host_budget()``.
         solver: a quantization that needs the layers' Hessians (GPTQ), run on each layer before ``on_live``.
 
     Raises:
@@ -123,26 +124,40 @@ def calibrate(
     n, length = input_ids.shape
     shape = (length, stream.skeleton.config.hidden_size)
     batch = max(1, options.batch_size)
+    budget = default_host_budget() if host_budget_bytes is None else host_budget_bytes
+
+    def new_store() -> HiddenStore:
+        return HiddenStore(n, shape, options.dtype, budget, device=options.device)
+
     if resume is not None:
         result, current, first = resume.calibration, resume.hidden, resume.layers_done
     else:
         result, first = Calibration(tokens=n * length), 0
-        current = HiddenStore(n, shape, options.dtype, host_budget_bytes)
+        current = new_store()
         with stream.module("model.embed_tokens") as embed, torch.no_grad():
             for i in range(0, n, batch):
-                current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device)).cpu()
+                current[i : i + batch] = embed(input_ids[i : i + batch].to(options.device))
             if on_live is not None:
                 on_live("model.embed_tokens", stream.live_views("model.embed_tokens", embed), result)
+    # Two stores for the whole pass, a layer's input and its output, swapped at each boundary: page-locked
+    # host memory is slow to allocate, and a fresh store's first writes fault every page in.
+    spare: HiddenStore | None = None
     try:
         for layer_index in range(first, stream.num_layers):
-            nxt = HiddenStore(n, shape, options.dtype, host_budget_bytes)
+            nxt = spare if spare is not None else new_store()
+            spare = None
             _run_layer(stream, layer_index, current, nxt, result, kv, batch, on_live, solver)
-            current.close()
+            if current.owned:
+                spare = current
+            else:
+                current.close()
             current = nxt
             if on_layer is not None:
                 on_layer(Boundary(layer_index + 1, result, current), stream.num_layers)
     finally:
         current.close()
+        if spare is not None:
+            spare.close()
     return result
 
 
@@ -222,9 +237,9 @@ def _forward_rows(
     """The layer over every row, batch by batch as given; the outputs kept in ``outputs`` unless None."""
     device = stream.options.device
     for i in range(0, inputs.count, batch):
-        out = stream.forward(layer, index, inputs[i : i + batch].to(device))
+        out = stream.forward(layer, index, inputs.load(slice(i, i + batch), device))
         if outputs is not None:
-            outputs[i : i + batch] = out.cpu()
+            outputs[i : i + batch] = out
 
 
 # Device memory left beside a group of experts' Hessians: a batch's activations and one GPTQ solve (a 7168-input

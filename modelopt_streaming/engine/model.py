@@ -13,7 +13,9 @@ plain stack/concatenate path to transformers' full-model loading bit for bit.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -235,39 +237,58 @@ def _lookup(index: CheckpointIndex, decoded: dict[str, DecodedWeight], name: str
 def materialize(
     module: torch.nn.Module,
     sources: list[ParamSource],
-    read: Callable[[TensorInfo | DecodedWeight], torch.Tensor],
+    read: Callable[[TensorInfo | DecodedWeight, torch.device], torch.Tensor],
     device: torch.device,
     on_host: frozenset[str] = frozenset(),
+    workers: int = 1,
 ) -> torch.nn.Module:
-    """``module`` with real tensors: each parameter read (``read``: a source tensor as stored, decoded to
-    bf16 when it is a vendor encoding) and cast to the dtype the module declares, on ``device`` (the
-    parameters named in ``on_host`` in host memory, page-locked when ``device`` is a GPU). Fused experts are
-    filled expert by expert into one tensor, so a layer never needs twice its experts' memory."""
+    """``module`` with real tensors: each parameter read (``read(tensor, device)``: a source tensor as stored,
+    decoded to bf16 when it is a vendor encoding, on ``device`` or where the caller's reader puts it) and cast
+    to the dtype the module declares, on ``device`` (the parameters named in ``on_host`` in host memory,
+    page-locked when ``device`` is a GPU). Fused experts are filled expert by expert into one tensor, so a
+    layer never needs twice its experts' memory.
+
+    ``workers`` > 1 reads that many checkpoint tensors at once: a DeepSeek-V3 MoE layer is 768 expert tensors
+    of 29 MB, each too small for the reader's own parallel pieces, and read one after the other they came at
+    1.6 GB/s from RAM-backed storage on an H100 host (docs/benchmarks.md section 7). Where each tensor lands is
+    fixed by its place in the module, so the bytes are the same in any order of completion."""
     want = module.state_dict(keep_vars=True)
-    state = {}
-    for src in sources:
+    reads: list[tuple[int, int, int, TensorInfo | DecodedWeight, torch.device]] = []  # (source, expert, row, ..)
+    values: list[torch.Tensor | None] = []
+    for k, src in enumerate(sources):
         meta = want[src.param]
         target = torch.device("cpu") if src.param in on_host else device
-        if src.stacked:
-            pin = target.type == "cpu" and device.type == "cuda"
-            value = torch.empty(meta.shape, dtype=meta.dtype, device=target, pin_memory=pin)
-            for e, parts in enumerate(src.tensors):
-                row = 0
-                for info in parts:
-                    part = read(info)
-                    if e >= meta.shape[0] or tuple(part.shape[1:]) != tuple(meta.shape[2:]):
-                        raise CheckpointError(
-                            f"tensor {info.name!r}: shape {list(part.shape)} does not fit {src.param!r} "
-                            f"{list(meta.shape)}"
-                        )
-                    value[e, row : row + part.shape[0]] = part.to(target)
-                    row += part.shape[0]
-                if row != meta.shape[1]:
-                    raise CheckpointError(
-                        f"{src.param!r}: expert {e} has {row} rows, the model expects {meta.shape[1]}"
-                    )
-        else:
-            value = read(src.tensors[0][0]).to(target)
+        if not src.stacked:
+            values.append(None)
+            reads.append((k, -1, 0, src.tensors[0][0], target))
+            continue
+        pin = target.type == "cpu" and device.type == "cuda"
+        values.append(torch.empty(meta.shape, dtype=meta.dtype, device=target, pin_memory=pin))
+        if len(src.tensors) > meta.shape[0]:
+            raise CheckpointError(
+                f"tensor {src.tensors[meta.shape[0]][0].name!r}: {src.param!r} {list(meta.shape)} has "
+                f"{meta.shape[0]} experts, the checkpoint more"
+            )
+        for e, parts in enumerate(src.tensors):
+            row = 0
+            for info in parts:
+                reads.append((k, e, row, info, target))
+                row += info.shape[0]
+            if row != meta.shape[1]:
+                raise CheckpointError(f"{src.param!r}: expert {e} has {row} rows, the model expects {meta.shape[1]}")
+    for (k, e, row, info, target), part in _read_all(reads, read, workers):
+        src, value = sources[k], values[k]
+        if e < 0:
+            values[k] = part.to(target)
+            continue
+        if tuple(part.shape[1:]) != tuple(value.shape[2:]):
+            raise CheckpointError(
+                f"tensor {info.name!r}: shape {list(part.shape)} does not fit {src.param!r} {list(value.shape)}"
+            )
+        value[e, row : row + part.shape[0]] = part.to(target)
+    state = {}
+    for src, value in zip(sources, values):
+        meta = want[src.param]
         if tuple(value.shape) != tuple(meta.shape):
             raise CheckpointError(
                 f"tensor for {src.param!r}: shape {list(value.shape)}, the model expects {list(meta.shape)}"
@@ -279,3 +300,26 @@ def materialize(
         if buf.is_meta:
             raise CheckpointError(f"buffer {name!r} of {type(module).__name__} has no value on the meta device")
     return module
+
+
+def _read_all(reads: list, read: Callable, workers: int) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """``(entry, read(tensor, target))`` for each entry of ``reads``, in order, with at most ``2 * workers``
+    reads in flight (and so in memory) at once."""
+    if workers <= 1:
+        for entry in reads:
+            yield entry, read(entry[3], entry[4])
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-read") as pool:
+        pending: deque = deque()
+        try:
+            for entry in reads:
+                pending.append((entry, pool.submit(read, entry[3], entry[4])))
+                if len(pending) >= 2 * workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

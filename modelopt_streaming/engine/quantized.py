@@ -178,11 +178,18 @@ class QuantizedCheckpoint:
             return None
         return info
 
-    def read(self, reader: TensorReader, item: QuantizedWeight | TensorInfo) -> torch.Tensor:
+    def read(
+        self, reader: TensorReader, item: QuantizedWeight | TensorInfo, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """A parameter's value: a stored tensor as it is, an NVFP4 weight dequantized. With a CUDA ``device`` the
+        packed codes and scales are read to it and dequantized there: the dequantization is two elementwise
+        float32 products and a cast, each correctly rounded on either device, so the bits are the CPU's (a
+        DeepSeek-V3 MoE layer dequantized on the host took most of a 39 s layer, docs/benchmarks.md)."""
+        gpu = device if device is not None and device.type == "cuda" else None
         if not isinstance(item, QuantizedWeight):
-            return reader.read(item)
-        packed, scale = reader.read(item.packed), reader.read(item.scale)
-        global_scale = self.weight_global_scale(reader, item)
+            return reader.read(item, device=gpu)
+        packed, scale = reader.read(item.packed, device=gpu), reader.read(item.scale, device=gpu)
+        global_scale = self.weight_global_scale(reader, item).to(packed.device)
         if not item.three_d:
             return dequantize(packed, scale, global_scale)
         # [E, in/2, out] codes packed along ``in``: each expert is the 2-D weight [out, in] transposed.
@@ -229,8 +236,8 @@ class QuantizedLayerStream(LayerStream):
         self.checkpoint, self.act_quant = checkpoint, act_quant
         self.index = checkpoint.index  # its own files (the architecture is the source's)
 
-    def _read(self, item) -> torch.Tensor:
-        return self.checkpoint.read(self.reader, item)
+    def _read(self, item, device: torch.device) -> torch.Tensor:
+        return self.checkpoint.read(self.reader, item, device)
 
     def sources(self, name: str) -> list:
         """The checkpoint tensors of module ``name``, checked against the module's shapes (no data read)."""
@@ -261,7 +268,7 @@ class QuantizedLayerStream(LayerStream):
     @contextlib.contextmanager
     def module(self, name: str) -> Iterator[torch.nn.Module]:
         meta = self.skeleton.model.get_submodule(name)
-        live = materialize(meta, self.sources(name), self._read, self.options.device)
+        live = materialize(meta, self.sources(name), self._read, self.options.device, workers=self.options.read_threads)
         handles = self._attach_act_quant(live, name) if self.act_quant else []
         try:
             yield live

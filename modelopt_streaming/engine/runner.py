@@ -36,7 +36,8 @@ class EngineOptions:
     batched differently give other bits, so a comparison with a reference must batch as it does).
     trust_remote_code: run custom model code. device_budget_bytes: a module larger than this keeps its fused
     experts in host memory and brings each expert to the device when the router picks it (the same
-    operations on the same device, so the same bits); None: every module whole on the device."""
+    operations on the same device, so the same bits); None: every module whole on the device. read_threads:
+    checkpoint tensors read at once while a module is materialized (each straight to the device)."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.bfloat16
@@ -44,6 +45,7 @@ class EngineOptions:
     batch_size: int = 1
     trust_remote_code: bool = False
     device_budget_bytes: int | None = None
+    read_threads: int = 1
 
 
 class LayerStream:
@@ -68,8 +70,10 @@ class LayerStream:
         config._experts_implementation = observe.EXPERTS_IMPLEMENTATION
         device = options.device
         rotary_class = type(self.skeleton.decoder.rotary_emb)
-        with torch.device(device):
-            self.rotary = rotary_class(config=config)
+        # Computed on the CPU and moved, as from_pretrained's weight initialization computes inv_freq
+        # (modeling_utils ``_init_weights``: ``rope_fn(module.config)`` without a device, then copied in): the
+        # same frequencies computed on a GPU can differ in the last bit.
+        self.rotary = rotary_class(config=config).to(device)
         self._cache: dict[int, tuple] = {}
 
     @functools.cached_property
@@ -82,8 +86,10 @@ class LayerStream:
     def num_layers(self) -> int:
         return self.skeleton.num_layers
 
-    def _read(self, info: TensorInfo | DecodedWeight) -> torch.Tensor:
-        return read_source(self.reader, info)
+    def _read(self, info: TensorInfo | DecodedWeight, device: torch.device) -> torch.Tensor:
+        """One source tensor on ``device``: to a GPU through the reader's page-locked pieces (a pageable copy of
+        a whole tensor runs at a fraction of the link's speed)."""
+        return read_source(self.reader, info, device=device if device.type == "cuda" else None)
 
     @contextlib.contextmanager
     def module(self, name: str) -> Iterator[torch.nn.Module]:
@@ -91,7 +97,7 @@ class LayerStream:
         meta = self.skeleton.model.get_submodule(name)
         sources = param_sources(self.skeleton, self.index, meta, name, self.decoded)
         on_host = self._experts_on_host(meta, sources)
-        live = materialize(meta, sources, self._read, self.options.device, on_host)
+        live = materialize(meta, sources, self._read, self.options.device, on_host, self.options.read_threads)
         fetching = []
         if on_host:
             # The experts stay in host memory and each one the router picks comes to the device for its turn

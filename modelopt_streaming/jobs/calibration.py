@@ -139,6 +139,7 @@ def run_calibration(
         batch_size=options.calib_batch_size,
         trust_remote_code=options.trust_remote_code,
         device_budget_bytes=_device_budget(options.calib_device_budget, device),
+        read_threads=threads,
     )
     key = calibration_key(data, options, device, weights.settings if weights is not None else None)
     if weights is not None:
@@ -180,6 +181,7 @@ def run_calibration(
                     resume=keep.last_boundary(engine.dtype, index),
                     on_live=live if on_live is not None and world == 1 else None,
                     solver=weights.solver() if weights is not None else None,
+                    host_budget_bytes=options.calib_host_budget,
                 )
         finally:
             bar.close()

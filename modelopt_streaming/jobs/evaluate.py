@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.engine.data import load_calibration_data
-from modelopt_streaming.engine.hidden import HOST_BUDGET_BYTES, HiddenStore
+from modelopt_streaming.engine.hidden import HiddenStore, default_host_budget
 from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import UsageError
+from modelopt_streaming.jobs.quantize import resolve_io_threads
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import build_index
 from modelopt_streaming.source.reader import TensorReader
@@ -164,7 +165,7 @@ def evaluate(
     batch_size: int = 1,
     plot: str | os.PathLike | None = None,
     progress: str = "auto",
-    host_budget_bytes: int = HOST_BUDGET_BYTES,
+    host_budget_bytes: int | None = None,
     trust_remote_code: bool = False,
 ) -> EvaluationReport:
     """Measure what the NVFP4 checkpoint ``checkpoint`` did to the outputs of its source ``source``.
@@ -180,7 +181,8 @@ def evaluate(
         device: where each layer runs (default cuda when there is one). batch_size: rows per forward.
         plot: a PNG path for the per-layer curve (needs matplotlib).
         progress: "auto" (a bar on a terminal), "bar", "log", "none".
-        host_budget_bytes: hidden states of one stream kept in host memory up to this, in a file beyond.
+        host_budget_bytes: bytes of hidden states kept in host memory by each of the pass's four stores (each
+            stream's layer input and output), a memory-mapped file beyond; None: ``default_host_budget(4)``.
 
     Raises:
         UsageError: bad data, an unquantized checkpoint, options out of range, an architecture the engine does
@@ -208,13 +210,19 @@ def evaluate(
         raise UsageError(f"{src_dir / 'config.json'}: no vocab_size to check the token ids against")
     rows, data_info = _load_data(data, src_dir, vocab, samples, seq_len, trust_remote_code)
     ids = rows.input_ids
+    threads = resolve_io_threads()
     options = EngineOptions(
-        device=_device(device), dtype=_DTYPES[dtype], batch_size=batch_size, trust_remote_code=trust_remote_code
+        device=_device(device),
+        dtype=_DTYPES[dtype],
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        read_threads=threads,
     )
-    with TensorReader(src_dir) as src_reader, TensorReader(q_dir) as q_reader:
+    with TensorReader(src_dir, threads=threads) as src_reader, TensorReader(q_dir, threads=threads) as q_reader:
         src = LayerStream(src_index, src_reader, options)
         q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
-        figures = _run(src, q, ids, options, host_budget_bytes, progress)
+        budget = default_host_budget(4) if host_budget_bytes is None else host_budget_bytes
+        figures = _run(src, q, ids, options, budget, progress)
     report = EvaluationReport(
         **figures,
         data=data_info,
@@ -248,7 +256,12 @@ def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, 
     n, length = ids.shape
     shape = (length, src.skeleton.config.hidden_size)
     batch, device = options.batch_size, options.device
-    stores = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+
+    def new_stores() -> list[HiddenStore]:
+        return [HiddenStore(n, shape, options.dtype, budget, device=device) for _ in range(2)]
+
+    stores = new_stores()
+    spare: list[HiddenStore] | None = None  # the two streams' stores of the layer before, reused
     bar = _LayerProgress(layers + 2, progress)
     try:
         with src.module("model.embed_tokens") as es, q.module("model.embed_tokens") as eq, torch.no_grad():
@@ -257,29 +270,28 @@ def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, 
                 rows = ids[i : i + batch].to(device)
                 hs, hq = es(rows), eq(rows)
                 err.add(hs, hq)
-                stores[0][i : i + batch], stores[1][i : i + batch] = hs.cpu(), hq.cpu()
+                stores[0][i : i + batch], stores[1][i : i + batch] = hs, hq
         embed_err = err.value()
         bar.step("embedding")
         rel = []
         for layer in range(layers):
-            nxt = [HiddenStore(n, shape, options.dtype, budget) for _ in range(2)]
+            nxt, spare = spare or new_stores(), None
             path = f"model.layers.{layer}"
             err = _Error()
             with src.module(path) as ls, q.module(path) as lq:
                 for i in range(0, n, batch):
-                    hs = src.forward(ls, layer, stores[0][i : i + batch].to(device))
-                    hq = q.forward(lq, layer, stores[1][i : i + batch].to(device))
+                    rows = slice(i, i + batch)
+                    hs = src.forward(ls, layer, stores[0].load(rows, device))
+                    hq = q.forward(lq, layer, stores[1].load(rows, device))
                     err.add(hs, hq)
-                    nxt[0][i : i + batch], nxt[1][i : i + batch] = hs.cpu(), hq.cpu()
-            for s in stores:
-                s.close()
-            stores = nxt
+                    nxt[0][rows], nxt[1][rows] = hs, hq
+            stores, spare = nxt, stores
             rel.append(err.value())
             bar.step(f"layer {layer}: rel. error {rel[-1]:.3g}")
         figures = _logits(src, q, q_head, stores, ids, options)
         bar.step("logits")
     finally:
-        for s in stores:
+        for s in stores + (spare or []):
             s.close()
         bar.close()
     return {**figures, "layers": rel, "embed_rel_error": embed_err}
@@ -313,8 +325,8 @@ def _logits(src, q, q_head: str, stores, ids: torch.Tensor, options) -> dict:
     ):
         for i in range(0, n, batch):
             rows = ids[i : i + batch].to(device)
-            ls = _project(hs_mod, ns(stores[0][i : i + batch].to(device))).float()
-            lq = _project(hq_mod, nq(stores[1][i : i + batch].to(device))).float()
+            ls = _project(hs_mod, ns(stores[0].load(slice(i, i + batch), device))).float()
+            lq = _project(hq_mod, nq(stores[1].load(slice(i, i + batch), device))).float()
             log_s, log_q = torch.log_softmax(ls, -1), torch.log_softmax(lq, -1)
             kls.append((log_s.exp() * (log_s - log_q)).sum(-1).reshape(-1).double().cpu())
             agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())

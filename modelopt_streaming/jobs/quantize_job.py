@@ -62,6 +62,9 @@ class QuantizeOptions:
         calib_device_budget: bytes of device memory a decoder layer may take; a larger layer keeps its experts in
             host memory and brings each to the device in its turn (default: the device's free memory less
             10 GiB on a GPU, no limit on the CPU).
+        calib_host_budget: bytes of hidden states each of the calibration's two stores (a layer's input and its
+            output, every row) keeps in host memory, a memory-mapped file in the temp directory beyond (default: a
+            quarter of the memory this process may use, shared by the two, at least 4 GiB each).
     """
 
     mlp_only: bool = False
@@ -88,6 +91,7 @@ class QuantizeOptions:
     trust_remote_code: bool = False
     kv_cache: str | None = None
     calib_device_budget: int | None = None
+    calib_host_budget: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -108,9 +112,16 @@ class QuantizeOptions:
         if self.io_threads is not None and self.io_threads < 1:
             raise UsageError(f"--io_threads must be at least 1, not {self.io_threads}")
         if self.calib_data is None and (
-            self.calib_size is not None or self.calib_seq_len is not None or self.calib_device_budget is not None
+            self.calib_size is not None
+            or self.calib_seq_len is not None
+            or self.calib_device_budget is not None
+            or self.calib_host_budget is not None
         ):
-            raise UsageError("--calib_size, --calib_seq_len and --calib_device_budget need --calib_data")
+            raise UsageError(
+                "--calib_size, --calib_seq_len, --calib_device_budget and --calib_host_budget need --calib_data"
+            )
+        if self.calib_host_budget is not None and self.calib_host_budget < 0:
+            raise UsageError(f"--calib_host_budget must not be negative, not {self.calib_host_budget}")
         if self.calib_data is not None and self.input_scales_from is not None:
             raise UsageError("--calib_data and --input_scales_from exclude each other (both give the input scales)")
         if self.calib_data is not None and self.weight_only and self.kv_cache != "fp8":

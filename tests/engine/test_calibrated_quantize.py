@@ -240,3 +240,50 @@ def test_device_auto_calibrates(tmp_path):
         src, tmp_path / "out", calib_data=tmp_path / "rows.safetensors", device="auto"
     )
     assert summary.calibration["engine"]["device"] in ("cpu", "cuda") and validate(tmp_path / "out").ok
+
+
+def test_hidden_states_spilled_to_a_file_calibrate_to_the_same_bytes(tmp_path, monkeypatch):
+    """With no host memory for hidden states (--calib_host_budget 0) every layer boundary lives in a
+    memory-mapped file in the temp directory: the output is byte for byte the in-memory run's, and the spill
+    files are gone afterwards."""
+    import tempfile
+
+    from modelopt_streaming.engine import hidden
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    made = []
+    original = hidden.HiddenStore.__init__
+
+    def recording(self, *a, **kw):
+        original(self, *a, **kw)
+        made.append(self.spilled)
+
+    monkeypatch.setattr(hidden.HiddenStore, "__init__", recording)
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    save_file({"input_ids": token_rows(256, rows=3)}, tmp_path / "rows.safetensors")
+    rows = tmp_path / "rows.safetensors"
+    modelopt_streaming.quantize(src, tmp_path / "memory", calib_data=rows, device="cpu", calib_batch_size=2)
+    assert made and not any(made)
+    made.clear()
+    modelopt_streaming.quantize(
+        src, tmp_path / "spilled", calib_data=rows, device="cpu", calib_batch_size=2, calib_host_budget=0
+    )
+    assert made and all(made)
+    assert list(spill.glob("hidden-*")) == []
+    a, b = load_dir(tmp_path / "memory"), load_dir(tmp_path / "spilled")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        x, y = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a[name], b[name]))
+        assert torch.equal(x, y), name
+
+
+def test_calib_host_budget_needs_calibration_data():
+    from modelopt_streaming import QuantizeOptions
+    from modelopt_streaming.errors import UsageError
+
+    with pytest.raises(UsageError, match="--calib_host_budget"):
+        QuantizeOptions(calib_host_budget=1 << 30)
+    with pytest.raises(UsageError, match="--calib_host_budget must not be negative"):
+        QuantizeOptions(calib_data="rows.safetensors", calib_host_budget=-1)

@@ -392,3 +392,13 @@ def test_a_compressed_tensors_nvfp4a16_checkpoint_of_another_producer(tmp_path):
     report = _evaluate(src, q, data)
     assert report.checkpoint["format"] == "compressed-tensors" and report.checkpoint["act_quant"] is False
     _close(report.as_dict(), oracle_figures(src, q, ids, tmp_path, False, fmt="compressed-tensors"))
+
+
+def test_hidden_states_spilled_to_a_file_give_the_same_figures(tmp_path):
+    """Every hidden-state store in a memory-mapped file (host budget 0) gives the figures of the in-memory run."""
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    data, _ids = _rows(tmp_path, n=3)
+    q = _quantized(tmp_path, src, data, w4a4=True)
+    memory = _evaluate(src, q, data, batch_size=2).as_dict()
+    spilled = _evaluate(src, q, data, batch_size=2, host_budget_bytes=0).as_dict()
+    assert {k: memory[k] for k in (*FIGURES, "layers")} == {k: spilled[k] for k in (*FIGURES, "layers")}

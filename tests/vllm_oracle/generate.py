@@ -56,6 +56,26 @@ def describe_layers(model) -> dict[str, dict]:
     return layers
 
 
+def apply_nvfp4_layers(model) -> dict[str, dict]:
+    """Each NVFP4 layer's own ``quant_method.apply`` on a fixed bf16 input: what vLLM computes from the
+    parameters it loaded from our files, apart from the rest of its CPU arithmetic (norms, rotary, attention),
+    whose rounding differs between CPUs. The input is seeded by the layer's input width, so the test can
+    make it again."""
+    import torch
+
+    out = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if type(method).__name__ != "ModelOptLinearMethod":
+            continue
+        width = module.input_size_per_partition
+        x = (torch.randn(3, width, generator=torch.Generator().manual_seed(width)) * 2).to(torch.bfloat16)
+        with torch.no_grad():
+            y = method.apply(module, x)
+        out[name] = {"x": x.float().tolist(), "y": y.float().tolist()}
+    return out
+
+
 def main() -> None:
     ckpt, prompts_path, max_tokens, n_logprobs, out_path = sys.argv[1:6]
     with open(prompts_path) as f:
@@ -86,8 +106,11 @@ def main() -> None:
             }
         )
     layers = llm.apply_model(describe_layers)[0]
+    applied = llm.apply_model(apply_nvfp4_layers)[0]
     with open(out_path, "w") as f:
-        json.dump({"cpu_nvfp4_kernels_shipped": shipped, "layers": layers, "results": results}, f, indent=1)
+        json.dump(
+            {"cpu_nvfp4_kernels_shipped": shipped, "layers": layers, "results": results, "applied": applied}, f
+        )
 
 
 if __name__ == "__main__":
