@@ -21,8 +21,11 @@ __all__ = [
     "DAMP",
     "GPTQ_BLOCK",
     "MAX_DAMP_TRIES",
+    "e2m1_codes_fast",
     "gptq_codes",
+    "gptq_codes_many",
     "gptq_quantize",
+    "gptq_quantize_many",
     "inverse_hessian_factor",
     "output_error",
 ]
@@ -35,6 +38,17 @@ GPTQ_BLOCK = 128  # columns whose error feeds forward lazily as one matrix produ
 MAX_DAMP_TRIES = 4
 
 _SIGNED_E2M1 = E2M1_VALUES + tuple(-v for v in E2M1_VALUES)
+# Boundaries between consecutive E2M1 magnitudes for ``torch.bucketize`` (which counts boundaries < |q|); see
+# ``e2m1_codes_fast``.
+_BOUNDS = (
+    0.25,
+    float(torch.nextafter(torch.tensor(0.75), torch.tensor(0.0))),
+    1.25,
+    float(torch.nextafter(torch.tensor(1.75), torch.tensor(0.0))),
+    2.5,
+    float(torch.nextafter(torch.tensor(3.5), torch.tensor(0.0))),
+    5.0,
+)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -63,6 +77,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.T
     raise ValueError(f"a {n} x {n} Hessian is not positive definite even with damping {damp / 10:g}")
 
 
+def e2m1_codes_fast(q: torch.Tensor) -> torch.Tensor:
+    """``nvfp4.e2m1_codes`` in a few kernels: GPTQ calls it once per column, where the launches of the reference's
+    fourteen comparisons are the cost. A tie rounds up (to the even code) at 0.75, 1.75 and 3.5: there the
+    boundary is the float32 just below, so that ``count(boundary < |q|)`` counts ``|q| >= t``; the tests check
+    every boundary, its neighbours, zeros of both signs, infinities and NaN against the reference."""
+    bounds = torch.tensor(_BOUNDS, dtype=torch.float32, device=q.device)
+    code = torch.bucketize(q.abs(), bounds).to(torch.uint8)
+    code = torch.where(torch.isnan(q), torch.full_like(code, 7), code)
+    return code | ((q < 0).to(torch.uint8) << 3)
+
+
 def gptq_codes(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -75,53 +100,87 @@ def gptq_codes(
     """The E2M1 codes (uint8 [out, in], one code per weight, sign in bit 3) GPTQ chooses; see ``gptq_quantize``."""
     if weight.dim() != 2:
         raise ValueError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
-    n_out, n_in = weight.shape
+    return gptq_codes_many(
+        weight.unsqueeze(0),
+        hessian.unsqueeze(0),
+        weight_scale_2.reshape(1),
+        block_scales.unsqueeze(0),
+        damp,
+        block_size,
+        act_order,
+    )[0]
+
+
+def gptq_codes_many(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    block_scales: torch.Tensor,
+    damp: float = DAMP,
+    block_size: int = GPTQ_BLOCK,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """GPTQ of E weights of one shape at once (experts): [E, out, in] weights, [E, in, in] Hessians, [E] global
+    scales, [E, out, in/16] block scales -> codes uint8 [E, out, in].
+
+    The column loop runs once for all E (its launches, not its arithmetic, are the cost of one weight); each
+    weight's arithmetic is elementwise there, and its factorization and block products are its own, so every
+    weight gets the bytes it gets alone, whatever it is batched with."""
+    if weights.dim() != 3:
+        raise ValueError(f"expected weights [E, out, in], got shape {tuple(weights.shape)}")
+    n_exp, n_out, n_in = weights.shape
     if n_in % BLOCK_SIZE:
         raise ValueError(f"input dim {n_in} is not a multiple of {BLOCK_SIZE}")
-    if tuple(hessian.shape) != (n_in, n_in):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight of {n_in} inputs")
-    if tuple(block_scales.shape) != (n_out, n_in // BLOCK_SIZE):
-        raise ValueError(f"block scales of shape {tuple(block_scales.shape)} for a weight {tuple(weight.shape)}")
-    device = weight.device
-    w = weight.detach().to(torch.float32, copy=True)
-    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
-    weight_scale_2 = weight_scale_2.to(device=device, dtype=torch.float32)
+    if tuple(hessians.shape) != (n_exp, n_in, n_in):
+        raise ValueError(f"Hessian of shape {tuple(hessians.shape[1:])} for a weight of {n_in} inputs")
+    if tuple(block_scales.shape) != (n_exp, n_out, n_in // BLOCK_SIZE):
+        raise ValueError(f"block scales of shape {tuple(block_scales.shape[1:])} for a weight {(n_out, n_in)}")
+    device = weights.device
+    w = weights.detach().to(torch.float32, copy=True)
+    h = hessians.detach().to(device=device, dtype=torch.float32, copy=True)
+    scale_2 = weight_scale_2.to(device=device, dtype=torch.float32).reshape(n_exp, 1, 1)
     # The divisor of every weight, rounded to float32 as nvfp4 rounds it, so that with no error to feed forward
     # (an identity Hessian) the codes are round-to-nearest's, bit for bit.
-    divisor = (block_scales.to(device).float() * weight_scale_2).repeat_interleave(BLOCK_SIZE, dim=1)
+    divisor = (block_scales.to(device).float() * scale_2).repeat_interleave(BLOCK_SIZE, dim=2)
 
     # An input that was zero on every calibration token has no curvature: the reference code gives it a unit
     # diagonal (so the factorization exists) and zeroes its weights (their error cannot be seen in the output).
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    diagonal = h.diagonal(dim1=1, dim2=2)
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    w.masked_fill_(dead.unsqueeze(1), 0)
     perm = None
     if act_order:
         # Largest diagonal first, stable so that equal diagonals keep their order on every device.
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h, divisor = w[:, perm], h[perm][:, perm], divisor[:, perm]
-    upper = inverse_hessian_factor(h, damp)
-    del h
+        perm = torch.argsort(diagonal, dim=1, descending=True, stable=True)
+        cols = perm.unsqueeze(1).expand(n_exp, n_out, n_in)
+        w, divisor = w.gather(2, cols), divisor.gather(2, cols)
+        h = h.gather(1, perm.unsqueeze(2).expand(n_exp, n_in, n_in))
+        h = h.gather(2, perm.unsqueeze(1).expand(n_exp, n_in, n_in))
+    upper = torch.stack([inverse_hessian_factor(h[e], damp) for e in range(n_exp)])
+    del h, diagonal
 
     table = torch.tensor(_SIGNED_E2M1, dtype=torch.float32, device=device)
-    codes = torch.empty((n_out, n_in), dtype=torch.uint8, device=device)
+    codes = torch.empty((n_exp, n_out, n_in), dtype=torch.uint8, device=device)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, :, i1:i2].clone()
         err1 = torch.empty_like(w1)
-        u1 = upper[i1:i2, i1:i2]
+        u1 = upper[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col, div = w1[:, i], divisor[:, i1 + i]
-            code = nvfp4.e2m1_codes(col / div)
-            codes[:, i1 + i] = code
+            col, div = w1[:, :, i], divisor[:, :, i1 + i]
+            code = e2m1_codes_fast(col / div)
+            codes[:, :, i1 + i] = code
             # The dequantized value exactly as a consumer computes it (nvfp4.dequantize): E2M1 * scale product.
-            err = (col - table[code.long()] * div) / u1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        # The block's errors reach the later columns in one product (the paper's lazy batch update).
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+            err = (col - table[code.long()] * div) / u1[:, i, i].unsqueeze(1)
+            w1[:, :, i:] -= err.unsqueeze(2) * u1[:, i, i:].unsqueeze(1)
+            err1[:, :, i] = err
+        # The block's errors reach the later columns in one product per weight (the paper's lazy batch update).
+        if i2 < n_in:
+            for e in range(n_exp):
+                w[e, :, i2:] -= err1[e] @ upper[e, i1:i2, i2:]
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+        codes = codes.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(n_exp, n_out, n_in))
     return codes
 
 
@@ -164,3 +223,19 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
     its result against round-to-nearest's with this."""
     delta = weight.float() - dequantized.float()
     return float(((delta @ hessian.float()) * delta).sum())
+
+
+def gptq_quantize_many(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    block_scales: torch.Tensor,
+    damp: float = DAMP,
+    block_size: int = GPTQ_BLOCK,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """``gptq_quantize`` of E weights of one shape at once (``gptq_codes_many``): packed uint8 [E, out, in/2],
+    each equal to what ``gptq_quantize`` gives it alone."""
+    return nvfp4.pack_nibbles(
+        gptq_codes_many(weights, hessians, weight_scale_2, block_scales, damp, block_size, act_order)
+    )

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from modelopt_streaming.codec import Codec, gptq, nvfp4
-from modelopt_streaming.engine.calibrate import Calibration, WeightSolver
+from modelopt_streaming.engine.calibrate import SOLVE_RESERVE_BYTES, Calibration, WeightSolver
 from modelopt_streaming.engine.hessian import ExpertHessians, HessianSum
 from modelopt_streaming.engine.model import family_of_config
 from modelopt_streaming.jobs.quantize_job import QuantizeJob
@@ -60,6 +60,14 @@ class GptqSettings:
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "expert_budget_bytes"}
         return json.dumps({"weights": "gptq", **fields}, sort_keys=True)
+
+
+def _batch_cap(shape) -> int:
+    """Weights of ``shape`` [out, in] solved at once: their float32 copies, Hessians (the stacked input, the
+    solve's copy and its factor) and scratch within the engine's reserve for the solves."""
+    n_out, n_in = int(shape[-2]), int(shape[-1])
+    per_weight = 4 * (3 * n_in * n_in + 4 * n_out * n_in)
+    return max(1, min(64, SOLVE_RESERVE_BYTES // per_weight))
 
 
 def _key_digest(key: str) -> str:
@@ -179,21 +187,21 @@ class GptqUnits:
             if hessians is not None:
                 ready.append((unit, hessians))
         results = {}
-        for unit, hessians in ready:
-            if self.index[id(unit)] % self.world != self.rank:
-                continue
-            members = [views[s.name].to(job.device) for s in unit.sources]
-            encoded, used = self._encode(unit, members, hessians, recipe)
-            if self.world == 1:
-                self._write_back(unit, views, used)  # at once: the codes of a whole layer need not wait on the GPU
-            else:
-                # Block scales travel as bytes: torch's pickling of float8 storages does not load back (torch 2.13).
-                results[self.index[id(unit)]] = [(p.cpu(), s.view(torch.uint8).cpu(), s2.cpu()) for p, s, s2 in used]
-            # A unit a resumed run already wrote from the kept encodings is solved again all the same (its layer
-            # must hold the dequantized weights for the next layer's inputs), to the same bytes.
-            if id(unit) in self.todo and id(unit) not in self.live.written:
-                self.live.write(unit, encoded)
-                self.pending[id(unit)] = encoded
+        owned = [(u, h) for u, h in ready if self.index[id(u)] % self.world == self.rank]
+        for chunk in self._chunks(owned):
+            for unit, encoded, used in self._encode_chunk(chunk, views, recipe):
+                if self.world == 1:
+                    self._write_back(unit, views, used)  # at once: a layer's codes need not wait on the GPU
+                else:
+                    # Block scales travel as bytes: torch's pickling of float8 storages does not load back.
+                    results[self.index[id(unit)]] = [
+                        (p.cpu(), s.view(torch.uint8).cpu(), s2.cpu()) for p, s, s2 in used
+                    ]
+                # A unit a resumed run already wrote from the kept encodings is solved again all the same (its
+                # layer must hold the dequantized weights for the next layer's inputs), to the same bytes.
+                if id(unit) in self.todo and id(unit) not in self.live.written:
+                    self.live.write(unit, encoded)
+                    self.pending[id(unit)] = encoded
         if self.world > 1:
             results = _exchange(results)
             results = {k: [(p, s.view(torch.float8_e4m3fn), s2) for p, s, s2 in v] for k, v in results.items()}
@@ -204,41 +212,92 @@ class GptqUnits:
             if id(unit) in self.todo:
                 self.live.written.add(id(unit))  # written by the rank that solved it
 
-    def _encode(self, unit: QuantizeUnit, members: list[torch.Tensor], hessians: list, recipe):
-        codec, settings = self.job.codec, self.settings
-        order = iter(hessians)
-        used: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    def _chunks(self, owned: list) -> list[list]:
+        """The owned units in runs whose weights are solved together (``gptq_quantize_many``): the column loop's
+        launches are shared by a run's experts. A run holds at most as many weights as ``_batch_cap`` allows."""
+        out, current, weights = [], [], 0
+        for unit, hessians in owned:
+            shape = unit.sources[0].shape
+            cap = _batch_cap(shape[-2:] if unit.layout == "linear" else (shape[2], shape[1]))
+            if current and weights + len(hessians) > cap:
+                out.append(current)
+                current, weights = [], 0
+            current.append((unit, hessians))
+            weights += len(hessians)
+        return out + [current] if current else out
 
-        def quantize(w: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            packed, block_scales = codec.quantize(w, weight_scale_2)
-            h = next(order)
-            if h is not _RTN:
-                solved, _ = gptq.gptq_quantize(
-                    w,
-                    h,
-                    weight_scale_2,
-                    block_scales,
+    def _encode_chunk(self, chunk: list, views: dict[str, torch.Tensor], recipe) -> list:
+        """``(unit, encoded tensors, [(packed, block scales, global scale) per 2-D weight])`` for each unit of the
+        chunk. Round-to-nearest's encoding is run first to get each weight's scales (and the exact weight the
+        codec sees, a 3-D expert transposed), the weights of one shape are solved together, and the encoding is
+        run again with the chosen codes."""
+        job, codec, settings = self.job, self.job.codec, self.settings
+        problems: list[list] = []  # [unit position, weight, Hessian or _RTN, global scale, rtn codes, block scales]
+        members_of = []
+        for k, (unit, hessians) in enumerate(chunk):
+            members = [views[s.name].to(job.device) for s in unit.sources]
+            members_of.append(members)
+            order = iter(hessians)
+
+            def record(w, weight_scale_2, k=k, order=order):
+                packed, block_scales = codec.quantize(w, weight_scale_2)
+                problems.append([k, w, next(order), weight_scale_2, packed, block_scales])
+                return packed, block_scales
+
+            self._run_encode(unit, members, record, recipe)
+        chosen = [p[4] for p in problems]
+        by_shape: dict[tuple, list[int]] = {}
+        for j, p in enumerate(problems):
+            if p[2] is not _RTN:
+                by_shape.setdefault(tuple(p[1].shape), []).append(j)
+        for shape, js in by_shape.items():
+            cap = _batch_cap(shape)
+            for start in range(0, len(js), cap):
+                part = js[start : start + cap]
+                solved = gptq.gptq_quantize_many(
+                    torch.stack([problems[j][1] for j in part]),
+                    torch.stack([problems[j][2] for j in part]),
+                    torch.stack([problems[j][3].reshape(()) for j in part]),
+                    torch.stack([problems[j][5] for j in part]),
                     damp=settings.damp,
                     block_size=settings.block_size,
                     act_order=settings.act_order,
                 )
-                # Kept only when it is better on the calibration inputs: GPTQ is greedy, and against block scales
-                # fixed beforehand a weight pushed past its block's largest code saturates, so on a small or
-                # outlier-heavy weight it can lose to round-to-nearest (a 32 x 64 k_proj of the tiny Llama did).
-                rtn_error = gptq.output_error(w, nvfp4.dequantize(packed, block_scales, weight_scale_2), h)
-                if gptq.output_error(w, nvfp4.dequantize(solved, block_scales, weight_scale_2), h) < rtn_error:
-                    packed = solved
-                else:
-                    i = len(used)
-                    self.lost.append(f"{unit.modules[0]}[{i}]" if unit.layout == "experts_3d" else unit.modules[i])
-            used.append((packed, block_scales, weight_scale_2))
-            return packed, block_scales
+                for j, packed in zip(part, solved):
+                    _k, w, h, scale_2, rtn, block_scales = problems[j]
+                    # Kept only when better on the calibration inputs: GPTQ is greedy, and against block scales
+                    # fixed beforehand a weight pushed past its block's largest code saturates, so on a small or
+                    # outlier-heavy weight it can lose to round-to-nearest (a 32 x 64 k_proj of the tiny Llama).
+                    rtn_error = gptq.output_error(w, nvfp4.dequantize(rtn, block_scales, scale_2), h)
+                    if gptq.output_error(w, nvfp4.dequantize(packed, block_scales, scale_2), h) < rtn_error:
+                        chosen[j] = packed
+                    else:
+                        self.lost.append(self._weight_name(chunk[problems[j][0]][0], j, problems))
+        out = []
+        for k, (unit, _hessians) in enumerate(chunk):
+            mine = [j for j, p in enumerate(problems) if p[0] == k]
+            replay = iter(mine)
+            used = []
 
-        wrapped = Codec(codec.tensor_amax, quantize, f"GPTQ over {codec.name}")
-        encoded = _encode_unit(
-            unit, members, wrapped, recipe, self.job.options.allow_nonfinite, self.job.input_dir, self.job.reciprocals
-        )
-        return encoded, used
+            def give(w, weight_scale_2, replay=replay, used=used):
+                j = next(replay)
+                used.append((chosen[j], problems[j][5], problems[j][3]))
+                return chosen[j], problems[j][5]
+
+            encoded = self._run_encode(unit, members_of[k], give, recipe)
+            out.append((unit, encoded, used))
+        return out
+
+    @staticmethod
+    def _weight_name(unit: QuantizeUnit, j: int, problems: list) -> str:
+        """The module of problem ``j`` (its position among its unit's weights), or ``<3-D tensor>[<expert>]``."""
+        i = [p[0] for p in problems[:j]].count(problems[j][0])
+        return f"{unit.modules[0]}[{i}]" if unit.layout == "experts_3d" else unit.modules[i]
+
+    def _run_encode(self, unit: QuantizeUnit, members: list[torch.Tensor], quantize, recipe):
+        wrapped = Codec(self.job.codec.tensor_amax, quantize, f"GPTQ over {self.job.codec.name}")
+        job = self.job
+        return _encode_unit(unit, members, wrapped, recipe, job.options.allow_nonfinite, job.input_dir, job.reciprocals)
 
     @staticmethod
     def _write_back(unit: QuantizeUnit, views: dict[str, torch.Tensor], used: list) -> None:

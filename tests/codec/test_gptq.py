@@ -196,3 +196,27 @@ def test_indefinite_hessian_gets_more_damping_and_bad_shapes_are_refused():
         gptq.gptq_quantize(w, torch.eye(16), scale_2, block_scales)
     with pytest.raises(ValueError, match="multiple of 16"):
         gptq.gptq_quantize(w[:, :20], torch.eye(20), scale_2, block_scales)
+
+
+def test_fast_codes_equal_the_reference_codes():
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
+    near = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(0.0)), torch.nextafter(bounds, torch.tensor(100.0))])
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf"), float("nan"), 1e30, 448.0])
+    g = torch.Generator().manual_seed(7)
+    spread = torch.randn(100_000, generator=g) * torch.exp(torch.randn(100_000, generator=g) * 2)
+    q = torch.cat([near, -near, special, spread])
+    assert torch.equal(gptq.e2m1_codes_fast(q), nvfp4.e2m1_codes(q))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_many_weights_at_once_get_the_bytes_each_gets_alone(act_order):
+    cases = [_case(64, 128, 512, seed=s) for s in range(3)]
+    cases[1][2][7, :] = 0  # a dead input in one of them
+    cases[1][2][:, 7] = 0
+    ws = torch.stack([c[0] for c in cases])
+    hs = torch.stack([c[2] for c in cases])
+    s2 = torch.stack([c[3] for c in cases])
+    bs = torch.stack([c[5] for c in cases])
+    many = gptq.gptq_quantize_many(ws, hs, s2, bs, act_order=act_order)
+    for e, (w, _x, h, scale_2, _p, block_scales) in enumerate(cases):
+        assert torch.equal(many[e], gptq.gptq_quantize(w, h, scale_2, block_scales, act_order=act_order)[0]), e
