@@ -96,6 +96,30 @@ def run_shape(name: str, shape: tuple[int, int], tokens: int, device: torch.devi
     }
 
 
+def run_batched(shape: tuple[int, int], n: int, tokens: int, device: torch.device) -> dict:
+    """``n`` experts of one shape solved together (``gptq_quantize_many``, what a calibrated run does) against one
+    after another, and whether each got the same bytes either way."""
+    g = torch.Generator().manual_seed(1)
+    ws = torch.stack([_weight(shape, g, device) for _ in range(n)])
+    hs = []
+    for _ in range(n):
+        x = _inputs(tokens, shape[1], g, device).float()
+        hs.append(x.T @ x)
+    hs = torch.stack(hs)
+    s2 = torch.stack([nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w)) for w in ws])
+    bs = torch.stack([nvfp4.quantize(w, s)[1] for w, s in zip(ws, s2)])
+    many, many_s = _timed(lambda: gptq.gptq_quantize_many(ws, hs, s2, bs), device)
+    singles, single_s = _timed(lambda: [gptq.gptq_quantize(ws[e], hs[e], s2[e], bs[e])[0] for e in range(n)], device)
+    same = all(torch.equal(many[e], singles[e]) for e in range(n))
+    return {
+        "shape": list(shape),
+        "experts": n,
+        "together_s": round(many_s, 4),
+        "one_by_one_s": round(single_s, 4),
+        "same_bytes": same,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +137,11 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         results.append(run_shape(name, (n_out // scale, n_in // scale), tokens, device, args.act_order))
+    batched = run_batched(
+        (SHAPES["expert_gate_up"][0] // scale, SHAPES["expert_gate_up"][1] // scale), 8, tokens, device
+    )
     by_name = {r["name"]: r for r in results}
+    # One weight at a time; a run solves experts together (experts_batched says by how much that is faster).
     per_expert_s = 2 * by_name["expert_gate_up"]["gptq_s"] + by_name["expert_down"]["gptq_s"]
     report = {
         "bench": "gpu_gptq",
@@ -122,6 +150,7 @@ def main() -> None:
         "scale": scale,
         "act_order": args.act_order,
         "results": results,
+        "experts_batched": batched,
         # 58 MoE layers x (256 routed + 1 shared) experts x (gate, up, down); the sizes of this run.
         "projection_deepseek_v3_expert_solves_s": round(58 * 257 * per_expert_s, 1),
     }

@@ -21,6 +21,7 @@ __all__ = [
     "DAMP",
     "GPTQ_BLOCK",
     "MAX_DAMP_TRIES",
+    "e2m1_bounds",
     "e2m1_codes_fast",
     "gptq_codes",
     "gptq_codes_many",
@@ -77,15 +78,21 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.T
     raise ValueError(f"a {n} x {n} Hessian is not positive definite even with damping {damp / 10:g}")
 
 
-def e2m1_codes_fast(q: torch.Tensor) -> torch.Tensor:
+def e2m1_codes_fast(q: torch.Tensor, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """``nvfp4.e2m1_codes`` in a few kernels: GPTQ calls it once per column, where the launches of the reference's
     fourteen comparisons are the cost. A tie rounds up (to the even code) at 0.75, 1.75 and 3.5: there the
     boundary is the float32 just below, so that ``count(boundary < |q|)`` counts ``|q| >= t``; the tests check
-    every boundary, its neighbours, zeros of both signs, infinities and NaN against the reference."""
-    bounds = torch.tensor(_BOUNDS, dtype=torch.float32, device=q.device)
+    every boundary, its neighbours, zeros of both signs, infinities and NaN against the reference. ``bounds``:
+    ``e2m1_bounds(q.device)``, made once by a caller that calls this per column (a copy to the GPU each time)."""
+    if bounds is None:
+        bounds = e2m1_bounds(q.device)
     code = torch.bucketize(q.abs(), bounds).to(torch.uint8)
-    code = torch.where(torch.isnan(q), torch.full_like(code, 7), code)
+    code.masked_fill_(torch.isnan(q), 7)
     return code | ((q < 0).to(torch.uint8) << 3)
+
+
+def e2m1_bounds(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_BOUNDS, dtype=torch.float32, device=device)
 
 
 def gptq_codes(
@@ -161,6 +168,7 @@ def gptq_codes_many(
     del h, diagonal
 
     table = torch.tensor(_SIGNED_E2M1, dtype=torch.float32, device=device)
+    bounds = e2m1_bounds(device)
     codes = torch.empty((n_exp, n_out, n_in), dtype=torch.uint8, device=device)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
@@ -169,7 +177,7 @@ def gptq_codes_many(
         u1 = upper[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col, div = w1[:, :, i], divisor[:, :, i1 + i]
-            code = e2m1_codes_fast(col / div)
+            code = e2m1_codes_fast(col / div, bounds)
             codes[:, :, i1 + i] = code
             # The dequantized value exactly as a consumer computes it (nvfp4.dequantize): E2M1 * scale product.
             err = (col - table[code.long()] * div) / u1[:, i, i].unsqueeze(1)
