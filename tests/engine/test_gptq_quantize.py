@@ -220,7 +220,7 @@ def test_experts_with_few_tokens_keep_round_to_nearest_and_are_reported(tmp_path
     assert record["calibration"]["weights"]["experts_round_to_nearest"] == expected
 
 
-def test_expert_groups_under_a_memory_budget_give_the_same_bytes(tmp_path):
+def test_expert_groups_and_experts_in_host_memory_give_the_same_bytes(tmp_path):
     src = make_source(tmp_path / "src", "qwen3_moe")
     save_file({"input_ids": token_rows(256, **_ROWS)}, tmp_path / "rows.safetensors")
     common = dict(calib_data=tmp_path / "rows.safetensors", device="cpu", progress="none")
@@ -228,6 +228,9 @@ def test_expert_groups_under_a_memory_budget_give_the_same_bytes(tmp_path):
     one_by_one = GptqSettings(min_expert_tokens=16, expert_budget_bytes=1)
     quantize_gptq(src, tmp_path / "groups", gptq=one_by_one, **common)
     assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "groups")
+    # Experts kept in host memory (a layer over the device budget): solved from copies, written back in place.
+    quantize_gptq(src, tmp_path / "host", gptq=GptqSettings(min_expert_tokens=16), calib_device_budget=1, **common)
+    assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "host")
 
 
 def test_gptq_is_refused_without_data_and_under_other_formats(tmp_path):
