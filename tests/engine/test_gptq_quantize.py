@@ -233,6 +233,27 @@ def test_expert_groups_and_experts_in_host_memory_give_the_same_bytes(tmp_path):
     assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "host")
 
 
+def test_not_sequential_keeps_the_input_scales_of_the_unquantized_model(tmp_path):
+    """``sequential=False``: every layer's inputs are the unquantized model's, so every input scale is round-to-
+    nearest's calibrated value (ModelOpt's), while the weights are GPTQ's; sequential (the default) moves the
+    input scales of the layers after the first."""
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    save_file({"input_ids": token_rows(256, **_ROWS)}, tmp_path / "rows.safetensors")
+    common = dict(calib_data=tmp_path / "rows.safetensors", device="cpu", progress="none")
+    modelopt_streaming.quantize(src, tmp_path / "rtn", **common)
+    quantize_gptq(src, tmp_path / "flat", gptq=GptqSettings(min_expert_tokens=16, sequential=False), **common)
+    quantize_gptq(src, tmp_path / "seq", gptq=GptqSettings(min_expert_tokens=16), **common)
+    rtn, flat, seq = (load_dir(tmp_path / d) for d in ("rtn", "flat", "seq"))
+    inputs = [n for n in rtn if n.endswith("input_scale")]
+    assert all(torch.equal(flat[n], rtn[n]) for n in inputs)
+    assert any(not torch.equal(seq[n], rtn[n]) for n in inputs if ".layers.1." in n)
+    assert all(torch.equal(seq[n], rtn[n]) for n in inputs if ".layers.0." in n)
+    weights = [n for n in rtn if n.endswith(".weight") and rtn[n].dtype == torch.uint8]
+    assert sum(not torch.equal(flat[n], rtn[n]) for n in weights) > len(weights) // 2
+    # Layer 0 is solved on the same inputs either way.
+    assert all(torch.equal(flat[n], seq[n]) for n in weights if ".layers.0." in n)
+
+
 def test_gptq_is_refused_without_data_and_under_other_formats(tmp_path):
     from modelopt_streaming.errors import UsageError
 
