@@ -211,6 +211,7 @@ class GptqUnits:
             self.solved.add(id(unit))
             if id(unit) in self.todo:
                 self.live.written.add(id(unit))  # written by the rank that solved it
+        self._prune()
 
     def _chunks(self, owned: list) -> list[list]:
         """The owned units in runs whose weights are solved together (``gptq_quantize_many``): the column loop's
@@ -315,12 +316,18 @@ class GptqUnits:
 
     # -- resume ------------------------------------------------------------------------------------------------
 
+    def _prune(self) -> None:
+        """Forget the encodings of units whose shards are finished: the host memory kept for a resume stays that
+        of the shards still open, not of every unit since the last boundary (a boundary is kept every 10 minutes,
+        several DeepSeek-V3 layers)."""
+        done = self.job.state.dir
+        self.pending = {u: t for u, t in self.pending.items() if not (done / self.shard_of[u]).exists()}
+
     def save(self, directory: Path, key: str) -> None:
         """Keep the encoded units whose shards are not finished (the others are in the output already)."""
         from safetensors.torch import save_file
 
-        done = self.job.state.dir
-        self.pending = {u: t for u, t in self.pending.items() if not (done / self.shard_of[u]).exists()}
+        self._prune()
         tensors = {name: t.clone() for encoded in self.pending.values() for name, t in encoded}  # no shared storage
         partial = directory / f".{PENDING_FILE}.partial"
         save_file(tensors, str(partial), metadata={"key": _key_digest(key), "lost": json.dumps(self.lost)})
