@@ -1,5 +1,6 @@
 """Codec: NVFP4 tensor math (``nvfp4``, the reference) and its fused kernels (``cpu_kernel``,
-``cuda_kernel``), which give the same bytes; ``select_codec`` picks the fastest one a device has."""
+``cuda_kernel``), which give the same bytes; ``mse``, the per-block scale search of ``--algorithm mse``;
+``select_codec`` picks the fastest one a device has for an algorithm."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4
+from modelopt_streaming.codec import cpu_kernel, cuda_kernel, mse, nvfp4
+
+# Weight quantization algorithms the codec implements (``quantize --algorithm``): ``rtn`` is ModelOpt's
+# round-to-nearest block scales (its bytes), ``mse`` searches each block's scale (``codec/mse.py``).
+ALGORITHMS = ("rtn", "mse")
 
 
 @dataclass(frozen=True)
@@ -18,8 +23,25 @@ class Codec:
     name: str
 
 
-def select_codec(device: torch.device) -> Codec:
-    """The fused C kernel on the CPU when it was built, else the reference torch codec (CPU or CUDA)."""
+def algorithm_settings(algorithm: str) -> dict:
+    """What an algorithm's output bytes depend on besides the weights and the recipe (the provenance and the
+    resume fingerprint record it)."""
+    if algorithm == "rtn":
+        return {}
+    if algorithm == "mse":
+        return {"scales_below": mse.DEFAULT_BELOW, "scales_above": mse.DEFAULT_ABOVE, "global_scale_search": False}
+    raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+
+
+def select_codec(device: torch.device, algorithm: str = "rtn") -> Codec:
+    """For ``rtn``: the fused C kernel on the CPU when it was built, the Triton kernel on CUDA, else the
+    reference torch codec. For ``mse``: the torch scale search on either device (same bytes on both); the
+    amax, exact on any path, from the fastest one."""
+    if algorithm == "mse":
+        amax = cpu_kernel.tensor_amax if device.type == "cpu" and cpu_kernel.available() else nvfp4.tensor_amax
+        return Codec(amax, mse.quantize, f"mse block-scale search (torch) on {device.type}")
+    if algorithm != "rtn":
+        raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
     if device.type == "cpu" and cpu_kernel.available():
         return Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
     if device.type == "cuda" and cuda_kernel.available():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from modelopt_streaming.codec import Codec
+from modelopt_streaming.codec import ALGORITHMS, Codec
 from modelopt_streaming.engine.data import CalibrationData
 from modelopt_streaming.errors import UsageError
 from modelopt_streaming.formats.interchange import FORMATS, RECORD_KEY, ExactReciprocals
@@ -61,6 +61,8 @@ class QuantizeOptions:
         calib_device_budget: bytes of device memory a decoder layer may take; a larger layer keeps its experts in
             host memory and brings each to the device in its turn (default: the device's free memory less
             10 GiB on a GPU, no limit on the CPU).
+        algorithm: how each block's E4M3 scale is chosen: ``"rtn"`` (default, ModelOpt's bytes) or ``"mse"``
+            (rtn's scale and its neighbours on the E4M3 grid, the smallest squared error wins; codec/mse.py).
     """
 
     mlp_only: bool = False
@@ -87,11 +89,14 @@ class QuantizeOptions:
     trust_remote_code: bool = False
     kv_cache: str | None = None
     calib_device_budget: int | None = None
+    algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.mlp_only and self.experts_only:
             raise UsageError("--mlp_only and --experts_only exclude each other")
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
         if self.scale_math not in ("cuda", "cpu"):
             raise UsageError(f"--scale_math must be cuda or cpu, not {self.scale_math!r}")
         if self.max_shard_size <= 0:
