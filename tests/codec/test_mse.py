@@ -184,7 +184,8 @@ def test_candidate_order_and_settings():
     codec = select_codec(torch.device("cpu"), "mse")
     assert codec.quantize is mse.quantize and "mse" in codec.name
     # rtn keeps its kernels.
-    assert select_codec(torch.device("cpu")).quantize is (cpu_kernel.quantize if cpu_kernel.available() else nvfp4.quantize)
+    rtn = cpu_kernel.quantize if cpu_kernel.available() else nvfp4.quantize
+    assert select_codec(torch.device("cpu")).quantize is rtn
     with pytest.raises(ValueError):
         select_codec(torch.device("cpu"), "gptq-not-here")
 
