@@ -5,7 +5,15 @@ import pytest
 import torch
 from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-from modelopt_streaming.codec import ALGORITHMS, algorithm_settings, cpu_kernel, mse, nvfp4, select_codec
+from modelopt_streaming.codec import (
+    ALGORITHMS,
+    algorithm_settings,
+    cpu_kernel,
+    cuda_kernel,  # interpreted on the CPU: conftest sets TRITON_INTERPRET
+    mse,
+    nvfp4,
+    select_codec,
+)
 from modelopt_streaming.formats.nvfp4 import E2M1_VALUES, unpack_e2m1
 
 
@@ -204,3 +212,47 @@ def test_decoded_values_lie_on_the_grid():
     values = unpack_e2m1(packed).reshape(32, -1, 16)
     divisor = (scales.float() * ws2).unsqueeze(-1)
     assert torch.equal((values * divisor).reshape(32, 128), nvfp4.dequantize(packed, scales, ws2))
+
+
+def _triton_cases():
+    g = torch.Generator().manual_seed(21)
+    out = []
+    for shape, dtype, mult in [
+        ((16, 128), torch.bfloat16, 1.0),
+        ((33, 272), torch.float32, 3.0),
+        ((8, 64), torch.float16, 2000.0),
+        ((3, 16), torch.bfloat16, 50.0),
+    ]:
+        w = _heavy(shape, dtype, seed=int(torch.randint(0, 1000, (1,), generator=g)))
+        out.append((f"{shape}-{dtype}-x{mult:g}", w, nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w)) * mult))
+    w = _heavy((8, 64), torch.float32, seed=4)
+    w[0] = 0.0
+    w[1, :16] = -0.0
+    w[2, 3] = float("nan")
+    w[3, 20] = float("inf")
+    w[4, 40] = -float("inf")
+    out.append(("zero-nan-inf", w, nvfp4.weight_scale_2_from_amax(torch.tensor(0.1))))
+    out.append(("clamp-448", w[5:], torch.tensor(1e-8)))
+    out.append(("clamp-2^-9", w[5:], torch.tensor(1e6)))
+    hand = torch.tensor([[6.0] + [2.75, -2.75] * 7 + [2.75], [6.0] + [4.5] * 15])
+    out.append(("hand", hand, torch.tensor(1.0)))
+    return out
+
+
+@pytest.mark.parametrize("name,weight,ws2", _triton_cases(), ids=[c[0] for c in _triton_cases()])
+def test_triton_kernel_equals_the_torch_search(name, weight, ws2):
+    """The CUDA kernel's arithmetic, run by Triton's interpreter on the CPU (the compiled kernel on a GPU:
+    bench/gpu_mse.py)."""
+    expected = mse.quantize(weight, ws2)
+    got = cuda_kernel.quantize_mse(weight, ws2)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
+
+
+@pytest.mark.parametrize("below,above", [(0, 0), (1, 0), (0, 3), (3, 1)])
+def test_triton_kernel_candidate_sets(below, above):
+    w = _heavy((16, 64), torch.bfloat16, seed=below * 10 + above)
+    ws2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w))
+    expected = mse.quantize(w, ws2, below, above)
+    got = cuda_kernel.quantize_mse(w, ws2, below, above)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
