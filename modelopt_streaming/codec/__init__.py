@@ -35,13 +35,14 @@ def algorithm_settings(algorithm: str) -> dict:
 
 def select_codec(device: torch.device, algorithm: str = "rtn") -> Codec:
     """For ``rtn``: the fused C kernel on the CPU when it was built, the Triton kernel on CUDA, else the
-    reference torch codec. For ``mse``: the Triton kernel on CUDA, else the torch search (the same bytes on
-    every path); the amax, exact on any path, from the fastest one."""
+    reference torch codec. For ``mse`` likewise: the C kernel's or the Triton kernel's search, else the torch
+    search (``mse.quantize``); every path gives the same bytes."""
     if algorithm == "mse":
         if device.type == "cuda" and cuda_kernel.available():
             return Codec(nvfp4.tensor_amax, cuda_kernel.quantize_mse, "mse block-scale search, CUDA kernel (Triton)")
-        amax = cpu_kernel.tensor_amax if device.type == "cpu" and cpu_kernel.available() else nvfp4.tensor_amax
-        return Codec(amax, mse.quantize, f"mse block-scale search (torch) on {device.type}")
+        if device.type == "cpu" and cpu_kernel.mse_available():
+            return Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize_mse, "mse block-scale search, fused CPU kernel")
+        return Codec(nvfp4.tensor_amax, mse.quantize, f"mse block-scale search (torch) on {device.type}")
     if algorithm != "rtn":
         raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
     if device.type == "cpu" and cpu_kernel.available():

@@ -190,7 +190,8 @@ def test_candidate_order_and_settings():
         "global_scale_search": False,
     }
     codec = select_codec(torch.device("cpu"), "mse")
-    assert codec.quantize is mse.quantize and "mse" in codec.name
+    assert codec.quantize is (cpu_kernel.quantize_mse if cpu_kernel.mse_available() else mse.quantize)
+    assert "mse" in codec.name
     # rtn keeps its kernels.
     rtn = cpu_kernel.quantize if cpu_kernel.available() else nvfp4.quantize
     assert select_codec(torch.device("cpu")).quantize is rtn
@@ -239,20 +240,40 @@ def _triton_cases():
     return out
 
 
+def _fused_cpu_mse(w, ws2, *args):
+    assert cpu_kernel.mse_available(), "the fused CPU kernel was not built with the mse search"
+    return cpu_kernel.quantize_mse(w, ws2, *args)
+
+
+KERNELS = {"fused_cpu": _fused_cpu_mse, "triton_interpreted": cuda_kernel.quantize_mse}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("name,weight,ws2", _triton_cases(), ids=[c[0] for c in _triton_cases()])
-def test_triton_kernel_equals_the_torch_search(name, weight, ws2):
-    """The CUDA kernel's arithmetic, run by Triton's interpreter on the CPU (the compiled kernel on a GPU:
-    bench/gpu_mse.py)."""
+def test_kernels_equal_the_torch_search(name, weight, ws2, kernel):
+    """The C kernel, and the CUDA kernel's arithmetic run by Triton's interpreter on the CPU (the compiled kernel
+    on a GPU: bench/gpu_mse.py), give the torch search's bytes."""
     expected = mse.quantize(weight, ws2)
-    got = cuda_kernel.quantize_mse(weight, ws2)
+    got = KERNELS[kernel](weight, ws2)
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("below,above", [(0, 0), (1, 0), (0, 3), (3, 1)])
-def test_triton_kernel_candidate_sets(below, above):
+def test_kernel_candidate_sets(below, above, kernel):
     w = _heavy((16, 64), torch.bfloat16, seed=below * 10 + above)
     ws2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w))
     expected = mse.quantize(w, ws2, below, above)
-    got = cuda_kernel.quantize_mse(w, ws2, below, above)
+    got = KERNELS[kernel](w, ws2, below, above)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
+
+
+def test_fused_cpu_kernel_on_large_heavy_tailed_weights():
+    """Rows wider than the C kernel's 4096-column chunk, and many rows over the thread pool."""
+    for shape, mult in [((300, 4096 + 48), 1.0), ((64, 8192), 7.0)]:
+        w = _heavy(shape, torch.bfloat16, seed=shape[1])
+        ws2 = nvfp4.weight_scale_2_from_amax(nvfp4.tensor_amax(w)) * mult
+        expected = mse.quantize(w, ws2)
+        got = _fused_cpu_mse(w, ws2)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
