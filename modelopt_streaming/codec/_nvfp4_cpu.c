@@ -139,20 +139,30 @@ void nvfp4_quantize_rows(const void *src, int src_type, int64_t rows, int64_t co
  * the reference's order; a candidate replaces the best only with a strictly smaller error (NaN never does).
  * Multiplies and adds stay separate operations: ISO C mode (-std=c11) does not contract them into FMAs, and
  * setup.py says -ffp-contract=off as well. */
-static const float e2m1_signed[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
 static inline __attribute__((always_inline)) void encode_span(const float *x, int64_t n, const float *divisor,
                                                               int32_t *code, float *err) {
-    float sq[MAX_COLS_CHUNK];
+    /* Simple loops, as quantize_span's, which the compiler vectorizes (a table lookup by code would not be). */
+    /* The divisor spread to every element first: an indexed load divisor[j >> 4] keeps a loop scalar. */
+    float q[MAX_COLS_CHUNK], sq[MAX_COLS_CHUNK], dv[MAX_COLS_CHUNK];
+    for (int64_t b = 0; b < n / 16; b++)
+        for (int i = 0; i < 16; i++) dv[b * 16 + i] = divisor[b];
+    for (int64_t j = 0; j < n; j++) q[j] = x[j] / dv[j];
     for (int64_t j = 0; j < n; j++) {
-        const float v = x[j] / divisor[j >> 4], a = fabsf(v);
+        const float v = q[j], a = fabsf(v);
         int32_t c = (int32_t)(a > 0.25f) + (int32_t)(a >= 0.75f) + (int32_t)(a > 1.25f) + (int32_t)(a >= 1.75f)
                     + (int32_t)(a > 2.5f) + (int32_t)(a >= 3.5f) + (int32_t)(a > 5.0f);
         c |= -(int32_t)(v != v) & 7;
-        c |= (int32_t)(v < 0.0f) << 3;
-        code[j] = c;
-        const float recon = e2m1_signed[c] * divisor[j >> 4];
+        code[j] = c | ((int32_t)(v < 0.0f) << 3);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        /* The E2M1 value of the code: magnitude 0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0) for m = 0..7 gives 0,
+         * 0.5, 1, 1.5, 2, 3, 4, 6, the sign a multiply by +-1; every step is exact: the reference's table value. */
+        const int32_t c = code[j], m = c & 7;
+        int32_t above4 = m - 4, above6 = m - 6;
+        above4 &= ~(above4 >> 31); /* max(., 0) in integers: fmaxf would keep the loop scalar */
+        above6 &= ~(above6 >> 31);
+        const float mag = 0.5f * (float)m + 0.5f * (float)above4 + (float)above6;
+        const float recon = (mag * (1.0f - 2.0f * (float)(c >> 3))) * dv[j];
         const float d = x[j] - recon;
         sq[j] = d * d;
     }
