@@ -5,6 +5,7 @@ takes it."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import re
@@ -87,6 +88,16 @@ def test_compressed_tensors_dialect_same_codes(runs):
     record = json.loads((base / "mse-ct" / "modelopt_streaming.json").read_text())
     assert record["options"]["algorithm"] == "mse" and record["options"]["format"] == "compressed-tensors"
     assert summaries["mse-ct"].algorithm == "mse"
+
+
+def test_convert_between_dialects_keeps_the_mse_bytes(runs, tmp_path):
+    """``convert`` moves codes and scales without looking at how they were chosen: the mse compressed-tensors
+    output converts to the mse ModelOpt output's files."""
+    _, base, _ = runs
+    modelopt_streaming.convert(base / "mse-ct", tmp_path / "mo", "modelopt")
+    names = sorted(p.name for p in (base / "mse").iterdir() if p.suffix == ".safetensors")
+    names += ["config.json", "hf_quant_config.json", "model.safetensors.index.json"]
+    assert all(filecmp.cmp(base / "mse" / n, tmp_path / "mo" / n, shallow=False) for n in names)
 
 
 def test_provenance_summary_and_json_report_the_algorithm(runs, tmp_path, capsys):
