@@ -4,10 +4,9 @@ For each 16-value block, rtn (``nvfp4``) takes the E4M3 scale nearest to ``block
 That scale maps the block's largest value onto 6, whatever the other fifteen values are; a slightly smaller
 scale often serves the rest of the block better (finer steps, the outlier clipped a little), and a larger one
 (about 1.5 x, the largest value on the E2M1 level 4 instead of 6) puts the other levels where the values are
-for many blocks. Here each block tries rtn's scale and its
-neighbours on the E4M3 grid, encodes the block with each exactly as rtn does, and keeps the one whose
-reconstruction has the smallest squared error against the source. The output is an ordinary NVFP4 tensor:
-consumers need nothing new.
+for many blocks. Here each block tries rtn's scale and its neighbours on the E4M3 grid, encodes the block with
+each exactly as rtn does, and keeps the one whose reconstruction has the smallest squared error against the
+source. The output is an ordinary NVFP4 tensor: consumers need nothing new.
 
 Guarantee: rtn's scale is tried first and a candidate replaces the current best only with a strictly smaller
 error, so no block's error exceeds rtn's, and a block where nothing is better keeps rtn's bytes exactly.
@@ -28,10 +27,10 @@ __all__ = ["DEFAULT_ABOVE", "DEFAULT_BELOW", "E4M3_MAX_CODE", "candidate_offsets
 
 # Candidates: rtn's E4M3 code, DEFAULT_BELOW codes below it and DEFAULT_ABOVE codes above it. Adjacent E4M3
 # codes are adjacent values, 1/16 to 1/8 of the scale apart in the normal range. Measured on random weights
-# (docs/quality.md): one or two codes below win about a third of the blocks (finer steps, the largest value
-# clipped a little), the third below almost never; above, the 4th to 6th codes (about 1.5 x rtn's scale,
-# where the block's largest value lands on the E2M1 level 4 instead of 6) win a quarter of the blocks and give
-# half of the whole gain; the 7th and beyond win a handful of blocks in a million.
+# (docs/quality.md, bench/mse_quality.py): one or two codes below win about a fifth of the blocks (finer steps,
+# the largest value clipped a little), the third below almost never; above, the 4th to 6th codes (about 1.5 x
+# rtn's scale, where the block's largest value lands on the E2M1 level 4 instead of 6) win about a quarter of
+# the blocks and a third of the whole gain; the 7th and beyond win under one block in ten thousand.
 DEFAULT_BELOW = 2
 DEFAULT_ABOVE = 6
 # 0x7E is 448, the E4M3 maximum (0x7F is NaN); 0x01 is 2^-9, rtn's lower clamp (0x00 would be a zero scale).
