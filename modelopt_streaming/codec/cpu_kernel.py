@@ -141,6 +141,7 @@ def quantize_mse(
     """Same contract and bytes as ``mse.quantize``, in one pass per block on the thread pool."""
     if weight.dim() != 2 or weight.shape[1] % 16:
         raise ValueError(f"NVFP4 quantizes 2-D weights with input dim % 16 == 0, got {tuple(weight.shape)}")
+    mse.candidate_offsets(below, above)  # the same ValueError as the reference for a negative count
     w = weight.contiguous()
     rows, cols = w.shape
     packed = torch.empty((rows, cols // 2), dtype=torch.uint8)

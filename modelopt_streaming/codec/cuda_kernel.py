@@ -150,6 +150,7 @@ if triton is not None:
         cols,
         BELOW: tl.constexpr,
         ABOVE: tl.constexpr,
+        REACH: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
@@ -172,7 +173,7 @@ if triton is not None:
         rtn8 = _to_e4m3(s)
         best8 = rtn8
         best_codes, best_err = _e2m1_encode(xb, _e4m3_value(rtn8) * ws2)
-        for d in tl.static_range(1, (BELOW if BELOW > ABOVE else ABOVE) + 1):
+        for d in tl.static_range(1, REACH + 1):
             if d <= BELOW:
                 best8, best_codes, best_err = _mse_try(xb, ws2, rtn8, -d, best8, best_codes, best_err)
             if d <= ABOVE:
@@ -232,6 +233,7 @@ def quantize_mse(
     error sums into FMAs, whose single rounding gives other errors than the CPU's, and so other choices."""
     if weight.dim() != 2 or weight.shape[1] % 16:
         raise ValueError(f"NVFP4 quantizes 2-D weights with input dim % 16 == 0, got {tuple(weight.shape)}")
+    mse.candidate_offsets(below, above)  # the same ValueError as the reference for a negative count
     w = weight.contiguous()
     rows, cols = w.shape
     packed = torch.empty((rows, cols // 2), dtype=torch.uint8, device=w.device)
@@ -248,6 +250,7 @@ def quantize_mse(
             cols,
             BELOW=below,
             ABOVE=above,
+            REACH=max(below, above),
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             enable_fp_fusion=False,
