@@ -19,7 +19,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The C codec is built by the editable install: a change to it (or to its flags) needs the install again.
+$(VENV)/.installed: pyproject.toml setup.py modelopt_streaming/codec/_nvfp4_cpu.c | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[examples,calib]"
 	touch $@

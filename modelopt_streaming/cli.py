@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="cuda",
         help="weight_scale_2 as ModelOpt computes it on CUDA (amax * fp32(1/2688), default) or on CPU (amax / 2688)",
     )
+    _add(
+        q,
+        "algorithm",
+        choices=["rtn", "mse"],
+        default="rtn",
+        help="block scales: rtn (default) rounds each to the nearest E4M3 value, ModelOpt's bytes; mse tries the "
+        "neighbours on the E4M3 grid too and keeps the smallest squared error (never worse per block, data-free)",
+    )
     _add(q, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); bytes are identical")
     _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")
     _add(

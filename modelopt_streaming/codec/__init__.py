@@ -1,14 +1,24 @@
 """Codec: NVFP4 tensor math (``nvfp4``, the reference) and its fused kernels (``cpu_kernel``,
-``cuda_kernel``), which give the same bytes; ``select_codec`` picks the fastest one a device has."""
+``cuda_kernel``), which give the same bytes; ``mse``, the per-block scale search of ``--algorithm mse``;
+``select_codec`` picks the fastest one a device has for an algorithm."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from modelopt_streaming.codec import cpu_kernel, cuda_kernel, nvfp4
+from modelopt_streaming.codec import cpu_kernel, cuda_kernel, mse, nvfp4
+
+# Weight quantization algorithms the codec implements (``quantize --algorithm``): ``rtn`` is ModelOpt's
+# round-to-nearest block scales (its bytes), ``mse`` searches each block's scale (``codec/mse.py``).
+ALGORITHMS = ("rtn", "mse")
+# The Triton mse kernel equals the torch search in Triton's interpreter (tests/codec/test_mse.py), but its
+# compiled run on a GPU has not been checked yet (bench/gpu_mse.py does it): until it has, CUDA runs the torch
+# search, whose bytes on an H100 equal the CPU's, and this variable opts in to the kernel.
+MSE_KERNEL_ENV = "MODELOPT_STREAMING_MSE_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -18,8 +28,28 @@ class Codec:
     name: str
 
 
-def select_codec(device: torch.device) -> Codec:
-    """The fused C kernel on the CPU when it was built, else the reference torch codec (CPU or CUDA)."""
+def algorithm_settings(algorithm: str) -> dict:
+    """What an algorithm's output bytes depend on besides the weights and the recipe (the provenance and the
+    resume fingerprint record it)."""
+    if algorithm == "rtn":
+        return {}
+    if algorithm == "mse":
+        return {"scales_below": mse.DEFAULT_BELOW, "scales_above": mse.DEFAULT_ABOVE, "global_scale_search": False}
+    raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+
+
+def select_codec(device: torch.device, algorithm: str = "rtn") -> Codec:
+    """For ``rtn``: the fused C kernel on the CPU when it was built, the Triton kernel on CUDA, else the
+    reference torch codec. For ``mse``: the C kernel's search on the CPU, the torch search (``mse.quantize``)
+    elsewhere, the Triton kernel's on CUDA only with MODELOPT_STREAMING_MSE_KERNEL=triton."""
+    if algorithm == "mse":
+        if device.type == "cuda" and cuda_kernel.available() and os.environ.get(MSE_KERNEL_ENV) == "triton":
+            return Codec(nvfp4.tensor_amax, cuda_kernel.quantize_mse, "mse block-scale search, CUDA kernel (Triton)")
+        if device.type == "cpu" and cpu_kernel.mse_available():
+            return Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize_mse, "mse block-scale search, fused CPU kernel")
+        return Codec(nvfp4.tensor_amax, mse.quantize, f"mse block-scale search (torch) on {device.type}")
+    if algorithm != "rtn":
+        raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
     if device.type == "cpu" and cpu_kernel.available():
         return Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize, "fused CPU kernel")
     if device.type == "cuda" and cuda_kernel.available():

@@ -133,6 +133,117 @@ void nvfp4_quantize_rows(const void *src, int src_type, int64_t rows, int64_t co
     }
 }
 
+/* --algorithm mse (codec/mse.py, the reference): each block's scale chosen among rtn's E4M3 code and its
+ * neighbours (the candidates in mse.candidate_offsets's order: rtn first, then -1, +1, -2, +2, ...), by the
+ * smallest squared error of E2M1 * (scale * weight_scale_2) against the source, its 16 terms added pairwise in
+ * the reference's order; a candidate replaces the best only with a strictly smaller error (NaN never does).
+ * Multiplies and adds stay separate operations: ISO C mode (-std=c11) does not contract them into FMAs, and
+ * setup.py says -ffp-contract=off as well. */
+static inline __attribute__((always_inline)) void encode_span(const float *x, int64_t n, const float *divisor,
+                                                              int32_t *code, float *err) {
+    /* Simple loops, as quantize_span's, which the compiler vectorizes (a table lookup by code would not be). */
+    /* The divisor spread to every element first: an indexed load divisor[j >> 4] keeps a loop scalar. */
+    float q[MAX_COLS_CHUNK], sq[MAX_COLS_CHUNK], dv[MAX_COLS_CHUNK];
+    for (int64_t b = 0; b < n / 16; b++)
+        for (int i = 0; i < 16; i++) dv[b * 16 + i] = divisor[b];
+    for (int64_t j = 0; j < n; j++) q[j] = x[j] / dv[j];
+    for (int64_t j = 0; j < n; j++) {
+        const float v = q[j], a = fabsf(v);
+        int32_t c = (int32_t)(a > 0.25f) + (int32_t)(a >= 0.75f) + (int32_t)(a > 1.25f) + (int32_t)(a >= 1.75f)
+                    + (int32_t)(a > 2.5f) + (int32_t)(a >= 3.5f) + (int32_t)(a > 5.0f);
+        c |= -(int32_t)(v != v) & 7;
+        code[j] = c | ((int32_t)(v < 0.0f) << 3);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        /* The E2M1 value of the code: magnitude 0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0) for m = 0..7 gives 0,
+         * 0.5, 1, 1.5, 2, 3, 4, 6, the sign a multiply by +-1; every step is exact: the reference's table value. */
+        const int32_t c = code[j], m = c & 7;
+        int32_t above4 = m - 4, above6 = m - 6;
+        above4 &= ~(above4 >> 31); /* max(., 0) in integers: fmaxf would keep the loop scalar */
+        above6 &= ~(above6 >> 31);
+        const float mag = 0.5f * (float)m + 0.5f * (float)above4 + (float)above6;
+        const float recon = (mag * (1.0f - 2.0f * (float)(c >> 3))) * dv[j];
+        const float d = x[j] - recon;
+        sq[j] = d * d;
+    }
+    for (int64_t b = 0; b < n / 16; b++) {
+        const float *s = sq + b * 16;
+        float p8[8], p4[4];
+        for (int i = 0; i < 8; i++) p8[i] = s[2 * i] + s[2 * i + 1];
+        for (int i = 0; i < 4; i++) p4[i] = p8[2 * i] + p8[2 * i + 1];
+        err[b] = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+    }
+}
+
+static inline __attribute__((always_inline)) void mse_span(const float *x, int64_t n, float weight_scale_2, float six_ws2,
+                                                           int below, int above, uint8_t *packed, uint8_t *scales) {
+    uint32_t absbits[MAX_COLS_CHUNK];
+    int32_t best_code[MAX_COLS_CHUNK], code[MAX_COLS_CHUNK];
+    float divisor[MAX_COLS_CHUNK / 16], best_err[MAX_COLS_CHUNK / 16], err[MAX_COLS_CHUNK / 16];
+    uint8_t rtn8[MAX_COLS_CHUNK / 16], cand8[MAX_COLS_CHUNK / 16];
+    const int64_t nb = n / 16;
+    for (int64_t j = 0; j < n; j++) absbits[j] = float_to_bits(x[j]) & 0x7FFFFFFFu;
+    for (int64_t b = 0; b < nb; b++) {
+        uint32_t m = 0;
+        for (int i = 0; i < 16; i++) m = absbits[b * 16 + i] > m ? absbits[b * 16 + i] : m;
+        float amax = m > 0x7F800000u ? NAN : bits_to_float(m);
+        float s = amax / six_ws2;
+        if (s == 0.0f) s = 1.0f;
+        if (s == s) s = s < 0.001953125f ? 0.001953125f : (s > 448.0f ? 448.0f : s);
+        rtn8[b] = to_e4m3(s);
+        scales[b] = rtn8[b];
+        divisor[b] = e4m3_value[rtn8[b]] * weight_scale_2;
+    }
+    encode_span(x, n, divisor, best_code, best_err);
+    const int reach = below > above ? below : above;
+    for (int d = 1; d <= reach; d++) {
+        for (int side = 0; side < 2; side++) {
+            if ((side == 0 && d > below) || (side == 1 && d > above)) continue;
+            const int offset = side == 0 ? -d : d;
+            for (int64_t b = 0; b < nb; b++) {
+                int c = (int)rtn8[b] + offset;
+                c = c < 1 ? 1 : (c > 0x7E ? 0x7E : c);
+                cand8[b] = (uint8_t)c;
+                divisor[b] = e4m3_value[c] * weight_scale_2;
+            }
+            encode_span(x, n, divisor, code, err);
+            for (int64_t b = 0; b < nb; b++) {
+                const int c = (int)rtn8[b] + offset;
+                if (rtn8[b] == 0x7F || c < 1 || c > 0x7E || !(err[b] < best_err[b])) continue;
+                best_err[b] = err[b];
+                scales[b] = cand8[b];
+                memcpy(best_code + b * 16, code + b * 16, 16 * sizeof(int32_t));
+            }
+        }
+    }
+    for (int64_t j = 0; j < n / 2; j++) packed[j] = (uint8_t)(best_code[2 * j] | (best_code[2 * j + 1] << 4));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void nvfp4_mse_rows(const void *src, int src_type, int64_t rows, int64_t cols, float weight_scale_2, int below,
+                    int above, uint8_t *packed, uint8_t *scales) {
+    const float six_ws2 = 6.0f * weight_scale_2;
+    float x[MAX_COLS_CHUNK];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c0 = 0; c0 < cols; c0 += MAX_COLS_CHUNK) {
+            const int64_t n = cols - c0 < MAX_COLS_CHUNK ? cols - c0 : MAX_COLS_CHUNK;
+            const int64_t off = r * cols + c0;
+            if (src_type == SRC_BF16) {
+                const uint16_t *p = (const uint16_t *)src + off;
+                for (int64_t j = 0; j < n; j++) x[j] = bf16_to_float(p[j]);
+            } else if (src_type == SRC_F16) {
+                const uint16_t *p = (const uint16_t *)src + off;
+                for (int64_t j = 0; j < n; j++) x[j] = f16_to_float(p[j]);
+            } else {
+                memcpy(x, (const float *)src + off, (size_t)n * sizeof(float));
+            }
+            mse_span(x, n, weight_scale_2, six_ws2, below, above, packed + off / 2, scales + off / 16);
+        }
+    }
+}
+
 /* max(|max|, |min|) of n values as float32; NaN if any value is NaN. For every IEEE format the order of
  * |x| over non-NaN values is the unsigned order of its bits with the sign cleared, and NaN patterns sort
  * above infinity, so one integer max (a vector instruction) replaces two float reductions. */

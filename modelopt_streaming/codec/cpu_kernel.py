@@ -12,6 +12,8 @@ from functools import cache
 
 import torch
 
+from modelopt_streaming.codec import mse
+
 _SOURCE_TYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # Rows per task: enough work to amortise a call, small enough to balance threads.
 _MIN_ELEMS_PER_TASK = 1 << 20
@@ -39,11 +41,29 @@ def _lib():
     lib.nvfp4_amax.restype = ctypes.c_float
     lib.nvfp4_e4m3_table.argtypes = [ctypes.c_void_p]
     lib.nvfp4_e4m3_table.restype = None
+    if hasattr(lib, "nvfp4_mse_rows"):  # absent from a library built before --algorithm mse
+        lib.nvfp4_mse_rows.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_float,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.nvfp4_mse_rows.restype = None
     return lib
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+def mse_available() -> bool:
+    """The library has the mse search (``quantize_mse``)."""
+    return available() and hasattr(_lib(), "nvfp4_mse_rows")
 
 
 def threads() -> int:
@@ -112,4 +132,37 @@ def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.
         )
 
     list(_pool().map(run, _spans(rows, cols)))
+    return packed, scales.view(torch.float8_e4m3fn)
+
+
+def quantize_mse(
+    weight: torch.Tensor, weight_scale_2: torch.Tensor, below: int = mse.DEFAULT_BELOW, above: int = mse.DEFAULT_ABOVE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract and bytes as ``mse.quantize``, in one pass per block on the thread pool."""
+    if weight.dim() != 2 or weight.shape[1] % 16:
+        raise ValueError(f"NVFP4 quantizes 2-D weights with input dim % 16 == 0, got {tuple(weight.shape)}")
+    mse.candidate_offsets(below, above)  # the same ValueError as the reference for a negative count
+    w = weight.contiguous()
+    rows, cols = w.shape
+    packed = torch.empty((rows, cols // 2), dtype=torch.uint8)
+    scales = torch.empty((rows, cols // 16), dtype=torch.uint8)
+    kind, size, ws2 = _SOURCE_TYPES[w.dtype], w.element_size(), float(weight_scale_2)
+    lib = _lib()
+
+    def run(span: tuple[int, int]) -> None:
+        r0, r1 = span
+        lib.nvfp4_mse_rows(
+            w.data_ptr() + r0 * cols * size,
+            kind,
+            r1 - r0,
+            cols,
+            ws2,
+            below,
+            above,
+            packed.data_ptr() + r0 * (cols // 2),
+            scales.data_ptr() + r0 * (cols // 16),
+        )
+
+    # The search does about ten times rtn's work per element: smaller tasks keep every thread busy.
+    list(_pool().map(run, _spans(rows, cols * 10)))
     return packed, scales.view(torch.float8_e4m3fn)

@@ -36,7 +36,8 @@ FUSED_LINEARS: dict[tuple[str, ...], str] = {
     ("gate_proj", "up_proj"): "gate_up_proj",
     ("q_a_proj", "kv_a_proj_with_mqa"): "fused_qkv_a_proj",
 }
-_FUSED_OF_LEAF = {leaf: (members, fused) for members, fused in FUSED_LINEARS.items() for leaf in members}
+# leaf -> (its group's members, the fused name)
+FUSED_LINEARS_OF_LEAF = {leaf: (members, fused) for members, fused in FUSED_LINEARS.items() for leaf in members}
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,7 @@ def consumer_layers(modules: Iterable[str], config: dict | None, family: Family 
         if is_router(m):
             layers[m] = ConsumerLayer(rename(m), m, (m,), "router", family.routers_asked)
             continue
-        group = _FUSED_OF_LEAF.get(leaf)
+        group = FUSED_LINEARS_OF_LEAF.get(leaf)
         if group and all(x in by_parent[parent] for x in group[0]):
             fused[(parent, group[1])].append(m)
             continue

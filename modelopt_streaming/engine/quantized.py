@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from modelopt_streaming.codec.nvfp4 import dequantize, e2m1_codes
+from modelopt_streaming.consumers.vllm import FUSED_LINEARS_OF_LEAF
 from modelopt_streaming.engine.model import materialize, param_sources
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import CheckpointError, UsageError
@@ -131,6 +132,32 @@ class QuantizedCheckpoint:
                     self.consumed.add(f"{name}_input_scale")
         if not self.weights:
             raise UsageError(f"--checkpoint {index.root}: no NVFP4 weights in it (an unquantized checkpoint?)")
+        # parameter -> (members whose scales vLLM collapses into the one it uses for this parameter, rule)
+        self.scale_groups: dict[str, tuple[tuple[str, ...], str]] = {}
+        for name in self.weights:
+            parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+            members = FUSED_LINEARS_OF_LEAF.get(leaf)
+            # An expert's gate and up go to the fused MoE's w13, not to a fused linear.
+            if members is None or not name.endswith(".weight") or _PER_EXPERT.match(name):
+                continue
+            group = tuple(f"{parent}.{m}.weight" for m in members[0])
+            if all(g in self.weights for g in group):
+                self.scale_groups[name] = (group, "max")
+
+    def share_expert_gate_scales(self, leaves: tuple[str, str, str] | None) -> None:
+        """Per-expert checkpoints: vLLM's fused MoE loads each expert's gate and up into one w13 and uses the
+        gate's global scale for both (modelopt.py ``w13_weight_scale_2[:, 0]``, compressed_tensors_moe_w4a4_nvfp4.py
+        ``w13_weight_global_scale[:, 0]``; a mismatch only logs "w1_weight_scale_2 must match w3_weight_scale_2")."""
+        if leaves is None:
+            return
+        gate, up, _down = leaves
+        for name in self.weights:
+            match = _PER_EXPERT.match(name)
+            if match is None or match["leaf"] != up:
+                continue
+            gate_name = f"{match['expert']}.{gate}.weight"
+            if gate_name in self.weights:
+                self.scale_groups[name] = ((gate_name,), "first")
 
     def declares_w4a4(self) -> bool | None:
         """What the checkpoint's config says: True (NVFP4 weights and activations), False (weight-only), None."""
@@ -200,13 +227,47 @@ class QuantizedCheckpoint:
             ]
         )
 
+    def collapsed_groups(self, reader: TensorReader) -> list[str]:
+        """The parameters whose stored global (or, for a fused linear, input) scale differs from the one vLLM
+        runs them with: producers that did not share one scale per fused group, which vLLM serves with the
+        group's (with a warning in its log only)."""
+        out = []
+        for name, (members, rule) in self.scale_groups.items():
+            own = self.weights[name]
+            used = self.weight_global_scale(reader, own)
+            alone = reader.read(own.global_scale).to(torch.float32).reshape(())
+            if own.fmt == COMPRESSED_TENSORS:
+                alone = (1.0 / alone).to(torch.float32)
+            differs = not torch.equal(used, alone)
+            if rule == "max" and name in self.input_scales and all(m in self.input_scales for m in members):
+                stored = reader.read(self.input_scales[name]).to(torch.float32).reshape(())
+                group = torch.stack([reader.read(self.input_scales[m]).to(torch.float32).reshape(()) for m in members])
+                differs = differs or not torch.equal(stored, group.max())
+            if differs:
+                out.append(name)
+        return sorted(out)
+
     def weight_global_scale(self, reader: TensorReader, item: QuantizedWeight) -> torch.Tensor:
-        value = reader.read(item.global_scale).to(torch.float32).reshape(())
+        """The global scale vLLM dequantizes ``item`` with: its own, or for a member of a fused linear the
+        largest of the members' (ModelOpt ``weight_scale_2.max()``; compressed-tensors ``1 / max`` of the
+        stored divisors), for an expert's up projection the gate's (``share_expert_gate_scales``); vLLM 0.32
+        modelopt.py ``KNvfp4Static.process`` and compressed_tensors_w4a4_nvfp4.py
+        ``process_weights_after_loading``."""
+        members, rule = self.scale_groups.get(item.name, ((item.name,), "max"))
+        if rule == "first":
+            members = members[:1]
+        stored = torch.stack([reader.read(self.weights[m].global_scale).to(torch.float32).reshape(()) for m in members])
+        value = stored.max()
         return (1.0 / value).to(torch.float32) if item.fmt == COMPRESSED_TENSORS else value
 
     def input_global_scale(self, reader: TensorReader, param: str) -> torch.Tensor:
-        """vLLM's input global scale of the module of parameter ``param`` (float32 scalar)."""
-        value = reader.read(self.input_scales[param]).to(torch.float32).reshape(())
+        """vLLM's input global scale of the module of parameter ``param`` (float32 scalar): of a fused linear,
+        from the largest of its members' stored values (modelopt.py ``input_scale.max()``, then its
+        reciprocal; compressed-tensors ``input_global_scale.max()``)."""
+        members, rule = self.scale_groups.get(param, ((param,), "max"))
+        if rule != "max":
+            members = (param,)
+        value = torch.stack([reader.read(self.input_scales[m]).to(torch.float32).reshape(()) for m in members]).max()
         return value if self.fmt == COMPRESSED_TENSORS else (1.0 / value).to(torch.float32)
 
     def input_scale_value(self, reader: TensorReader, param: str) -> torch.Tensor:
@@ -215,6 +276,7 @@ class QuantizedCheckpoint:
         return (1.0 / value).to(torch.float32) if self.fmt == COMPRESSED_TENSORS else value
 
 
+_PER_EXPERT = re.compile(r"^(?P<expert>.*\.experts\.\d+)\.(?P<leaf>[^.]+)\.weight$")
 _EXPERTS = re.compile(r"^(?P<experts>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")
 
 
@@ -235,6 +297,7 @@ class QuantizedLayerStream(LayerStream):
         super().__init__(index, reader, options)
         self.checkpoint, self.act_quant = checkpoint, act_quant
         self.index = checkpoint.index  # its own files (the architecture is the source's)
+        checkpoint.share_expert_gate_scales(self.skeleton.family.expert_leaves)
 
     def _read(self, item, device: torch.device) -> torch.Tensor:
         return self.checkpoint.read(self.reader, item, device)

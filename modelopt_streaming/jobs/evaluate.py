@@ -93,7 +93,13 @@ class EvaluationReport:
         out = [
             f"data: {d.get('name') or d['source']}, {d['rows']} x {d['seq_len']} tokens (sha256 {d['sha256'][:16]})",
             f"checkpoint: {self.checkpoint['format']}, {'W4A4' if self.checkpoint['act_quant'] else 'W4A16'}, "
-            f"{self.checkpoint['nvfp4_weights']} NVFP4 weights",
+            f"{self.checkpoint['nvfp4_weights']} NVFP4 weights"
+            + (
+                f"; {len(self.checkpoint['scales_collapsed_by_vllm'])} run with their fused group's scale, as vLLM "
+                "runs them"
+                if self.checkpoint.get("scales_collapsed_by_vllm")
+                else ""
+            ),
             f"KL(source || quantized) per token: mean {self.kl_mean:.6g}, p99 {self.kl_p99:.6g}",
             f"top-1 agreement: {100 * self.top1_agree:.2f}%",
             f"perplexity: quantized {self.ppl:.4f}, source {self.source_ppl:.4f} "
@@ -223,6 +229,15 @@ def evaluate(
         q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
         budget = default_host_budget(4) if host_budget_bytes is None else host_budget_bytes
         figures = _run(src, q, ids, options, budget, progress)
+        collapsed = quantized.collapsed_groups(q_reader)
+    if collapsed:
+        _log.warning(
+            "%d NVFP4 weights carry a scale other than their fused group's; vLLM runs them with the group's "
+            "(the largest for a fused linear, the gate's for an expert's up projection), and so did this "
+            "evaluation: first %s",
+            len(collapsed),
+            collapsed[0],
+        )
     report = EvaluationReport(
         **figures,
         data=data_info,
@@ -231,6 +246,7 @@ def evaluate(
             "format": quantized.fmt,
             "act_quant": on,
             "nvfp4_weights": len(quantized.weights),
+            "scales_collapsed_by_vllm": collapsed,
         },
         engine={
             "device": str(options.device),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from modelopt_streaming.codec import cpu_kernel, select_codec
+from modelopt_streaming.codec import algorithm_settings, cpu_kernel, select_codec
 from modelopt_streaming.consumers.vllm import family_of, load_reference_exclusions
 from modelopt_streaming.errors import OutputError, UsageError
 from modelopt_streaming.formats.interchange import COMPRESSED_TENSORS
@@ -161,6 +161,8 @@ def _quantize(
         format=options.format,  # type: ignore[arg-type]
         input_scales=tuple(sorted(input_scales.items())),
         kv_cache=options.kv_cache,  # type: ignore[arg-type]
+        algorithm=options.algorithm,
+        algorithm_settings=tuple(algorithm_settings(options.algorithm).items()),
         # A dry run asks for no device (it may plan a GPU run on a machine without one).
         calibration=calibration_key(data, options, resolve_device(options.device), gptq)
         if data and not options.dry_run
@@ -330,7 +332,7 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
 
     started = time.monotonic()
     map_large_buffers()
-    job.codec = select_codec(job.device)
+    job.codec = select_codec(job.device, job.recipe.algorithm)
     _log.info(
         f"codec: {job.codec.name}"
         + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in job.codec.name else "")

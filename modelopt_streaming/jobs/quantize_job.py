@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from modelopt_streaming.codec import Codec
+from modelopt_streaming.codec import ALGORITHMS, Codec
 from modelopt_streaming.engine.data import CalibrationData
 from modelopt_streaming.errors import UsageError
 from modelopt_streaming.formats.interchange import FORMATS, RECORD_KEY, ExactReciprocals
@@ -65,6 +65,8 @@ class QuantizeOptions:
         calib_host_budget: bytes of hidden states each of the calibration's two stores (a layer's input and its
             output, every row) keeps in host memory, a memory-mapped file in the temp directory beyond (default: a
             quarter of the memory this process may use, shared by the two, at least 4 GiB each).
+        algorithm: how each block's E4M3 scale is chosen: ``"rtn"`` (default, ModelOpt's bytes) or ``"mse"``
+            (rtn's scale and its neighbours on the E4M3 grid, the smallest squared error wins; codec/mse.py).
     """
 
     mlp_only: bool = False
@@ -92,11 +94,14 @@ class QuantizeOptions:
     kv_cache: str | None = None
     calib_device_budget: int | None = None
     calib_host_budget: int | None = None
+    algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.mlp_only and self.experts_only:
             raise UsageError("--mlp_only and --experts_only exclude each other")
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
         if self.scale_math not in ("cuda", "cpu"):
             raise UsageError(f"--scale_math must be cuda or cpu, not {self.scale_math!r}")
         if self.max_shard_size <= 0:

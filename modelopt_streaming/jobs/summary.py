@@ -37,6 +37,9 @@ class Summary:
     # finite global scale, where ModelOpt writes NaN (docs/codec.md). Known after the run.
     zero_weights: list[str] = field(default_factory=list)
     format: str = "modelopt"
+    # How block scales were chosen (--algorithm) and its settings (codec.algorithm_settings).
+    algorithm: str = "rtn"
+    algorithm_settings: dict = field(default_factory=dict)
     # --input_scales_from: quantized modules the reference gives no input scale for (they keep 1.0).
     input_scales_missing: list[str] = field(default_factory=list)
     # --calib_data: the data's fingerprint, how the engine ran, tokens per expert, experts that saw none.
@@ -53,8 +56,10 @@ class Summary:
     def lines(self) -> list[str]:
         gb = 1e9
         kinds = ", ".join(f"{k} {v}" for k, v in self.quantized_by_kind.items())
+        settings = ", ".join(f"{k} {v}" for k, v in self.algorithm_settings.items())
         out = [
             f"quantize: {self.quantized_weights} weights" + (f" ({kinds})" if kinds else ""),
+            f"algorithm: {self.algorithm}" + (f" ({settings})" if settings else ""),
             "fused groups: " + (", ".join(f"{k}: {v}" for k, v in self.fused_groups.items()) or "none"),
             f"copy: {self.copied_tensors} tensors unchanged",
             f"unquantized Linear modules: {self.unquantized_modules}",
@@ -131,6 +136,8 @@ def summarize(plan: Plan, input_dir: Path, output_dir: Path | None) -> Summary:
         shards=len(plan.shards),
         warnings=list(plan.warnings),
         format=plan.recipe.format,
+        algorithm=plan.recipe.algorithm,
+        algorithm_settings=dict(plan.recipe.algorithm_settings),
         plan=plan_details(plan),
     )
 

@@ -62,6 +62,10 @@ class Recipe:
     # What identifies a calibrated run's scales before they are measured (the data's digest and how the
     # engine runs): the resume fingerprint holds this, the measured values are filled in afterwards.
     calibration: str = ""
+    # How block scales are chosen (codec.ALGORITHMS) and the settings its bytes depend on
+    # (codec.algorithm_settings), as (key, value) pairs: the plan is the same, the codes and scales differ.
+    algorithm: str = "rtn"
+    algorithm_settings: tuple[tuple[str, object], ...] = ()
 
     @functools.cached_property
     def kv_scale_of(self) -> dict[str, float]:

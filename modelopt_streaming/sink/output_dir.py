@@ -357,6 +357,7 @@ def recipe_dict(recipe: Recipe) -> dict:
     """The recipe as JSON (fingerprint and provenance)."""
     d = asdict(recipe)
     d["exclude"], d["reference_exclude"] = list(recipe.exclude), list(recipe.reference_exclude)
+    d["algorithm_settings"] = dict(recipe.algorithm_settings)
     # Thousands of values on a large model: their digest changes when any of them does.
     for key in ("input_scales", "kv_scales"):
         values = getattr(recipe, key)

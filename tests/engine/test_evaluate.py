@@ -383,7 +383,10 @@ def test_the_command_line_reports_on_the_shipped_text_with_a_plot(tmp_path):
 
 def test_a_compressed_tensors_nvfp4a16_checkpoint_of_another_producer(tmp_path):
     """compressed-tensors' own NVFP4 compressor (every Linear on its own global scale, as llm-compressor's
-    model-free path writes it), weight-only: the figures equal the oracle's."""
+    model-free path writes it), weight-only. vLLM runs each fused q/k/v and gate/up with one global scale, from
+    the largest stored divisor (compressed_tensors_w4a4_nvfp4.py, also for NVFP4A16), so the figures equal the
+    oracle's on that checkpoint with the collapsed divisor written into every member, and the report names
+    the members whose own scale was not used."""
     from checkpoints import compressed_tensors_nvfp4a16
 
     src = make_source(tmp_path / "src", "llama")
@@ -391,7 +394,37 @@ def test_a_compressed_tensors_nvfp4a16_checkpoint_of_another_producer(tmp_path):
     q = compressed_tensors_nvfp4a16(src, tmp_path / "ct")
     report = _evaluate(src, q, data)
     assert report.checkpoint["format"] == "compressed-tensors" and report.checkpoint["act_quant"] is False
-    _close(report.as_dict(), oracle_figures(src, q, ids, tmp_path, False, fmt="compressed-tensors"))
+    groups = [
+        [f"model.layers.{i}.{m}" for m in members]
+        for i in range(2)
+        for members in (
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+        )
+    ]
+    original = load_dir(q)
+
+    def collapse(tensors: dict) -> None:
+        for members in groups:
+            value = torch.stack([original[f"{m}.weight_global_scale"] for m in members]).max()
+            for m in members:
+                key = f"{m}.weight_global_scale"
+                if key in tensors:  # this shard's
+                    tensors[key] = value.reshape(tensors[key].shape).clone()
+
+    collapsed = tmp_path / "collapsed"
+    shutil.copytree(q, collapsed)
+    _rewrite(collapsed, collapse)
+    differing = sorted(
+        f"{m}.weight"
+        for members in groups
+        for m in members
+        if not torch.equal(original[f"{m}.weight_global_scale"], load_dir(collapsed)[f"{m}.weight_global_scale"])
+    )
+    assert differing and report.checkpoint["scales_collapsed_by_vllm"] == differing
+    (tmp_path / "oracle").mkdir()
+    _close(report.as_dict(), oracle_figures(src, collapsed, ids, tmp_path / "oracle", False, fmt="compressed-tensors"))
+    assert _evaluate(src, collapsed, data).checkpoint["scales_collapsed_by_vllm"] == []
 
 
 def test_hidden_states_spilled_to_a_file_give_the_same_figures(tmp_path):
@@ -402,3 +435,50 @@ def test_hidden_states_spilled_to_a_file_give_the_same_figures(tmp_path):
     memory = _evaluate(src, q, data, batch_size=2).as_dict()
     spilled = _evaluate(src, q, data, batch_size=2, host_budget_bytes=0).as_dict()
     assert {k: memory[k] for k in (*FIGURES, "layers")} == {k: spilled[k] for k in (*FIGURES, "layers")}
+
+
+def _vllm_collapsed(tensors: dict, groups: list[tuple[list[str], str]]) -> None:
+    """Write into every member of each group the scale vLLM 0.32 runs it with: of a fused linear the largest
+    ``weight_scale_2`` and ``input_scale`` of its members (modelopt.py ``KNvfp4Static.process``); of an expert's
+    gate and up the gate's ``weight_scale_2`` (``w13_weight_scale_2[:, 0]``)."""
+    for members, rule in groups:
+        leaves = ("weight_scale_2",) if rule == "gate" else ("weight_scale_2", "input_scale")
+        for leaf in leaves:
+            values = [tensors[f"{m}.{leaf}"] for m in members]
+            value = values[0] if rule == "gate" else torch.stack(values).max()
+            for m in members:
+                tensors[f"{m}.{leaf}"] = value.clone()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_fused_members_with_their_own_scales_run_as_vllm_runs_them(tmp_path, arch):
+    """A producer that gave q/k/v (or gate/up) different global and input scales, or an expert's up projection
+    another global scale than its gate: vLLM collapses them (the group's max for a fused linear, the gate's
+    for w13), so evaluate measures the checkpoint with the collapsed scales written in, not member by member."""
+    src = make_source(tmp_path / "src", arch)
+    data, ids = _rows(tmp_path)
+    q = _quantized(tmp_path, src, data, w4a4=True)
+    prefix = "model.layers.0"
+    groups = [([f"{prefix}.self_attn.{m}_proj" for m in "qkv"], "max")]
+    if arch == "llama":
+        groups.append(([f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], "max"))
+    else:
+        groups.append(([f"{prefix}.mlp.experts.1.gate_proj", f"{prefix}.mlp.experts.1.up_proj"], "gate"))
+
+    def disturb(tensors: dict) -> None:
+        for members, _rule in groups:
+            name = members[-1]
+            if f"{name}.weight_scale_2" in tensors:
+                tensors[f"{name}.weight_scale_2"] = tensors[f"{name}.weight_scale_2"] * 1.75
+                tensors[f"{name}.input_scale"] = tensors[f"{name}.input_scale"] * 2.5
+
+    disturbed, collapsed = tmp_path / "disturbed", tmp_path / "collapsed"
+    shutil.copytree(q, disturbed)
+    _rewrite(disturbed, disturb)
+    shutil.copytree(disturbed, collapsed)
+    _rewrite(collapsed, lambda t: _vllm_collapsed(t, groups))
+    a, b = _evaluate(src, disturbed, data).as_dict(), _evaluate(src, collapsed, data).as_dict()
+    assert {k: a[k] for k in (*FIGURES, "layers")} == {k: b[k] for k in (*FIGURES, "layers")}
+    before = _evaluate(src, q, data).as_dict()
+    assert before["layers"][0] != a["layers"][0]  # the disturbance is measured
+    _close(a, oracle_figures(src, collapsed, ids, tmp_path, w4a4=True))
