@@ -105,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         q,
         "algorithm",
-        choices=["rtn", "mse"],
+        choices=["rtn", "mse", "gptq"],
         default="rtn",
         help="block scales: rtn (default) rounds each to the nearest E4M3 value, ModelOpt's bytes; mse tries the "
-        "neighbours on the E4M3 grid too and keeps the smallest squared error (never worse per block, data-free)",
+        "neighbours on the E4M3 grid too and keeps the smallest squared error (never worse per block, data-free); "
+        "gptq (needs --calib_data) keeps rtn's scales and chooses the codes against each Linear's calibration "
+        "inputs, layer by layer (docs/gptq.md)",
     )
     _add(q, "device", default=None, help="cpu, cuda or cuda:N (default: cuda when available); bytes are identical")
     _add(q, "max_shard_size", type=parse_size, default=5 * 10**9, help="largest output shard (default 5GB)")

@@ -57,9 +57,12 @@ class GptqSettings:
     sequential: bool = True
     expert_budget_bytes: int | None = None
 
+    def settings(self) -> dict:
+        """What the bytes depend on (the recipe's ``algorithm_settings``: provenance and resume fingerprint)."""
+        return {k: v for k, v in asdict(self).items() if k != "expert_budget_bytes"}
+
     def key(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if k != "expert_budget_bytes"}
-        return json.dumps({"weights": "gptq", **fields}, sort_keys=True)
+        return json.dumps({"weights": "gptq", **self.settings()}, sort_keys=True)
 
 
 def _batch_cap(shape) -> int:
@@ -382,7 +385,7 @@ class GptqUnits:
         }
         return {
             "algorithm": "gptq",
-            **{k: v for k, v in asdict(self.settings).items() if k != "expert_budget_bytes"},
+            **self.settings.settings(),
             "experts_round_to_nearest": {m: e for m, e in rtn.items() if e},
             "units_round_to_nearest": [
                 u.modules[0]

@@ -84,18 +84,14 @@ def quantize_gptq(
     options: QuantizeOptions | None = None,
     **overrides: Any,
 ) -> Summary:
-    """``quantize`` with the weights quantized by GPTQ inside the calibration pass (``jobs.gptq``): an internal
-    entry point until the ``--algorithm`` option reaches it. Needs ``calib_data`` and the ModelOpt format. Under
-    torchrun every rank runs every row through every layer and the ranks split each layer's solves.
+    """``quantize(..., algorithm="gptq")`` with GPTQ's settings (``jobs.gptq.GptqSettings``: act order, damping,
+    block, the token count below which an expert keeps round-to-nearest, sequential). Under torchrun every rank
+    runs every row through every layer and the ranks split each layer's solves.
 
     Raises:
         UsageError: no calibration data, or the compressed-tensors format; and as ``quantize``.
     """
-    options = dataclasses.replace(options or QuantizeOptions(), **overrides)
-    if options.calib_data is None:
-        raise UsageError("GPTQ needs calibration data (--calib_data)")
-    if options.format != "modelopt":
-        raise UsageError("GPTQ writes the ModelOpt format only for now (--format modelopt)")
+    options = dataclasses.replace(options or QuantizeOptions(), **{**overrides, "algorithm": "gptq"})
     return _quantize(input_dir, output_dir, options, gptq or GptqSettings())
 
 
@@ -143,6 +139,8 @@ def _quantize(
     gptq: GptqSettings | None = None,
 ) -> Summary:
     entered = time.perf_counter()
+    if options.algorithm == "gptq" and gptq is None:
+        gptq = GptqSettings()
     input_dir = resolve_checkpoint_dir(input_dir)
     input_scales = reference_input_scales(options.input_scales_from) if options.input_scales_from is not None else {}
     data, index = None, None
@@ -162,7 +160,9 @@ def _quantize(
         input_scales=tuple(sorted(input_scales.items())),
         kv_cache=options.kv_cache,  # type: ignore[arg-type]
         algorithm=options.algorithm,
-        algorithm_settings=tuple(algorithm_settings(options.algorithm).items()),
+        algorithm_settings=tuple(gptq.settings().items())
+        if gptq is not None
+        else tuple(algorithm_settings(options.algorithm).items()),
         # A dry run asks for no device (it may plan a GPU run on a machine without one).
         calibration=calibration_key(data, options, resolve_device(options.device), gptq)
         if data and not options.dry_run
@@ -332,7 +332,8 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
 
     started = time.monotonic()
     map_large_buffers()
-    job.codec = select_codec(job.device, job.recipe.algorithm)
+    # GPTQ fixes round-to-nearest's scales and chooses the codes (jobs.gptq); the codec gives those scales.
+    job.codec = select_codec(job.device, "rtn" if job.gptq is not None else job.recipe.algorithm)
     _log.info(
         f"codec: {job.codec.name}"
         + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in job.codec.name else "")

@@ -23,7 +23,11 @@ from modelopt_streaming.sink.output_dir import OutputState
 from modelopt_streaming.source.index import CheckpointIndex, TensorSpec
 from modelopt_streaming.source.reader import TensorReader
 
-__all__ = ["QuantizeJob", "QuantizeOptions", "shard_specs"]
+__all__ = ["WEIGHT_ALGORITHMS", "QuantizeJob", "QuantizeOptions", "shard_specs"]
+
+# --algorithm: the codec's (block scales chosen per weight, data-free) and gptq (needs the calibration's inputs;
+# jobs.gptq, which jobs.quantize runs when it is asked for).
+WEIGHT_ALGORITHMS = (*ALGORITHMS, "gptq")
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,10 @@ class QuantizeOptions:
         calib_host_budget: bytes of hidden states each of the calibration's two stores (a layer's input and its
             output, every row) keeps in host memory, a memory-mapped file in the temp directory beyond (default: a
             quarter of the memory this process may use, shared by the two, at least 4 GiB each).
-        algorithm: how each block's E4M3 scale is chosen: ``"rtn"`` (default, ModelOpt's bytes) or ``"mse"``
-            (rtn's scale and its neighbours on the E4M3 grid, the smallest squared error wins; codec/mse.py).
+        algorithm: how the weights are encoded: ``"rtn"`` (default, ModelOpt's bytes); ``"mse"`` (rtn's scale and
+            its neighbours on the E4M3 grid, the smallest squared error wins; codec/mse.py); ``"gptq"`` (needs
+            ``calib_data``): rtn's scales, the codes chosen by GPTQ against each Linear's calibration inputs, layer
+            by layer (jobs/gptq.py, docs/gptq.md).
     """
 
     mlp_only: bool = False
@@ -100,8 +106,14 @@ class QuantizeOptions:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.mlp_only and self.experts_only:
             raise UsageError("--mlp_only and --experts_only exclude each other")
-        if self.algorithm not in ALGORITHMS:
-            raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
+        if self.algorithm not in WEIGHT_ALGORITHMS:
+            raise UsageError(f"--algorithm must be one of {', '.join(WEIGHT_ALGORITHMS)}, not {self.algorithm!r}")
+        if self.algorithm == "gptq" and self.calib_data is None:
+            raise UsageError(
+                "--algorithm gptq solves each weight against its calibration inputs: it needs --calib_data"
+            )
+        if self.algorithm == "gptq" and self.format != "modelopt":
+            raise UsageError("--algorithm gptq writes the ModelOpt format only for now (--format modelopt)")
         if self.scale_math not in ("cuda", "cpu"):
             raise UsageError(f"--scale_math must be cuda or cpu, not {self.scale_math!r}")
         if self.max_shard_size <= 0:

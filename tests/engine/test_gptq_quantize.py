@@ -258,7 +258,7 @@ def test_gptq_is_refused_without_data_and_under_other_formats(tmp_path):
     from modelopt_streaming.errors import UsageError
 
     src = make_source(tmp_path / "src", "llama")
-    with pytest.raises(UsageError, match="calibration data"):
+    with pytest.raises(UsageError, match="needs --calib_data"):
         quantize_gptq(src, tmp_path / "out")
     save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
     with pytest.raises(UsageError, match="ModelOpt format"):
@@ -344,3 +344,36 @@ def test_two_ranks_write_the_bytes_of_one_process(tmp_path, arch, batch):
         r = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
     assert tree_hashes(tmp_path / "two") == tree_hashes(tmp_path / "one")
+
+
+def test_the_command_line_runs_gptq_and_reports_it(tmp_path):
+    """``quantize --algorithm gptq --calib_data``: the bytes of ``quantize_gptq`` with the default settings, the
+    algorithm and its settings in the summary, ``--json`` and the provenance; without data it is refused."""
+    import json
+
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    save_file({"input_ids": token_rows(256, **_ROWS)}, tmp_path / "rows.safetensors")
+    base = ["--input_dir", src, "--device", "cpu", "--algorithm", "gptq"]
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", "quantize", *map(str, base), "--output_dir", str(tmp_path / "cli")]
+        + ["--calib_data", str(tmp_path / "rows.safetensors"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["algorithm"] == "gptq" and report["algorithm_settings"]["min_expert_tokens"] == 64
+    assert report["calibration"]["weights"]["algorithm"] == "gptq"
+    quantize_gptq(src, tmp_path / "api", calib_data=tmp_path / "rows.safetensors", device="cpu", progress="none")
+    ours, api = tree_hashes(tmp_path / "cli"), tree_hashes(tmp_path / "api")
+    assert ours == api
+    record = json.loads((tmp_path / "cli" / "modelopt_streaming.json").read_text())
+    assert "gptq" in json.dumps(record)
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_streaming", "quantize", *map(str, base), "--output_dir", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode != 0 and "needs --calib_data" in r.stderr
