@@ -108,8 +108,12 @@ def e4m3_table() -> torch.Tensor:
     return out
 
 
-def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract and bytes as ``nvfp4.quantize``."""
+def _rows_in_parallel(
+    weight: torch.Tensor, weight_scale_2: torch.Tensor, kernel: str, options: tuple[int, ...] = (), work: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernel(source, kind, rows, cols, ws2, *options, packed, scales)`` of the C library over spans of rows on
+    the thread pool; ``work``: the kernel's cost per element against rtn's, so that slower kernels get smaller
+    spans and every thread stays busy."""
     if weight.dim() != 2 or weight.shape[1] % 16:
         raise ValueError(f"NVFP4 quantizes 2-D weights with input dim % 16 == 0, got {tuple(weight.shape)}")
     w = weight.contiguous()
@@ -117,52 +121,34 @@ def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.
     packed = torch.empty((rows, cols // 2), dtype=torch.uint8)
     scales = torch.empty((rows, cols // 16), dtype=torch.uint8)
     kind, size, ws2 = _SOURCE_TYPES[w.dtype], w.element_size(), float(weight_scale_2)
-    lib = _lib()
+    fn = getattr(_lib(), kernel)
 
     def run(span: tuple[int, int]) -> None:
         r0, r1 = span
-        lib.nvfp4_quantize_rows(
+        fn(
             w.data_ptr() + r0 * cols * size,
             kind,
             r1 - r0,
             cols,
             ws2,
+            *options,
             packed.data_ptr() + r0 * (cols // 2),
             scales.data_ptr() + r0 * (cols // 16),
         )
 
-    list(_pool().map(run, _spans(rows, cols)))
+    list(_pool().map(run, _spans(rows, cols * work)))
     return packed, scales.view(torch.float8_e4m3fn)
+
+
+def quantize(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract and bytes as ``nvfp4.quantize``."""
+    return _rows_in_parallel(weight, weight_scale_2, "nvfp4_quantize_rows")
 
 
 def quantize_mse(
     weight: torch.Tensor, weight_scale_2: torch.Tensor, below: int = mse.DEFAULT_BELOW, above: int = mse.DEFAULT_ABOVE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and bytes as ``mse.quantize``, in one pass per block on the thread pool."""
-    if weight.dim() != 2 or weight.shape[1] % 16:
-        raise ValueError(f"NVFP4 quantizes 2-D weights with input dim % 16 == 0, got {tuple(weight.shape)}")
     mse.candidate_offsets(below, above)  # the same ValueError as the reference for a negative count
-    w = weight.contiguous()
-    rows, cols = w.shape
-    packed = torch.empty((rows, cols // 2), dtype=torch.uint8)
-    scales = torch.empty((rows, cols // 16), dtype=torch.uint8)
-    kind, size, ws2 = _SOURCE_TYPES[w.dtype], w.element_size(), float(weight_scale_2)
-    lib = _lib()
-
-    def run(span: tuple[int, int]) -> None:
-        r0, r1 = span
-        lib.nvfp4_mse_rows(
-            w.data_ptr() + r0 * cols * size,
-            kind,
-            r1 - r0,
-            cols,
-            ws2,
-            below,
-            above,
-            packed.data_ptr() + r0 * (cols // 2),
-            scales.data_ptr() + r0 * (cols // 16),
-        )
-
-    # The search does about ten times rtn's work per element: smaller tasks keep every thread busy.
-    list(_pool().map(run, _spans(rows, cols * 10)))
-    return packed, scales.view(torch.float8_e4m3fn)
+    # The search does about ten times rtn's work per element.
+    return _rows_in_parallel(weight, weight_scale_2, "nvfp4_mse_rows", (below, above), work=10)
