@@ -42,7 +42,7 @@ from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
-from modelopt_streaming.source.index import CheckpointIndex, build_index
+from modelopt_streaming.source.index import CheckpointIndex, TensorInfo, build_index
 from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
 
@@ -74,6 +74,21 @@ def resolve_io_threads(requested: int | None = None) -> int:
         return requested
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(2, min(8, len(os.sched_getaffinity(0)) // (2 * local)))
+
+
+def _check_gptq_sources(plan, root: Path) -> None:
+    """GPTQ solves the weights the engine's bf16 forward holds as read (``LayerStream.live_views``); a weight
+    stored in another dtype is cast on loading, so no solve would see it and every unit would silently stay
+    round-to-nearest (found on a float32 SmolLM2 checkpoint). Refused before any work, naming the tensor."""
+    for unit in plan.units:
+        if not isinstance(unit, QuantizeUnit):
+            continue
+        for src in unit.sources:
+            if isinstance(src, TensorInfo) and src.dtype != "BF16":
+                raise UsageError(
+                    f"{root / src.file}, tensor {src.name!r}: --algorithm gptq needs bf16 weights (the dtype the "
+                    f"model runs in), this one is {src.dtype}; convert the checkpoint to bf16 first"
+                )
 
 
 def quantize_gptq(
@@ -174,6 +189,8 @@ def _quantize(
         check_paths(input_dir, Path(output_dir))
     index = index or build_index(input_dir)
     plan = build_plan(index, recipe)
+    if gptq is not None:
+        _check_gptq_sources(plan, input_dir)
     exclude_modules = _exclusions(plan, index, recipe)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules

@@ -265,6 +265,23 @@ def test_gptq_is_refused_without_data_and_under_other_formats(tmp_path):
         quantize_gptq(src, tmp_path / "out", calib_data=tmp_path / "rows.safetensors", format="compressed-tensors")
 
 
+def test_gptq_refuses_weights_the_bf16_forward_does_not_hold(tmp_path):
+    """A float32 checkpoint runs in bf16: its weights are cast on loading, no solve would see them, and every unit
+    would stay round-to-nearest without a word (found on a float32 SmolLM2). Refused before anything is written,
+    naming the file and tensor."""
+    from safetensors.torch import load_file
+
+    from modelopt_streaming.errors import UsageError
+
+    src = make_source(tmp_path / "src", "llama")
+    for shard in src.glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")
+    with pytest.raises(UsageError, match=r"safetensors, tensor '.*\.weight': --algorithm gptq needs bf16 weights.*F32"):
+        quantize_gptq(src, tmp_path / "out", calib_data=tmp_path / "rows.safetensors", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 _CHILD = """
 import logging
 import sys
