@@ -134,9 +134,9 @@ def child_quantize(args: argparse.Namespace) -> dict:
             yield live
 
     engine_module._run_layer, runner.LayerStream.module = timed_run_layer, timed_module
-    extra = {}
+    extra = {"algorithm": args.algorithm}
     if args.calib_data:
-        extra = dict(calib_data=args.calib_data, calib_batch_size=args.calib_batch_size)
+        extra.update(calib_data=args.calib_data, calib_batch_size=args.calib_batch_size)
         if args.kv_cache:
             extra["kv_cache"] = args.kv_cache
     t = time.perf_counter()
@@ -341,10 +341,11 @@ def _bytes(path: Path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def compare_outputs(plain: Path, calibrated: Path, kv: bool) -> dict:
-    """Every tensor of the two outputs byte for byte; only input scales (and added KV scales) may differ."""
+def compare_outputs(plain: Path, calibrated: Path, kv: bool, algorithm: str = "rtn") -> dict:
+    """Every tensor of the two outputs byte for byte; only input scales (and added KV scales) may differ (and,
+    under ``algorithm`` mse or gptq, the E2M1 codes ``.weight`` and block scales ``.weight_scale``)."""
     a, b = tensors(plain), tensors(calibrated)
-    may_differ = (".input_scale",)
+    may_differ = (".input_scale",) if algorithm == "rtn" else (".input_scale", ".weight", ".weight_scale")
     may_add = (".k_scale", ".v_scale") if kv else ()
     differing, same_scales = [], 0
     for name in sorted(set(a) & set(b)):
@@ -371,12 +372,15 @@ def compare_outputs(plain: Path, calibrated: Path, kv: bool) -> dict:
     }
     return {
         "tensors": len(a),
-        "input_scales_differing": sum(n.endswith(may_differ) for n in differing),
+        "input_scales_differing": sum(n.endswith(".input_scale") for n in differing),
+        "weights_differing": sum(n.endswith(".weight") for n in differing),
+        "weight_scales_differing": sum(n.endswith(".weight_scale") for n in differing),
         "input_scales_equal": same_scales,
         "other_tensors_differing": bad[:20],
         "only_in_uncalibrated": only_plain[:20],
         "only_in_calibrated": len(only_cal),
         "unexpected_only_in_calibrated": bad_added[:20],
+        # under mse or gptq: every other tensor (global scales, unquantized tensors) byte-identical
         "weights_and_weight_scales_byte_identical": not bad and not only_plain and not bad_added,
         "json_files_equal": configs,
     }
@@ -421,6 +425,12 @@ def main() -> None:
     p.add_argument("--calib_batch_size", type=int, default=8)
     p.add_argument("--kv_cache", choices=["fp8"], help="also calibrate k_scale/v_scale")
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--algorithm",
+        default="rtn",
+        choices=["rtn", "mse", "gptq"],
+        help="the calibrated run's weight algorithm (mse: the data-free mse quantize is timed against rtn's too)",
+    )
     p.add_argument("--reuse", action="store_true", help="keep a checkpoint and rows already in the workdir")
     p.add_argument("--skip_modelopt", action="store_true")
     p.add_argument("--modelopt_only", action="store_true", help="only the ModelOpt peer (after a run with --reuse)")
@@ -455,6 +465,7 @@ def main() -> None:
         "calib_shape": args.calib_shape,
         "calib_batch_size": args.calib_batch_size,
         "kv_cache": args.kv_cache,
+        "algorithm": args.algorithm,
     }
     try:
         import torch
@@ -497,7 +508,16 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
         common = ["--src", str(src), "--device", args.device, "--calib_batch_size", str(args.calib_batch_size)]
         result["uncalibrated"] = run_child("quantize", [*common, "--dst", str(plain)], logs / "uncalibrated.log")
+        if args.algorithm == "mse":  # data-free: the same stream with mse's block scale search, against rtn's
+            mse_dir = work / "out_uncalibrated_mse"
+            shutil.rmtree(mse_dir, ignore_errors=True)
+            argv = [*common, "--dst", str(mse_dir), "--algorithm", "mse"]
+            m = result["uncalibrated_mse"] = run_child("quantize", argv, logs / "uncalibrated_mse.log")
+            if "error" not in m and "error" not in result["uncalibrated"]:
+                m["quantize_s_ratio_to_rtn"] = m["quantize_s"] / result["uncalibrated"]["quantize_s"]
+            shutil.rmtree(mse_dir, ignore_errors=True)
         extra = ["--kv_cache", args.kv_cache] if args.kv_cache else []
+        extra += ["--algorithm", args.algorithm]
         c = run_child("quantize", [*common, "--dst", str(cal), "--calib_data", str(rows), *extra], logs / "cal.log")
         result["calibrated"] = c
         if "error" not in c and "error" not in result["uncalibrated"]:
@@ -527,7 +547,7 @@ def main() -> None:
                 "command_s_calibrated": c["command_s"],
             }
             t = time.perf_counter()
-            result["compare"] = compare_outputs(plain, cal, kv=bool(args.kv_cache))
+            result["compare"] = compare_outputs(plain, cal, kv=bool(args.kv_cache), algorithm=args.algorithm)
             result["compare"]["seconds"] = time.perf_counter() - t
             from modelopt_streaming.validate import validate
 
