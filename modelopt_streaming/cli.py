@@ -177,6 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         q,
+        "calib_dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the dtype the model runs in for calibration (default bfloat16; float32 runs a float32 checkpoint as "
+        "stored, which --algorithm gptq needs for one)",
+    )
+    _add(
+        q,
+        "gptq_scales",
+        choices=["mse", "rtn"],
+        help="gptq: the block scales fixed before its loop, mse's search (default) or rtn's",
+    )
+    _add(q, "gptq_act_order", action="store_true", help="gptq: quantize the columns by decreasing Hessian diagonal")
+    _add(q, "gptq_damp", type=float, metavar="F", help="gptq: damping, a share of the Hessian's mean diagonal (0.01)")
+    _add(q, "gptq_block_size", type=int, metavar="N", help="gptq: columns per lazy-update block (128)")
+    _add(
+        q,
+        "gptq_min_expert_tokens",
+        type=int,
+        metavar="N",
+        help="gptq: a routed expert with fewer calibration tokens is encoded by mse instead (64)",
+    )
+    _add(
+        q,
+        "gptq_not_sequential",
+        action="store_true",
+        help="gptq: every layer's inputs from the unquantized model (default: from the already quantized layers)",
+    )
+    _add(
+        q,
         "kv_cache",
         choices=["fp8", "fp8_cast"],
         help="FP8 KV cache: fp8 writes calibrated k_scale/v_scale per attention layer (needs --calib_data); "
@@ -375,9 +405,29 @@ def _messages_to_stderr(quiet: bool) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+def _gptq_settings(args):
+    """``GptqSettings`` from the ``--gptq_*`` options (None unless ``--algorithm gptq``; refused without it)."""
+    from modelopt_streaming.jobs.gptq import GptqSettings
+
+    given = {
+        "scales": args.gptq_scales,
+        "act_order": args.gptq_act_order or None,
+        "damp": args.gptq_damp,
+        "block_size": args.gptq_block_size,
+        "min_expert_tokens": args.gptq_min_expert_tokens,
+        "sequential": False if args.gptq_not_sequential else None,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.algorithm != "gptq":
+        if given:
+            raise UsageError("the --gptq_* options need --algorithm gptq")
+        return None
+    return GptqSettings(**given)
+
+
 def _run_quantize(args) -> int:
     from modelopt_streaming.jobs.distributed import init_distributed
-    from modelopt_streaming.jobs.quantize import quantize
+    from modelopt_streaming.jobs.quantize import quantize, quantize_gptq
     from modelopt_streaming.jobs.quantize_job import QuantizeOptions
 
     device, distributed = init_distributed(args.device)
@@ -387,8 +437,12 @@ def _run_quantize(args) -> int:
         # The options are the parser's arguments of the same names.
         given = {f.name: vars(args)[f.name] for f in dataclasses.fields(QuantizeOptions) if f.name in vars(args)}
         options = QuantizeOptions(**{**given, "device": device, "progress": "none" if quiet else "auto"})
+        gptq = _gptq_settings(args)
         with _messages_to_stderr(quiet):
-            summary = quantize(args.input_dir, args.output_dir, options=options)
+            if gptq is not None:
+                summary = quantize_gptq(args.input_dir, args.output_dir, gptq=gptq, options=options)
+            else:
+                summary = quantize(args.input_dir, args.output_dir, options=options)
     finally:
         if distributed:
             import torch.distributed as dist

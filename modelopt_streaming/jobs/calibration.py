@@ -93,6 +93,8 @@ def calibration_key(data: CalibrationData, options, device: torch.device, weight
         "device": device.type,
         "batch_size": options.calib_batch_size,
         "kv_cache": options.kv_cache,
+        # Only when not the default, so that the keys of earlier bf16 runs stay valid for --resume.
+        **({"dtype": options.calib_dtype} if options.calib_dtype != "bfloat16" else {}),
         **({"weights": weights.key()} if weights is not None else {}),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -136,6 +138,7 @@ def run_calibration(
     """
     engine = EngineOptions(
         device=device,
+        dtype=getattr(torch, options.calib_dtype),
         batch_size=options.calib_batch_size,
         trust_remote_code=options.trust_remote_code,
         device_budget_bytes=_device_budget(options.calib_device_budget, device),

@@ -3,10 +3,13 @@ inputs while the layer is on the device (``engine.calibrate``'s ``WeightSolver``
 offsets, and the layer's weights replaced by their dequantized values, so that (sequential, the default) the
 next layer's inputs are those of the already quantized model.
 
-- Scales are fixed before the loop as round-to-nearest computes them: a fused group's one global scale from the
-  max of its members, each member's block scales; GPTQ chooses the codes (``codec.gptq``).
+- Scales are fixed before the loop: a fused group's one global scale from the max of its members (as every
+  algorithm computes it), each member's block scales from ``scales`` (``mse``, the default: the block scale search
+  of ``codec.mse``; or ``rtn``, ModelOpt's); GPTQ chooses the codes (``codec.gptq``). A weight keeps the encoding
+  with the smallest output error on its calibration inputs among GPTQ's, its scales' own and round-to-nearest's,
+  so none is worse there than round-to-nearest; the weights where GPTQ did not win are reported.
 - Members of a fused group share their input, hence one Hessian. Routed experts: each its own, from the tokens
-  routed to it; an expert with fewer than ``min_expert_tokens`` keeps round-to-nearest and is reported.
+  routed to it; an expert with fewer than ``min_expert_tokens`` is encoded by ``mse`` (data-free) and reported.
 - Resume: the encoded units of shards not finished when a boundary is kept are kept beside it
   (``gptq_pending.safetensors``, bounded by the open shards), so a resumed run writes the layers before its
   boundary from there and never needs their Hessians again.
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from modelopt_streaming.codec import Codec, gptq, nvfp4
+from modelopt_streaming.codec import Codec, gptq, nvfp4, select_codec
 from modelopt_streaming.engine.calibrate import SOLVE_RESERVE_BYTES, Calibration, WeightSolver
 from modelopt_streaming.engine.hessian import ExpertHessians, HessianSum
 from modelopt_streaming.engine.model import family_of_config
+from modelopt_streaming.errors import UsageError
 from modelopt_streaming.jobs.quantize_job import QuantizeJob
 from modelopt_streaming.jobs.quantize_stream import LiveUnits, _encode_unit
 from modelopt_streaming.plan.build import QuantizeUnit
@@ -36,26 +40,39 @@ __all__ = ["GptqSettings", "GptqUnits"]
 
 PENDING_FILE = "gptq_pending.safetensors"
 
-# A routed expert with fewer tokens than this keeps round-to-nearest: its Hessian has at most this rank, and
-# GPTQ would fit the codes to a handful of tokens.
+# A routed expert with fewer tokens than this is encoded by mse, data-free: its Hessian has at most this rank,
+# and GPTQ would fit the codes to a handful of tokens.
 MIN_EXPERT_TOKENS = 64
+SCALES = ("mse", "rtn")
 
 _EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
-_RTN = object()  # a member that keeps round-to-nearest
+_FEW_TOKENS = object()  # an expert encoded by mse, without GPTQ
 
 
 @dataclass(frozen=True)
 class GptqSettings:
-    """How GPTQ runs. ``expert_budget_bytes`` (device memory for one group of experts' Hessians; None: on a GPU its
-    free memory once a layer is there, less a reserve for the solves) changes no bits; every other field is part
-    of the run's fingerprint."""
+    """How GPTQ runs. ``scales``: where the block scales fixed before the loop come from (``mse`` or ``rtn``).
+    ``expert_budget_bytes`` (device memory for one group of experts' Hessians; None: on a GPU its free memory
+    once a layer is there, less a reserve for the solves) changes no bits; every other field is part of the
+    run's fingerprint."""
 
+    scales: str = "mse"
     act_order: bool = False
     damp: float = gptq.DAMP
     block_size: int = gptq.GPTQ_BLOCK
     min_expert_tokens: int = MIN_EXPERT_TOKENS
     sequential: bool = True
     expert_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scales not in SCALES:
+            raise UsageError(f"--gptq_scales must be one of {', '.join(SCALES)}, not {self.scales!r}")
+        if not 0 < self.damp < 1:
+            raise UsageError(f"--gptq_damp must be in (0, 1), not {self.damp}")
+        if self.block_size < 1:
+            raise UsageError(f"--gptq_block_size must be at least 1, not {self.block_size}")
+        if self.min_expert_tokens < 1:
+            raise UsageError(f"--gptq_min_expert_tokens must be at least 1, not {self.min_expert_tokens}")
 
     def settings(self) -> dict:
         """What the bytes depend on (the recipe's ``algorithm_settings``: provenance and resume fingerprint)."""
@@ -110,9 +127,12 @@ class GptqUnits:
         self.solved: set[int] = set()
         self.restored: set[int] = set()  # written from the encodings an earlier run kept
         self.pending: dict[int, list[tuple[str, torch.Tensor]]] = {}  # written, shard not yet finished
-        # Weights whose GPTQ codes lost to round-to-nearest's on the calibration inputs, which were kept instead:
-        # the module, or "<3-D experts tensor>[<expert>]".
-        self.lost: list[str] = []
+        # Weights whose GPTQ codes lost on the calibration inputs to their scales' own encoding or to round-to-
+        # nearest's, the one kept instead ("mse" or "rtn"), by module, or "<3-D experts tensor>[<expert>]".
+        self.lost: dict[str, str] = {}
+        self.scale_codec = select_codec(job.device, settings.scales)
+        self.rtn_codec = select_codec(job.device, "rtn")
+        self.mse_codec = select_codec(job.device, "mse")
 
     def solver(self) -> WeightSolver:
         return WeightSolver(
@@ -133,11 +153,11 @@ class GptqUnits:
         if e not in hessians.selected:
             return None
         if hessians.tokens(e) < self.settings.min_expert_tokens:
-            return _RTN
+            return _FEW_TOKENS
         return (hessians.down if kind == "down" else hessians.gate_up)[e].h
 
     def _hessians(self, unit: QuantizeUnit, linears: dict[str, HessianSum], experts: dict[str, ExpertHessians]):
-        """One Hessian (or ``_RTN``) per 2-D weight the codec will be given, in its order; None when this call
+        """One Hessian (or ``_FEW_TOKENS``) per 2-D weight the codec will be given, in its order; None when this call
         does not hold them."""
         if unit.layout == "experts_3d":
             (name,) = unit.modules
@@ -232,11 +252,12 @@ class GptqUnits:
 
     def _encode_chunk(self, chunk: list, views: dict[str, torch.Tensor], recipe) -> list:
         """``(unit, encoded tensors, [(packed, block scales, global scale) per 2-D weight])`` for each unit of the
-        chunk. Round-to-nearest's encoding is run first to get each weight's scales (and the exact weight the
-        codec sees, a 3-D expert transposed), the weights of one shape are solved together, and the encoding is
-        run again with the chosen codes."""
-        job, codec, settings = self.job, self.job.codec, self.settings
-        problems: list[list] = []  # [unit position, weight, Hessian or _RTN, global scale, rtn codes, block scales]
+        chunk. The scales' encoding (``settings.scales``; mse for an expert with few tokens) is run first to get
+        each weight's scales (and the exact weight the codec sees, a 3-D expert transposed), the weights of one
+        shape are solved together, and the encoding is run again with the chosen codes and scales."""
+        job, settings = self.job, self.settings
+        # [unit position, weight, Hessian or _FEW_TOKENS, global scale, codes, block scales]
+        problems: list[list] = []
         members_of = []
         for k, (unit, hessians) in enumerate(chunk):
             members = [views[s.name].to(job.device) for s in unit.sources]
@@ -244,15 +265,17 @@ class GptqUnits:
             order = iter(hessians)
 
             def record(w, weight_scale_2, k=k, order=order):
+                h = next(order)
+                codec = self.mse_codec if h is _FEW_TOKENS else self.scale_codec
                 packed, block_scales = codec.quantize(w, weight_scale_2)
-                problems.append([k, w, next(order), weight_scale_2, packed, block_scales])
+                problems.append([k, w, h, weight_scale_2, packed, block_scales])
                 return packed, block_scales
 
             self._run_encode(unit, members, record, recipe)
-        chosen = [p[4] for p in problems]
+        chosen = [(p[4], p[5]) for p in problems]
         by_shape: dict[tuple, list[int]] = {}
         for j, p in enumerate(problems):
-            if p[2] is not _RTN:
+            if p[2] is not _FEW_TOKENS:
                 by_shape.setdefault(tuple(p[1].shape), []).append(j)
         for shape, js in by_shape.items():
             cap = _batch_cap(shape)
@@ -268,15 +291,7 @@ class GptqUnits:
                     act_order=settings.act_order,
                 )
                 for j, packed in zip(part, solved):
-                    _k, w, h, scale_2, rtn, block_scales = problems[j]
-                    # Kept only when better on the calibration inputs: GPTQ is greedy, and against block scales
-                    # fixed beforehand a weight pushed past its block's largest code saturates, so on a small or
-                    # outlier-heavy weight it can lose to round-to-nearest (a 32 x 64 k_proj of the tiny Llama).
-                    rtn_error = gptq.output_error(w, nvfp4.dequantize(rtn, block_scales, scale_2), h)
-                    if gptq.output_error(w, nvfp4.dequantize(packed, block_scales, scale_2), h) < rtn_error:
-                        chosen[j] = packed
-                    else:
-                        self.lost.append(self._weight_name(chunk[problems[j][0]][0], j, problems))
+                    chosen[j] = self._best(chunk, j, problems, packed)
         out = []
         for k, (unit, _hessians) in enumerate(chunk):
             mine = [j for j, p in enumerate(problems) if p[0] == k]
@@ -285,12 +300,46 @@ class GptqUnits:
 
             def give(w, weight_scale_2, replay=replay, used=used):
                 j = next(replay)
-                used.append((chosen[j], problems[j][5], problems[j][3]))
-                return chosen[j], problems[j][5]
+                used.append((*chosen[j], problems[j][3]))
+                return chosen[j]
 
             encoded = self._run_encode(unit, members_of[k], give, recipe)
             out.append((unit, encoded, used))
         return out
+
+    def _best(self, chunk: list, j: int, problems: list, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of GPTQ's codes, the scales' own encoding and round-to-nearest's, the (codes, block scales) with the
+        smallest output error on the calibration inputs (``tr(Δ H Δᵀ)``, the undamped Hessian; the earlier on a
+        tie); where GPTQ over mse's scales is not the best, GPTQ over round-to-nearest's is tried too. GPTQ is
+        greedy, and against block scales fixed beforehand a weight pushed past its block's largest code
+        saturates, so on a small or outlier-heavy weight it can lose; and mse minimizes the weight's error, not
+        the output's, which on inputs with outlier channels can be far from it (the tiny Llama's layer-0 k_proj:
+        output error 199 under mse's encoding, 78 under round-to-nearest's, 79 under GPTQ over its scales)."""
+        _k, w, h, scale_2, base, block_scales = problems[j]
+        candidates = [("gptq", packed, block_scales), (self.settings.scales, base, block_scales)]
+        if self.settings.scales != "rtn":
+            candidates.append(("rtn", *self.rtn_codec.quantize(w, scale_2)))
+        errors = [gptq.output_error(w, nvfp4.dequantize(c, b, scale_2), h) for _, c, b in candidates]
+        best = min(range(len(candidates)), key=errors.__getitem__)
+        if best != 0 and self.settings.scales != "rtn":
+            # Rare (a few small weights): GPTQ again over round-to-nearest's block scales, one more candidate.
+            rtn_codes, rtn_scales = candidates[2][1:]
+            (again,) = gptq.gptq_quantize_many(
+                w[None],
+                h[None],
+                scale_2.reshape(())[None],
+                rtn_scales[None],
+                damp=self.settings.damp,
+                block_size=self.settings.block_size,
+                act_order=self.settings.act_order,
+            )
+            candidates.append(("gptq_rtn_scales", again, rtn_scales))
+            errors.append(gptq.output_error(w, nvfp4.dequantize(again, rtn_scales, scale_2), h))
+            best = min(range(len(candidates)), key=errors.__getitem__)
+        name, codes, scales = candidates[best]
+        if name != "gptq":
+            self.lost[self._weight_name(chunk[problems[j][0]][0], j, problems)] = name
+        return codes, scales
 
     @staticmethod
     def _weight_name(unit: QuantizeUnit, j: int, problems: list) -> str:
@@ -332,8 +381,12 @@ class GptqUnits:
 
         self._prune()
         tensors = {name: t.clone() for encoded in self.pending.values() for name, t in encoded}  # no shared storage
+        # The compressed-tensors dialect's exact-reciprocal records of these tensors (interchange.ExactReciprocals):
+        # the shard's record needs them, and a resumed run writes the tensors without encoding them again.
+        exact = {n: list(v) for n, v in self.job.reciprocals.record.items() if n in tensors}
         partial = directory / f".{PENDING_FILE}.partial"
-        save_file(tensors, str(partial), metadata={"key": _key_digest(key), "lost": json.dumps(self.lost)})
+        meta = {"key": _key_digest(key), "lost": json.dumps(self.lost), "reciprocals": json.dumps(exact)}
+        save_file(tensors, str(partial), metadata=meta)
         os.replace(partial, directory / PENDING_FILE)
 
     def restore(self, directory: Path | None, key: str) -> None:
@@ -347,7 +400,8 @@ class GptqUnits:
             meta = f.metadata() or {}
             if meta.get("key") != _key_digest(key):
                 return
-            self.lost = json.loads(meta.get("lost", "[]"))
+            self.lost = json.loads(meta.get("lost", "{}"))
+            exact = {n: tuple(v) for n, v in json.loads(meta.get("reciprocals", "{}")).items()}
             names = set(f.keys())
             for unit in self.units:
                 if id(unit) not in self.todo or id(unit) in self.live.written:
@@ -355,30 +409,32 @@ class GptqUnits:
                 outputs = [t.name for t in unit.outputs]
                 if all(n in names for n in outputs):
                     encoded = [(n, f.get_tensor(n)) for n in outputs]
+                    self.job.reciprocals.record.update({n: exact[n] for n in outputs if n in exact})
                     self.live.write(unit, encoded)
                     self.pending[id(unit)] = encoded
                     self.restored.add(id(unit))
 
     def report(self, calibration: Calibration) -> dict:
-        """(Every rank calls it: under torchrun the ranks' lists are merged.)"""
+        """(Every rank calls it: under torchrun the ranks' findings are merged.)"""
         lost = self.lost
         if self.world > 1:
             import torch.distributed as dist
 
             parts: list = [None] * self.world
             dist.all_gather_object(parts, lost)
-            lost = [x for part in parts for x in part]
+            lost = {k: v for part in parts for k, v in part.items()}
         return self._report(calibration, lost)
 
-    def _report(self, calibration: Calibration, lost: list[str]) -> dict:
-        """What the summary, ``--json`` and the provenance say about the weights' algorithm: the experts kept on
-        round-to-nearest (from the routed token counts, which are the counts of their Hessians, so a resumed run
-        reports the layers before its boundary too) and any unit of this run that no layer held (written by the
-        stream, round-to-nearest)."""
+    def _report(self, calibration: Calibration, lost: dict[str, str]) -> dict:
+        """What the summary, ``--json`` and the provenance say about the weights' algorithm: the experts encoded
+        by mse for lack of tokens (from the routed token counts, which are the counts of their Hessians, so a
+        resumed run reports the layers before its boundary too), the weights where GPTQ's codes were not the
+        best on the calibration inputs and the encoding kept instead, and any unit of this run that no layer
+        held (written by the stream with the scales' own encoding)."""
         quantized = {where[0] for u in self.units for m in u.modules if (where := self._expert(m)) is not None}
         quantized |= {u.modules[0].rsplit(".", 1)[0] for u in self.units if u.layout == "experts_3d"}
         low = self.settings.min_expert_tokens
-        rtn = {
+        few = {
             m: [e for e, n in enumerate(tokens) if n < low]
             for m, tokens in sorted(calibration.expert_tokens.items())
             if m in quantized
@@ -386,11 +442,11 @@ class GptqUnits:
         return {
             "algorithm": "gptq",
             **self.settings.settings(),
-            "experts_round_to_nearest": {m: e for m, e in rtn.items() if e},
-            "units_round_to_nearest": [
+            "experts_few_tokens_mse": {m: e for m, e in few.items() if e},
+            "units_not_solved": [
                 u.modules[0]
                 for u in self.units
                 if id(u) in self.todo and id(u) not in self.solved and id(u) not in self.restored
             ],
-            "round_to_nearest_was_better": sorted(set(lost)),
+            "gptq_not_better": dict(sorted(lost.items())),
         }

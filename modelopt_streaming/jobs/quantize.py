@@ -76,18 +76,22 @@ def resolve_io_threads(requested: int | None = None) -> int:
     return max(2, min(8, len(os.sched_getaffinity(0)) // (2 * local)))
 
 
-def _check_gptq_sources(plan, root: Path) -> None:
-    """GPTQ solves the weights the engine's bf16 forward holds as read (``LayerStream.live_views``); a weight
-    stored in another dtype is cast on loading, so no solve would see it and every unit would silently stay
-    round-to-nearest (found on a float32 SmolLM2 checkpoint). Refused before any work, naming the tensor."""
+def _check_gptq_sources(plan, root: Path, calib_dtype: str) -> None:
+    """GPTQ solves the weights the engine's forward holds as read (``LayerStream.live_views``); a weight stored in
+    another dtype than the one the model runs in (``--calib_dtype``) is cast on loading, so no solve would see it
+    and every unit would silently stay unsolved (found on a float32 SmolLM2 checkpoint run in bf16). Refused
+    before any work, naming the tensor and the remedy."""
+    wanted = {"bfloat16": "BF16", "float32": "F32"}[calib_dtype]
     for unit in plan.units:
         if not isinstance(unit, QuantizeUnit):
             continue
         for src in unit.sources:
-            if isinstance(src, TensorInfo) and src.dtype != "BF16":
+            stored = src.dtype if isinstance(src, TensorInfo) else "BF16"  # a vendor encoding is decoded to bf16
+            if stored != wanted:
+                fix = "pass --calib_dtype float32" if stored == "F32" else "convert the checkpoint first"
                 raise UsageError(
-                    f"{root / src.file}, tensor {src.name!r}: --algorithm gptq needs bf16 weights (the dtype the "
-                    f"model runs in), this one is {src.dtype}; convert the checkpoint to bf16 first"
+                    f"{root / src.file}, tensor {src.name!r}: --algorithm gptq solves the weights the model runs "
+                    f"with, in --calib_dtype {calib_dtype} ({wanted}), and this one is stored as {stored}: {fix}"
                 )
 
 
@@ -190,7 +194,7 @@ def _quantize(
     index = index or build_index(input_dir)
     plan = build_plan(index, recipe)
     if gptq is not None:
-        _check_gptq_sources(plan, input_dir)
+        _check_gptq_sources(plan, input_dir, options.calib_dtype)
     exclude_modules = _exclusions(plan, index, recipe)
     summary = summarize(plan, input_dir, Path(output_dir) if output_dir else None)
     summary.exclude_modules = exclude_modules
@@ -265,7 +269,15 @@ def _calibrate(job: QuantizeJob, live: LiveUnits | None = None) -> None:
     )
     job.summary.calibration = run.report()
     if weights is not None:
-        job.summary.calibration["weights"] = weights.report(run.calibration)
+        job.summary.calibration["weights"] = report = weights.report(run.calibration)
+        if report["units_not_solved"] and job.rank == 0:
+            _log.warning(
+                "warning: --algorithm gptq: %d units no decoder layer holds were written with %s scales and no "
+                "GPTQ (first: %s)",
+                len(report["units_not_solved"]),
+                weights.settings.scales,
+                report["units_not_solved"][0],
+            )
     job.summary.source_bytes_read += run.bytes_read
     job.summary.phases["calibrate"] = time.perf_counter() - phase
     if not options.weight_only:
@@ -349,8 +361,9 @@ def _write_output(job: QuantizeJob, lock: OutputDirLock) -> Summary:
 
     started = time.monotonic()
     map_large_buffers()
-    # GPTQ fixes round-to-nearest's scales and chooses the codes (jobs.gptq); the codec gives those scales.
-    job.codec = select_codec(job.device, "rtn" if job.gptq is not None else job.recipe.algorithm)
+    # GPTQ fixes the scales of its ``scales`` algorithm and chooses the codes (jobs.gptq); a unit no layer holds
+    # is written by the stream with those scales' own encoding.
+    job.codec = select_codec(job.device, job.gptq.scales if job.gptq is not None else job.recipe.algorithm)
     _log.info(
         f"codec: {job.codec.name}"
         + (f", {cpu_kernel.threads()} threads" if "CPU kernel" in job.codec.name else "")

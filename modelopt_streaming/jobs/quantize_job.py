@@ -28,6 +28,7 @@ __all__ = ["WEIGHT_ALGORITHMS", "QuantizeJob", "QuantizeOptions", "shard_specs"]
 # --algorithm: the codec's (block scales chosen per weight, data-free) and gptq (needs the calibration's inputs;
 # jobs.gptq, which jobs.quantize runs when it is asked for).
 WEIGHT_ALGORITHMS = (*ALGORITHMS, "gptq")
+CALIB_DTYPES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,12 @@ class QuantizeOptions:
         calib_host_budget: bytes of hidden states each of the calibration's two stores (a layer's input and its
             output, every row) keeps in host memory, a memory-mapped file in the temp directory beyond (default: a
             quarter of the memory this process may use, shared by the two, at least 4 GiB each).
+        calib_dtype: the dtype the model runs in for calibration: ``"bfloat16"`` (default, what every family
+            we run ships in) or ``"float32"`` (a float32 checkpoint run as stored).
         algorithm: how the weights are encoded: ``"rtn"`` (default, ModelOpt's bytes); ``"mse"`` (rtn's scale and
             its neighbours on the E4M3 grid, the smallest squared error wins; codec/mse.py); ``"gptq"`` (needs
-            ``calib_data``): rtn's scales, the codes chosen by GPTQ against each Linear's calibration inputs, layer
-            by layer (jobs/gptq.py, docs/gptq.md).
+            ``calib_data``): fixed block scales (mse's by default), the codes chosen by GPTQ against each Linear's
+            calibration inputs, layer by layer (jobs/gptq.py, docs/gptq.md; its settings: ``quantize_gptq``).
     """
 
     mlp_only: bool = False
@@ -100,6 +103,7 @@ class QuantizeOptions:
     kv_cache: str | None = None
     calib_device_budget: int | None = None
     calib_host_budget: int | None = None
+    calib_dtype: str = "bfloat16"
     algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
@@ -112,8 +116,6 @@ class QuantizeOptions:
             raise UsageError(
                 "--algorithm gptq solves each weight against its calibration inputs: it needs --calib_data"
             )
-        if self.algorithm == "gptq" and self.format != "modelopt":
-            raise UsageError("--algorithm gptq writes the ModelOpt format only for now (--format modelopt)")
         if self.scale_math not in ("cuda", "cpu"):
             raise UsageError(f"--scale_math must be cuda or cpu, not {self.scale_math!r}")
         if self.max_shard_size <= 0:
@@ -133,17 +135,22 @@ class QuantizeOptions:
             or self.calib_seq_len is not None
             or self.calib_device_budget is not None
             or self.calib_host_budget is not None
+            or self.calib_dtype != "bfloat16"
         ):
             raise UsageError(
-                "--calib_size, --calib_seq_len, --calib_device_budget and --calib_host_budget need --calib_data"
+                "--calib_size, --calib_seq_len, --calib_device_budget, --calib_host_budget and --calib_dtype need "
+                "--calib_data"
             )
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise UsageError(f"--calib_dtype must be one of {', '.join(CALIB_DTYPES)}, not {self.calib_dtype!r}")
         if self.calib_host_budget is not None and self.calib_host_budget < 0:
             raise UsageError(f"--calib_host_budget must not be negative, not {self.calib_host_budget}")
         if self.calib_data is not None and self.input_scales_from is not None:
             raise UsageError("--calib_data and --input_scales_from exclude each other (both give the input scales)")
-        if self.calib_data is not None and self.weight_only and self.kv_cache != "fp8":
+        if self.calib_data is not None and self.weight_only and self.kv_cache != "fp8" and self.algorithm != "gptq":
             raise UsageError(
-                "--calib_data with --weight_only calibrates nothing (no input scales): add --kv_cache fp8 or drop it"
+                "--calib_data with --weight_only calibrates nothing (no input scales): add --kv_cache fp8 or "
+                "--algorithm gptq, or drop it"
             )
         if self.kv_cache not in (None, "fp8", "fp8_cast"):
             raise UsageError(f"--kv_cache must be fp8 or fp8_cast, not {self.kv_cache!r}")

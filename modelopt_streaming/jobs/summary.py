@@ -88,14 +88,14 @@ class Summary:
                 )
             weights = self.calibration.get("weights")
             if weights:
-                few = sum(len(v) for v in weights["experts_round_to_nearest"].values())
+                few = sum(len(v) for v in weights["experts_few_tokens_mse"].values())
                 out.append(
-                    f"  weights: {weights['algorithm']}"
+                    f"  weights: {weights['algorithm']} over {weights['scales']} scales"
                     + (" (act order)" if weights.get("act_order") else "")
                     + (", sequential" if weights.get("sequential") else "")
-                    + f"; round-to-nearest kept for {few} experts under {weights['min_expert_tokens']} tokens, "
-                    f"{len(weights['round_to_nearest_was_better'])} weights where it was better on the calibration "
-                    f"inputs, {len(weights['units_round_to_nearest'])} units no layer held"
+                    + f"; mse for {few} experts under {weights['min_expert_tokens']} tokens, "
+                    f"{len(weights['gptq_not_better'])} weights where another encoding was better on the calibration "
+                    f"inputs, {len(weights['units_not_solved'])} units no layer held"
                 )
         if self.input_scales_missing:
             shown = ", ".join(self.input_scales_missing[:6]) + (" ..." if len(self.input_scales_missing) > 6 else "")
