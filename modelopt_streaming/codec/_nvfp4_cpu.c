@@ -74,15 +74,13 @@ static inline uint8_t to_e4m3(float x) {
  * 16 weights. */
 #define MAX_COLS_CHUNK 4096
 
-static inline __attribute__((always_inline)) void quantize_span(const float *x, int64_t n, float weight_scale_2, float six_ws2, uint8_t *packed,
-                          uint8_t *scales) {
-    /* n is a multiple of 16 and at most MAX_COLS_CHUNK */
+/* Each 16-value block's round-to-nearest E4M3 scale (its amax over 6 * weight_scale_2, zero as 1.0, clamped to
+ * E4M3's range) and the divisor scale * weight_scale_2 that encodes it; n is a multiple of 16. */
+static inline __attribute__((always_inline)) void rtn_block_scales(const float *x, int64_t n, float weight_scale_2,
+                                                                   float six_ws2, uint8_t *scales, float *divisor) {
     uint32_t absbits[MAX_COLS_CHUNK];
-    float divisor[MAX_COLS_CHUNK / 16];
-    int32_t code[MAX_COLS_CHUNK];
-    const int64_t nb = n / 16;
     for (int64_t j = 0; j < n; j++) absbits[j] = float_to_bits(x[j]) & 0x7FFFFFFFu;
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < n / 16; b++) {
         /* For non-NaN floats the order of |x| is the order of its bits; NaN bits sort above infinity. */
         uint32_t m = 0;
         for (int i = 0; i < 16; i++) m = absbits[b * 16 + i] > m ? absbits[b * 16 + i] : m;
@@ -90,12 +88,14 @@ static inline __attribute__((always_inline)) void quantize_span(const float *x, 
         float s = amax / six_ws2;
         if (s == 0.0f) s = 1.0f;
         if (s == s) s = s < 0.001953125f ? 0.001953125f : (s > 448.0f ? 448.0f : s);
-        uint8_t s8 = to_e4m3(s);
+        const uint8_t s8 = to_e4m3(s); /* a local: a store through uint8_t * may alias anything */
         scales[b] = s8;
         divisor[b] = e4m3_value[s8] * weight_scale_2;
     }
-    float q[MAX_COLS_CHUNK];
-    for (int64_t j = 0; j < n; j++) q[j] = x[j] / divisor[j >> 4];
+}
+
+/* The nearest E2M1 code (sign in bit 3) of each q, ties to even; NaN saturates to 7. */
+static inline __attribute__((always_inline)) void e2m1_codes(const float *q, int64_t n, int32_t *code) {
     for (int64_t j = 0; j < n; j++) {
         const float v = q[j], a = fabsf(v);
         int32_t c = (int32_t)(a > 0.25f) + (int32_t)(a >= 0.75f) + (int32_t)(a > 1.25f) + (int32_t)(a >= 1.75f)
@@ -103,6 +103,31 @@ static inline __attribute__((always_inline)) void quantize_span(const float *x, 
         c |= -(int32_t)(v != v) & 7; /* NaN compares false everywhere above, then saturates to 7 */
         code[j] = c | ((int32_t)(v < 0.0f) << 3);
     }
+}
+
+/* Row chunk [off, off + n) of the source, as float32. */
+static inline __attribute__((always_inline)) void load_chunk(const void *src, int src_type, int64_t off, int64_t n,
+                                                             float *x) {
+    if (src_type == SRC_BF16) {
+        const uint16_t *p = (const uint16_t *)src + off;
+        for (int64_t j = 0; j < n; j++) x[j] = bf16_to_float(p[j]);
+    } else if (src_type == SRC_F16) {
+        const uint16_t *p = (const uint16_t *)src + off;
+        for (int64_t j = 0; j < n; j++) x[j] = f16_to_float(p[j]);
+    } else {
+        memcpy(x, (const float *)src + off, (size_t)n * sizeof(float));
+    }
+}
+
+static inline __attribute__((always_inline)) void quantize_span(const float *x, int64_t n, float weight_scale_2, float six_ws2, uint8_t *packed,
+                          uint8_t *scales) {
+    /* n is a multiple of 16 and at most MAX_COLS_CHUNK */
+    float divisor[MAX_COLS_CHUNK / 16];
+    int32_t code[MAX_COLS_CHUNK];
+    rtn_block_scales(x, n, weight_scale_2, six_ws2, scales, divisor);
+    float q[MAX_COLS_CHUNK];
+    for (int64_t j = 0; j < n; j++) q[j] = x[j] / divisor[j >> 4];
+    e2m1_codes(q, n, code);
     for (int64_t j = 0; j < n / 2; j++) packed[j] = (uint8_t)(code[2 * j] | (code[2 * j + 1] << 4));
 }
 
@@ -119,15 +144,7 @@ void nvfp4_quantize_rows(const void *src, int src_type, int64_t rows, int64_t co
         for (int64_t c0 = 0; c0 < cols; c0 += MAX_COLS_CHUNK) {
             const int64_t n = cols - c0 < MAX_COLS_CHUNK ? cols - c0 : MAX_COLS_CHUNK;
             const int64_t off = r * cols + c0;
-            if (src_type == SRC_BF16) {
-                const uint16_t *p = (const uint16_t *)src + off;
-                for (int64_t j = 0; j < n; j++) x[j] = bf16_to_float(p[j]);
-            } else if (src_type == SRC_F16) {
-                const uint16_t *p = (const uint16_t *)src + off;
-                for (int64_t j = 0; j < n; j++) x[j] = f16_to_float(p[j]);
-            } else {
-                memcpy(x, (const float *)src + off, (size_t)n * sizeof(float));
-            }
+            load_chunk(src, src_type, off, n, x);
             quantize_span(x, n, weight_scale_2, six_ws2, packed + off / 2, scales + off / 16);
         }
     }
@@ -147,13 +164,7 @@ static inline __attribute__((always_inline)) void encode_span(const float *x, in
     for (int64_t b = 0; b < n / 16; b++)
         for (int i = 0; i < 16; i++) dv[b * 16 + i] = divisor[b];
     for (int64_t j = 0; j < n; j++) q[j] = x[j] / dv[j];
-    for (int64_t j = 0; j < n; j++) {
-        const float v = q[j], a = fabsf(v);
-        int32_t c = (int32_t)(a > 0.25f) + (int32_t)(a >= 0.75f) + (int32_t)(a > 1.25f) + (int32_t)(a >= 1.75f)
-                    + (int32_t)(a > 2.5f) + (int32_t)(a >= 3.5f) + (int32_t)(a > 5.0f);
-        c |= -(int32_t)(v != v) & 7;
-        code[j] = c | ((int32_t)(v < 0.0f) << 3);
-    }
+    e2m1_codes(q, n, code);
     for (int64_t j = 0; j < n; j++) {
         /* The E2M1 value of the code: magnitude 0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0) for m = 0..7 gives 0,
          * 0.5, 1, 1.5, 2, 3, 4, 6, the sign a multiply by +-1; every step is exact: the reference's table value. */
@@ -177,23 +188,12 @@ static inline __attribute__((always_inline)) void encode_span(const float *x, in
 
 static inline __attribute__((always_inline)) void mse_span(const float *x, int64_t n, float weight_scale_2, float six_ws2,
                                                            int below, int above, uint8_t *packed, uint8_t *scales) {
-    uint32_t absbits[MAX_COLS_CHUNK];
     int32_t best_code[MAX_COLS_CHUNK], code[MAX_COLS_CHUNK];
     float divisor[MAX_COLS_CHUNK / 16], best_err[MAX_COLS_CHUNK / 16], err[MAX_COLS_CHUNK / 16];
     uint8_t rtn8[MAX_COLS_CHUNK / 16], cand8[MAX_COLS_CHUNK / 16];
     const int64_t nb = n / 16;
-    for (int64_t j = 0; j < n; j++) absbits[j] = float_to_bits(x[j]) & 0x7FFFFFFFu;
-    for (int64_t b = 0; b < nb; b++) {
-        uint32_t m = 0;
-        for (int i = 0; i < 16; i++) m = absbits[b * 16 + i] > m ? absbits[b * 16 + i] : m;
-        float amax = m > 0x7F800000u ? NAN : bits_to_float(m);
-        float s = amax / six_ws2;
-        if (s == 0.0f) s = 1.0f;
-        if (s == s) s = s < 0.001953125f ? 0.001953125f : (s > 448.0f ? 448.0f : s);
-        rtn8[b] = to_e4m3(s);
-        scales[b] = rtn8[b];
-        divisor[b] = e4m3_value[rtn8[b]] * weight_scale_2;
-    }
+    rtn_block_scales(x, n, weight_scale_2, six_ws2, rtn8, divisor);
+    memcpy(scales, rtn8, (size_t)nb);
     encode_span(x, n, divisor, best_code, best_err);
     const int reach = below > above ? below : above;
     for (int d = 1; d <= reach; d++) {
@@ -230,15 +230,7 @@ void nvfp4_mse_rows(const void *src, int src_type, int64_t rows, int64_t cols, f
         for (int64_t c0 = 0; c0 < cols; c0 += MAX_COLS_CHUNK) {
             const int64_t n = cols - c0 < MAX_COLS_CHUNK ? cols - c0 : MAX_COLS_CHUNK;
             const int64_t off = r * cols + c0;
-            if (src_type == SRC_BF16) {
-                const uint16_t *p = (const uint16_t *)src + off;
-                for (int64_t j = 0; j < n; j++) x[j] = bf16_to_float(p[j]);
-            } else if (src_type == SRC_F16) {
-                const uint16_t *p = (const uint16_t *)src + off;
-                for (int64_t j = 0; j < n; j++) x[j] = f16_to_float(p[j]);
-            } else {
-                memcpy(x, (const float *)src + off, (size_t)n * sizeof(float));
-            }
+            load_chunk(src, src_type, off, n, x);
             mse_span(x, n, weight_scale_2, six_ws2, below, above, packed + off / 2, scales + off / 16);
         }
     }
