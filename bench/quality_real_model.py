@@ -193,7 +193,9 @@ def main() -> None:
     else:
         calib_path = work / "calib.txt"
         calib = calib_text(calib_path)
-    tag = "" if args.calib_source == "docstrings" else f"-{args.calib_source}-{args.calib_size}x{args.calib_seq_len}"
+    # The defaults' directories keep their first names; any other calibration gets its own.
+    default = (args.calib_source, args.calib_size, args.calib_seq_len) == ("docstrings", 16, 256)
+    tag = "" if default else f"-{args.calib_source}-{args.calib_size}x{args.calib_seq_len}"
     print(json.dumps({"provenance": prov, "calibration": calib}, indent=1), flush=True)
 
     algos = args.algorithms.split(",")

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,10 +14,6 @@ from modelopt_streaming.codec import cpu_kernel, cuda_kernel, mse, nvfp4
 # Weight quantization algorithms the codec implements (``quantize --algorithm``): ``rtn`` is ModelOpt's
 # round-to-nearest block scales (its bytes), ``mse`` searches each block's scale (``codec/mse.py``).
 ALGORITHMS = ("rtn", "mse")
-# The Triton mse kernel equals the torch search in Triton's interpreter (tests/codec/test_mse.py), but its
-# compiled run on a GPU has not been checked yet (bench/gpu_mse.py does it): until it has, CUDA runs the torch
-# search, whose bytes on an H100 equal the CPU's, and this variable opts in to the kernel.
-MSE_KERNEL_ENV = "MODELOPT_STREAMING_MSE_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -40,10 +35,11 @@ def algorithm_settings(algorithm: str) -> dict:
 
 def select_codec(device: torch.device, algorithm: str = "rtn") -> Codec:
     """For ``rtn``: the fused C kernel on the CPU when it was built, the Triton kernel on CUDA, else the
-    reference torch codec. For ``mse``: the C kernel's search on the CPU, the torch search (``mse.quantize``)
-    elsewhere, the Triton kernel's on CUDA only with MODELOPT_STREAMING_MSE_KERNEL=triton."""
+    reference torch codec. For ``mse``: the C kernel's search on the CPU, the Triton kernel's on CUDA (its compiled
+    bytes equal the CPU's on an H100: bench/gpu_mse.py, docs/results/gpu_mse_h100_*.json), the torch search
+    (``mse.quantize``) elsewhere."""
     if algorithm == "mse":
-        if device.type == "cuda" and cuda_kernel.available() and os.environ.get(MSE_KERNEL_ENV) == "triton":
+        if device.type == "cuda" and cuda_kernel.available():
             return Codec(nvfp4.tensor_amax, cuda_kernel.quantize_mse, "mse block-scale search, CUDA kernel (Triton)")
         if device.type == "cpu" and cpu_kernel.mse_available():
             return Codec(cpu_kernel.tensor_amax, cpu_kernel.quantize_mse, "mse block-scale search, fused CPU kernel")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -310,31 +311,40 @@ class GptqUnits:
     def _best(self, chunk: list, j: int, problems: list, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Of GPTQ's codes, the scales' own encoding and round-to-nearest's, the (codes, block scales) with the
         smallest output error on the calibration inputs (``tr(Δ H Δᵀ)``, the undamped Hessian; the earlier on a
-        tie); where GPTQ over mse's scales is not the best, GPTQ over round-to-nearest's is tried too. GPTQ is
-        greedy, and against block scales fixed beforehand a weight pushed past its block's largest code
-        saturates, so on a small or outlier-heavy weight it can lose; and mse minimizes the weight's error, not
-        the output's, which on inputs with outlier channels can be far from it (the tiny Llama's layer-0 k_proj:
-        output error 199 under mse's encoding, 78 under round-to-nearest's, 79 under GPTQ over its scales)."""
+        tie). Where GPTQ with the settings is not the best, GPTQ over the other block scales and in the other
+        column order are tried too (a few small weights; each one more solve). GPTQ is greedy, and against block
+        scales fixed beforehand a weight pushed past its block's largest code saturates, so on a small or
+        outlier-heavy weight it can lose; and mse minimizes the weight's error, not the output's, which on
+        inputs with outlier channels can be far from it. The tiny Llama's layer-0 k_proj (32 x 64), output
+        errors: mse's encoding 199, GPTQ over mse's scales 195, round-to-nearest's 78, GPTQ over its scales 79,
+        the same in act order 51."""
+        settings = self.settings
         _k, w, h, scale_2, base, block_scales = problems[j]
-        candidates = [("gptq", packed, block_scales), (self.settings.scales, base, block_scales)]
-        if self.settings.scales != "rtn":
+        candidates = [("gptq", packed, block_scales), (settings.scales, base, block_scales)]
+        if settings.scales != "rtn":
             candidates.append(("rtn", *self.rtn_codec.quantize(w, scale_2)))
         errors = [gptq.output_error(w, nvfp4.dequantize(c, b, scale_2), h) for _, c, b in candidates]
         best = min(range(len(candidates)), key=errors.__getitem__)
-        if best != 0 and self.settings.scales != "rtn":
-            # Rare (a few small weights): GPTQ again over round-to-nearest's block scales, one more candidate.
-            rtn_codes, rtn_scales = candidates[2][1:]
-            (again,) = gptq.gptq_quantize_many(
-                w[None],
-                h[None],
-                scale_2.reshape(())[None],
-                rtn_scales[None],
-                damp=self.settings.damp,
-                block_size=self.settings.block_size,
-                act_order=self.settings.act_order,
-            )
-            candidates.append(("gptq_rtn_scales", again, rtn_scales))
-            errors.append(gptq.output_error(w, nvfp4.dequantize(again, rtn_scales, scale_2), h))
+        if best != 0:
+            scale_sets = {settings.scales: block_scales}
+            if settings.scales != "rtn":
+                scale_sets["rtn"] = candidates[2][2]
+            for scales, act_order in itertools.product(scale_sets, (settings.act_order, not settings.act_order)):
+                if (scales, act_order) == (settings.scales, settings.act_order):
+                    continue
+                (codes,) = gptq.gptq_quantize_many(
+                    w[None],
+                    h[None],
+                    scale_2.reshape(())[None],
+                    scale_sets[scales][None],
+                    damp=settings.damp,
+                    block_size=settings.block_size,
+                    act_order=act_order,
+                )
+                name = "gptq" + ("_rtn_scales" if scales != settings.scales else "")
+                name += ("_act_order" if act_order else "_natural_order") if act_order != settings.act_order else ""
+                candidates.append((name, codes, scale_sets[scales]))
+                errors.append(gptq.output_error(w, nvfp4.dequantize(codes, scale_sets[scales], scale_2), h))
             best = min(range(len(candidates)), key=errors.__getitem__)
         name, codes, scales = candidates[best]
         if name != "gptq":

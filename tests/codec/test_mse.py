@@ -279,13 +279,8 @@ def test_fused_cpu_kernel_on_large_heavy_tailed_weights():
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1].view(torch.uint8), expected[1].view(torch.uint8))
 
 
-def test_cuda_takes_the_triton_search_only_when_asked(monkeypatch):
-    """Until the compiled kernel's bytes are checked on a GPU (bench/gpu_mse.py), CUDA runs the torch search."""
-    from modelopt_streaming import codec
-
+def test_cuda_takes_the_triton_search(monkeypatch):
+    """The compiled kernel's bytes equal the CPU's on an H100 (bench/gpu_mse.py): CUDA runs it for mse."""
     monkeypatch.setattr(cuda_kernel, "available", lambda: True)
-    monkeypatch.delenv(codec.MSE_KERNEL_ENV, raising=False)
-    assert select_codec(torch.device("cuda"), "mse").quantize is mse.quantize
-    monkeypatch.setenv(codec.MSE_KERNEL_ENV, "triton")
     assert select_codec(torch.device("cuda"), "mse").quantize is cuda_kernel.quantize_mse
     assert select_codec(torch.device("cuda")).quantize is cuda_kernel.quantize

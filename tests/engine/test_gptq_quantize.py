@@ -152,8 +152,9 @@ def _compare(src: Path, outs: dict, scales: str, ids: torch.Tensor, min_tokens: 
         if name in other:
             lost.append(name)
             kept_as = other[name]
-            if kept_as == "gptq_rtn_scales":  # GPTQ over round-to-nearest's block scales
-                assert bytes_of(ours)[1] == bytes_of(rtn)[1] and e_g < e_r, (name, e_g, e_r)
+            if kept_as.startswith("gptq"):  # GPTQ over the other scales or in the other column order
+                scales_of = rtn if "rtn_scales" in kept_as else base
+                assert bytes_of(ours)[1] == bytes_of(scales_of)[1] and e_g < e_r, (name, e_g, e_r)
             else:
                 assert bytes_of(ours) == bytes_of(rtn if kept_as == "rtn" else mse), name
                 assert e_g <= e_r * (1 + 1e-5), name
@@ -226,10 +227,10 @@ def test_every_linear_beats_round_to_nearest_on_its_inputs(tmp_path, arch, act_o
     compared, kept, lost = _compare(src, _outputs(tmp_path), scales, ids, settings.min_expert_tokens, report)
     assert compared >= 8
     assert sorted(lost) == sorted(report["gptq_not_better"])
-    # An encoding without GPTQ kept on a small minority only (the one found: the tiny Llama's layer-0 k_proj, where
-    # round-to-nearest's output error is 1% below GPTQ's over its scales).
-    without = [m for m, kept_as in report["gptq_not_better"].items() if kept_as != "gptq_rtn_scales"]
-    assert len(without) <= compared // 10, report["gptq_not_better"]
+    # Every weight's codes are GPTQ's, over the settings' scales and order where they win, else over the other
+    # scales or in the other order (the tiny Llama's layer-0 k_proj and v_proj, a minority).
+    assert all(kept_as.startswith("gptq") for kept_as in report["gptq_not_better"].values()), report
+    assert len(lost) <= compared // 5, report["gptq_not_better"]
     assert validate(tmp_path / "gptq").ok
     assert report["algorithm"] == "gptq" and report["act_order"] == act_order and report["scales"] == scales
     assert report["units_not_solved"] == []
