@@ -461,24 +461,37 @@ def _run_quantize(args) -> int:
 
 
 def _run_evaluate(args) -> int:
+    from modelopt_streaming.jobs.distributed import init_distributed
     from modelopt_streaming.jobs.evaluate import evaluate
 
-    with _messages_to_stderr(args.quiet):
-        report = evaluate(
-            args.source,
-            args.checkpoint,
-            data=args.data,
-            samples=args.samples,
-            seq_len=args.seq_len,
-            act_quant=args.act_quant,
-            dtype=args.dtype,
-            device=args.device,
-            batch_size=args.batch_size,
-            host_budget_bytes=args.host_budget,
-            plot=args.plot,
-            progress="none" if args.quiet else "auto",
-            trust_remote_code=args.trust_remote_code,
-        )
+    # Under torchrun the ranks split the rows (one GPU each); rank 0 alone speaks.
+    device, distributed = init_distributed(args.device)
+    other_rank = distributed and int(os.environ.get("RANK", "0")) != 0
+    quiet = args.quiet or other_rank
+    try:
+        with _messages_to_stderr(quiet):
+            report = evaluate(
+                args.source,
+                args.checkpoint,
+                data=args.data,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                act_quant=args.act_quant,
+                dtype=args.dtype,
+                device=device,
+                batch_size=args.batch_size,
+                host_budget_bytes=args.host_budget,
+                plot=args.plot,
+                progress="none" if quiet else "auto",
+                trust_remote_code=args.trust_remote_code,
+            )
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if other_rank:
+        return 0
     if args.json:
         import json
 

@@ -29,6 +29,7 @@ from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import UsageError
+from modelopt_streaming.jobs.distributed import rank_and_world
 from modelopt_streaming.jobs.quantize import resolve_io_threads
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import build_index
@@ -228,9 +229,10 @@ def evaluate(
         src = LayerStream(src_index, src_reader, options)
         q = QuantizedLayerStream(quantized, q_reader, src_index.config, options, on)
         budget = default_host_budget(4) if host_budget_bytes is None else host_budget_bytes
-        figures = _run(src, q, ids, options, budget, progress)
+        rank, world = rank_and_world()
+        figures = _run(src, q, ids, options, budget, progress if rank == 0 else "none", rank, world)
         collapsed = quantized.collapsed_groups(q_reader)
-    if collapsed:
+    if collapsed and rank == 0:
         _log.warning(
             "%d NVFP4 weights carry a scale other than their fused group's; vLLM runs them with the group's "
             "(the largest for a fused linear, the gate's for an expert's up projection), and so did this "
@@ -253,16 +255,30 @@ def evaluate(
             "dtype": dtype,
             "attention": src.skeleton.attn_implementation,
             "batch_size": batch_size,
+            "ranks": world,  # torchrun processes, each running every world-th batch
         },
         tokens=ids.numel(),
         seconds=time.monotonic() - started,
     )
-    if plot is not None:
+    if plot is not None and rank == 0:
         report.plot = str(write_plot(report, plot))
     return report
 
 
-def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, budget: int, progress: str) -> dict:
+def _run(
+    src: LayerStream,
+    q: QuantizedLayerStream,
+    ids: torch.Tensor,
+    options,
+    budget: int,
+    progress: str,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
+    """The two streams layer by layer over the rows. Under torchrun (``world`` > 1) each rank runs every
+    ``world``-th batch of ``batch_size`` rows (whole batches: every row meets the batch it meets in one process)
+    and keeps each batch's contribution to every figure apart; the ranks exchange them and every rank adds them
+    up in batch order, as one process does, so the figures are one process's whatever the rank count."""
     layers = src.num_layers
     # Every module of the quantized checkpoint is checked against the source's architecture before any work, so
     # a mismatch is named at once, not after hours.
@@ -272,66 +288,78 @@ def _run(src: LayerStream, q: QuantizedLayerStream, ids: torch.Tensor, options, 
     n, length = ids.shape
     shape = (length, src.skeleton.config.hidden_size)
     batch, device = options.batch_size, options.device
+    # (first row, local first row, rows) of each batch this rank runs; its stores hold only those rows.
+    starts = list(range(0, n, batch))[rank::world]
+    mine, local = [], 0
+    for start in starts:
+        rows = min(batch, n - start)
+        mine.append((start, local, rows))
+        local += rows
 
     def new_stores() -> list[HiddenStore]:
-        return [HiddenStore(n, shape, options.dtype, budget, device=device) for _ in range(2)]
+        return [HiddenStore(local, shape, options.dtype, budget, device=device) for _ in range(2)]
 
+    parts: dict[int, dict] = {start: {"errors": []} for start, _, _ in mine}  # each batch's contributions
     stores = new_stores()
     spare: list[HiddenStore] | None = None  # the two streams' stores of the layer before, reused
     bar = _LayerProgress(layers + 2, progress)
     try:
         with src.module("model.embed_tokens") as es, q.module("model.embed_tokens") as eq, torch.no_grad():
-            err = _Error()
-            for i in range(0, n, batch):
-                rows = ids[i : i + batch].to(device)
-                hs, hq = es(rows), eq(rows)
-                err.add(hs, hq)
-                stores[0][i : i + batch], stores[1][i : i + batch] = hs, hq
-        embed_err = err.value()
+            for start, at, rows in mine:
+                hs, hq = es(ids[start : start + rows].to(device)), eq(ids[start : start + rows].to(device))
+                parts[start]["errors"].append(_error_terms(hs, hq))
+                stores[0][at : at + rows], stores[1][at : at + rows] = hs, hq
         bar.step("embedding")
-        rel = []
         for layer in range(layers):
             nxt, spare = spare or new_stores(), None
             path = f"model.layers.{layer}"
-            err = _Error()
             with src.module(path) as ls, q.module(path) as lq:
-                for i in range(0, n, batch):
-                    rows = slice(i, i + batch)
-                    hs = src.forward(ls, layer, stores[0].load(rows, device))
-                    hq = q.forward(lq, layer, stores[1].load(rows, device))
-                    err.add(hs, hq)
-                    nxt[0][rows], nxt[1][rows] = hs, hq
+                for start, at, rows in mine:
+                    span = slice(at, at + rows)
+                    hs = src.forward(ls, layer, stores[0].load(span, device))
+                    hq = q.forward(lq, layer, stores[1].load(span, device))
+                    parts[start]["errors"].append(_error_terms(hs, hq))
+                    nxt[0][span], nxt[1][span] = hs, hq
             stores, spare = nxt, stores
-            rel.append(err.value())
-            bar.step(f"layer {layer}: rel. error {rel[-1]:.3g}")
-        figures = _logits(src, q, q_head, stores, ids, options)
+            if world == 1:
+                bar.step(f"layer {layer}: rel. error {_rel_error(parts, layer + 1):.3g}")
+            else:
+                bar.step(f"layer {layer}")
+        _logits(src, q, q_head, stores, ids, mine, parts, options)
         bar.step("logits")
     finally:
         for s in stores + (spare or []):
             s.close()
         bar.close()
-    return {**figures, "layers": rel, "embed_rel_error": embed_err}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, parts)
+        parts = {k: v for part in gathered for k, v in part.items()}
+    return _figures(parts, layers)
 
 
-class _Error:
-    """||h_q - h_s|| / ||h_s|| over all tokens, accumulated in float64."""
-
-    def __init__(self) -> None:
-        self.diff = self.ref = 0.0
-
-    def add(self, hs: torch.Tensor, hq: torch.Tensor) -> None:
-        self.diff += float((hq.double() - hs.double()).pow(2).sum())
-        self.ref += float(hs.double().pow(2).sum())
-
-    def value(self) -> float:
-        return math.sqrt(self.diff / self.ref) if self.ref > 0 else (0.0 if self.diff == 0 else math.inf)
+def _error_terms(hs: torch.Tensor, hq: torch.Tensor) -> tuple[float, float]:
+    """One batch's ``(||h_q - h_s||², ||h_s||²)`` in float64."""
+    return float((hq.double() - hs.double()).pow(2).sum()), float(hs.double().pow(2).sum())
 
 
-def _logits(src, q, q_head: str, stores, ids: torch.Tensor, options) -> dict:
-    n = ids.shape[0]
-    batch, device = options.batch_size, options.device
+def _rel_error(parts: dict[int, dict], k: int) -> float:
+    """``||h_q - h_s|| / ||h_s||`` over all tokens at step ``k`` (0: the embedding, i: after layer i - 1), its
+    sums taken in batch order."""
+    diff = ref = 0.0
+    for start in sorted(parts):
+        d, r = parts[start]["errors"][k]
+        diff, ref = diff + d, ref + r
+    return math.sqrt(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _logits(src, q, q_head: str, stores, ids: torch.Tensor, mine: list, parts: dict[int, dict], options) -> None:
+    """Each batch's next-token figures into ``parts``: its per-token KL, top-1 agreements, both streams'
+    negative log-likelihood of the text and the tokens predicted."""
+    device = options.device
     src_head = _head(src, lambda name: name in src.index.tensors)
-    kls, agree, nll_s, nll_q, predicted = [], 0, 0.0, 0.0, 0
     with (
         src.module("model.norm") as ns,
         q.module("model.norm") as nq,
@@ -339,26 +367,40 @@ def _logits(src, q, q_head: str, stores, ids: torch.Tensor, options) -> dict:
         q.module(q_head) as hq_mod,
         torch.no_grad(),
     ):
-        for i in range(0, n, batch):
-            rows = ids[i : i + batch].to(device)
-            ls = _project(hs_mod, ns(stores[0].load(slice(i, i + batch), device))).float()
-            lq = _project(hq_mod, nq(stores[1].load(slice(i, i + batch), device))).float()
+        for start, at, rows in mine:
+            tokens = ids[start : start + rows].to(device)
+            span = slice(at, at + rows)
+            ls = _project(hs_mod, ns(stores[0].load(span, device))).float()
+            lq = _project(hq_mod, nq(stores[1].load(span, device))).float()
             log_s, log_q = torch.log_softmax(ls, -1), torch.log_softmax(lq, -1)
-            kls.append((log_s.exp() * (log_s - log_q)).sum(-1).reshape(-1).double().cpu())
-            agree += int((ls.argmax(-1) == lq.argmax(-1)).sum())
-            target = rows[:, 1:, None]
-            nll_s -= float(log_s[:, :-1].gather(-1, target).double().sum())
-            nll_q -= float(log_q[:, :-1].gather(-1, target).double().sum())
-            predicted += target.numel()
-    kl = torch.cat(kls)
+            target = tokens[:, 1:, None]
+            parts[start].update(
+                kl=(log_s.exp() * (log_s - log_q)).sum(-1).reshape(-1).double().cpu(),
+                agree=int((ls.argmax(-1) == lq.argmax(-1)).sum()),
+                nll_s=float(log_s[:, :-1].gather(-1, target).double().sum()),
+                nll_q=float(log_q[:, :-1].gather(-1, target).double().sum()),
+                predicted=target.numel(),
+            )
+
+
+def _figures(parts: dict[int, dict], layers: int) -> dict:
+    """The report's figures from every batch's contributions, added in batch order."""
+    order = sorted(parts)
+    kl = torch.cat([parts[b]["kl"] for b in order])
+    nll_s = nll_q = 0.0
+    for b in order:
+        nll_s, nll_q = nll_s - parts[b]["nll_s"], nll_q - parts[b]["nll_q"]
+    predicted = sum(parts[b]["predicted"] for b in order)
     return {
         "kl_mean": float(kl.mean()),
         "kl_p99": float(torch.quantile(kl, 0.99))
         if kl.numel() <= 16_000_000
         else float(kl.sort().values[int(0.99 * (kl.numel() - 1))]),
-        "top1_agree": agree / kl.numel(),
+        "top1_agree": sum(parts[b]["agree"] for b in order) / kl.numel(),
         "ppl": math.exp(nll_q / predicted),
         "source_ppl": math.exp(nll_s / predicted),
+        "layers": [_rel_error(parts, k) for k in range(1, layers + 1)],
+        "embed_rel_error": _rel_error(parts, 0),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -482,3 +483,31 @@ def test_fused_members_with_their_own_scales_run_as_vllm_runs_them(tmp_path, arc
     before = _evaluate(src, q, data).as_dict()
     assert before["layers"][0] != a["layers"][0]  # the disturbance is measured
     _close(a, oracle_figures(src, collapsed, ids, tmp_path, w4a4=True))
+
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_rows_and_report_one_process_figures(tmp_path):
+    """``torchrun --nproc-per-node 2 modelopt-streaming evaluate``: each rank runs every other batch (5 rows in
+    batches of 2: rank 0 runs two, rank 1 one), the ranks exchange each batch's terms and add them in batch
+    order, so every figure equals a single process's bit for bit; rank 0 alone prints."""
+    src = make_source(tmp_path / "src", "qwen3_moe")
+    q = tmp_path / "q"
+    modelopt_streaming.quantize(src, q, device="cpu", progress="none")
+    save_file({"input_ids": token_rows(256, rows=5, length=24, seed=11)}, tmp_path / "rows.safetensors")
+    args = ["-m", "modelopt_streaming", "evaluate", "--source", src, "--checkpoint", q, "--device", "cpu"]
+    args += ["--data", tmp_path / "rows.safetensors", "--batch_size", "2", "--act_quant", "on", "--json"]
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("MODELOPT_STREAMING_")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    reports = []
+    for launcher in ([sys.executable], torchrun):
+        r = subprocess.run([*launcher, *map(str, args)], env=env, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count('"kl_mean"') == 1, r.stdout  # one report: rank 0's
+        reports.append(json.loads(r.stdout[r.stdout.index("{") :]))
+    assert [rep["engine"].pop("ranks") for rep in reports] == [1, 2]
+    one, two = ({k: v for k, v in rep.items() if k != "seconds"} for rep in reports)
+    assert one == two
+    assert one["tokens"] == 5 * 24 and one["kl_mean"] > 0
