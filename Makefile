@@ -46,6 +46,12 @@ demo: $(VENV)/.installed
 	$(BIN)/modelopt-streaming evaluate --source $(DEMO)/deepseek-tiny-bf16 \
 		--checkpoint $(DEMO)/deepseek-tiny-nvfp4-calibrated --data $(DEMO)/eval-rows.safetensors \
 		--plot $(DEMO)/evaluate.png
+	# Beyond round-to-nearest, same format: GPTQ over mse's block scales, solved layer by layer on the rows.
+	$(BIN)/modelopt-streaming quantize --input_dir $(DEMO)/deepseek-tiny-bf16 \
+		--output_dir $(DEMO)/deepseek-tiny-nvfp4-gptq --mlp_only --max_shard_size 2MB \
+		--calib_data $(DEMO)/calib-rows.safetensors --algorithm gptq
+	$(BIN)/modelopt-streaming evaluate --source $(DEMO)/deepseek-tiny-bf16 \
+		--checkpoint $(DEMO)/deepseek-tiny-nvfp4-gptq --data $(DEMO)/eval-rows.safetensors
 
 # Built once (the stamp is written last, so an interrupted install is redone from scratch).
 $(VLLM_VENV)/.installed:
