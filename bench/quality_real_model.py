@@ -245,6 +245,9 @@ def main() -> None:
             print(f"| {mode} | {r['algorithm']} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {r['top1_agree']:.4f} | "
                   f"{r['ppl']:.3f} ({r['source_ppl']:.3f}) | {rel} |")  # fmt: skip
     out = work / f"results{tag}.json"
+    if out.exists():  # an earlier run with other algorithms on the same data: its rows stay
+        ran = {r["algorithm"] for r in results}
+        results = [r for r in json.loads(out.read_text())["results"] if r["algorithm"] not in ran] + results
     out.write_text(json.dumps({"provenance": prov, "calibration": calib, "args": vars(args) | {"work": str(work),
                                "wheel": str(wheel)}, "results": results}, indent=1, default=str))  # fmt: skip
     print(f"\n{out}")

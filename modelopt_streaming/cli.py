@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mse", "rtn"],
         help="gptq: the block scales fixed before its loop, mse's search (default) or rtn's",
     )
-    _add(q, "gptq_act_order", action="store_true", help="gptq: quantize the columns by decreasing Hessian diagonal")
+    _add(
+        q,
+        "gptq_natural_order",
+        action="store_true",
+        help="gptq: quantize the columns in their order (default: act order, by decreasing Hessian diagonal)",
+    )
     _add(q, "gptq_damp", type=float, metavar="F", help="gptq: damping, a share of the Hessian's mean diagonal (0.01)")
     _add(q, "gptq_block_size", type=int, metavar="N", help="gptq: columns per lazy-update block (128)")
     _add(
@@ -411,7 +416,7 @@ def _gptq_settings(args):
 
     given = {
         "scales": args.gptq_scales,
-        "act_order": args.gptq_act_order or None,
+        "act_order": False if args.gptq_natural_order else None,
         "damp": args.gptq_damp,
         "block_size": args.gptq_block_size,
         "min_expert_tokens": args.gptq_min_expert_tokens,

@@ -58,7 +58,9 @@ class GptqSettings:
     run's fingerprint."""
 
     scales: str = "mse"
-    act_order: bool = False
+    # Act order by default: on SmolLM2-135M it removed 61% of rtn's weight-only KL against 42% in natural order
+    # (docs/quality.md).
+    act_order: bool = True
     damp: float = gptq.DAMP
     block_size: int = gptq.GPTQ_BLOCK
     min_expert_tokens: int = MIN_EXPERT_TOKENS

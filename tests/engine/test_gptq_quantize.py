@@ -497,5 +497,5 @@ def test_the_command_line_runs_gptq_and_reports_it(tmp_path):
     assert record["options"]["algorithm_settings"]["damp"] == 0.02
     r = cli(*base, "--output_dir", tmp_path / "x")
     assert r.returncode == 2 and "needs --calib_data" in r.stderr
-    r = cli("--input_dir", src, "--output_dir", tmp_path / "y", "--gptq_act_order")
+    r = cli("--input_dir", src, "--output_dir", tmp_path / "y", "--gptq_natural_order")
     assert r.returncode == 2 and "need --algorithm gptq" in r.stderr
