@@ -26,7 +26,7 @@ def _quantize(src, rows, out, *launcher: str, batch: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [2])  # whole batches of 2 per rank; 1 is the easier case of the same split
 def test_two_ranks_calibrate_to_the_bytes_of_one_process(tmp_path, batch):
     src = make_source(tmp_path / "src", "qwen3_moe")
     save_file({"input_ids": token_rows(256, rows=5)}, tmp_path / "rows.safetensors")
