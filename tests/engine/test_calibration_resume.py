@@ -53,13 +53,13 @@ def _args(src, rows, out, *extra):
 def test_killed_after_each_layer_then_resumed_is_byte_identical(case, tmp_path):
     src, rows, reference = case
     jobs = []
-    for k in (1, 2, 3):
+    for k in (1, 3):  # the first and the last boundary (gptq's resume test kills after the middle one)
         out = tmp_path / f"k{k}"
         env = {**EVERY_LAYER, "MODELOPT_STREAMING_FAULT": f"layer:{k}"}
         jobs.append({"argv": _args(src, rows, out, "--quiet"), "env": env, "snapshot": str(out)})
         jobs.append({"argv": _args(src, rows, out, "--resume"), "env": EVERY_LAYER, "snapshot": str(out)})
     results = run_jobs(jobs)
-    for k, killed, resumed in zip((1, 2, 3), results[::2], results[1::2]):
+    for k, killed, resumed in zip((1, 3), results[::2], results[1::2]):
         assert killed["rc"] == KILLED, f"layer:{k} did not fire: {killed['stderr']}"
         assert "hf_quant_config.json" not in killed["tree"] and not any(n.startswith("model-") for n in killed["tree"])
         assert resumed["rc"] == 0, resumed["stderr"]

@@ -390,8 +390,8 @@ def _child(src, rows, out, resume: bool, env: dict, form: str = "modelopt") -> s
 
 @pytest.mark.slow
 def test_killed_at_a_layer_boundary_then_resumed_is_byte_identical(tmp_path):
-    """Killed after the middle layer (the compressed-tensors test kills after the first) and while the stream
-    writes after the calibration; each resumed run writes the bytes of an uninterrupted one."""
+    """Killed after the middle layer (the compressed-tensors test kills after the first; the calibration's own
+    tests kill while the stream writes after it); the resumed run writes the bytes of an uninterrupted one."""
     src = make_source(tmp_path / "src", "deepseek_v3")  # 3 decoder layers, MLA, shared and routed experts
     rows = tmp_path / "rows.safetensors"
     save_file({"input_ids": token_rows(256, **_ROWS)}, rows)
@@ -411,19 +411,12 @@ def test_killed_at_a_layer_boundary_then_resumed_is_byte_identical(tmp_path):
         assert f"calibrate: resuming after layer {k}" in resumed.stderr, resumed.stderr
         assert tree_hashes(out) == reference, f"layer:{k}"
     assert any(kept)  # a resumed run wrote units of layers before its boundary from the kept encodings
-    # Killed while the stream writes after the calibration: the kept result and the kept encodings.
-    out = tmp_path / "unit"
-    killed = _child(src, rows, out, False, {"MODELOPT_STREAMING_FAULT": "unit:2"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = _child(src, rows, out, True, {})
-    assert resumed.returncode == 0, resumed.stderr
-    assert tree_hashes(out) == reference
 
 
 def test_compressed_tensors_killed_after_a_layer_then_resumed_is_byte_identical(tmp_path):
     """The kept encodings carry the dialect's exact-reciprocal records with them (the shards' records need them,
     and a resumed run writes those units without encoding them again)."""
-    src = make_source(tmp_path / "src", "qwen3_moe")
+    src = make_source(tmp_path / "src", "llama")
     rows = tmp_path / "rows.safetensors"
     save_file({"input_ids": token_rows(256, **_ROWS)}, rows)
     r = _child(src, rows, tmp_path / "reference", False, {}, "compressed-tensors")
@@ -470,7 +463,7 @@ def test_two_ranks_write_the_bytes_of_one_process(tmp_path, arch, batch):
     assert tree_hashes(tmp_path / "two") == tree_hashes(tmp_path / "one")
 
 
-def test_the_command_line_runs_gptq_and_reports_it(tmp_path):
+def test_the_command_line_runs_gptq_and_reports_it(tmp_path, capsys):
     """``quantize --algorithm gptq --calib_data`` with ``--gptq_*`` settings: the bytes of ``quantize_gptq`` with
     those settings, the algorithm and its settings in the summary, ``--json`` and the provenance; without data,
     or ``--gptq_*`` without ``--algorithm gptq``, it is refused."""
@@ -496,7 +489,13 @@ def test_the_command_line_runs_gptq_and_reports_it(tmp_path):
     assert tree_hashes(tmp_path / "cli") == tree_hashes(tmp_path / "api")
     record = json.loads((tmp_path / "cli" / "modelopt_streaming.json").read_text())
     assert record["options"]["algorithm_settings"]["damp"] == 0.02
-    r = cli(*base, "--output_dir", tmp_path / "x")
-    assert r.returncode == 2 and "needs --calib_data" in r.stderr
-    r = cli("--input_dir", src, "--output_dir", tmp_path / "y", "--gptq_natural_order")
-    assert r.returncode == 2 and "need --algorithm gptq" in r.stderr
+    # Refusals, in this process (the same entry point as the command).
+    from modelopt_streaming import cli as command
+
+    assert command.main(["quantize", *map(str, base), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "needs --calib_data" in capsys.readouterr().err
+    assert (
+        command.main(["quantize", "--input_dir", str(src), "--output_dir", str(tmp_path / "y"), "--gptq_natural_order"])
+        == 2
+    )
+    assert "need --algorithm gptq" in capsys.readouterr().err
