@@ -16,14 +16,9 @@ import torch
 
 from modelopt_streaming.engine import observe
 from modelopt_streaming.engine.model import Skeleton, build_skeleton, materialize, param_sources
-from modelopt_streaming.source.index import DTYPES, CheckpointIndex, TensorInfo
+from modelopt_streaming.source.index import CheckpointIndex, TensorInfo
 from modelopt_streaming.source.reader import TensorReader
-from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights, read_source
-
-
-def _read_dtype(info: TensorInfo | DecodedWeight) -> torch.dtype:
-    """The dtype a source tensor is read in (``source.vendor.read_source``): its own, bf16 when decoded."""
-    return torch.bfloat16 if isinstance(info, DecodedWeight) else DTYPES[info.dtype][0]
+from modelopt_streaming.source.vendor import DecodedWeight, decoded_weights, read_dtype, read_source
 
 
 @dataclass
@@ -134,14 +129,14 @@ class LayerStream:
             live = params[src.param]
             if not src.stacked:
                 (info,) = src.tensors[0]
-                if _read_dtype(info) == live.dtype:
+                if read_dtype(info) == live.dtype:
                     out[info.name] = live.detach()
                 continue
             for e, parts in enumerate(src.tensors):
                 row = 0
                 for info in parts:
                     rows = info.shape[0]
-                    if _read_dtype(info) == live.dtype:
+                    if read_dtype(info) == live.dtype:
                         out[info.name] = live.detach()[e, row : row + rows]
                     row += rows
         return out

@@ -25,6 +25,7 @@ from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.runner import EngineOptions
 from modelopt_streaming.errors import UsageError
 from modelopt_streaming.formats.nvfp4 import E4M3_MAX
+from modelopt_streaming.jobs.distributed import batch_share
 from modelopt_streaming.sink.writer import write_json_atomic
 from modelopt_streaming.source.index import CheckpointIndex
 from modelopt_streaming.source.reader import TensorReader
@@ -221,7 +222,7 @@ def _share(input_ids: torch.Tensor, batch: int, rank: int, world: int) -> torch.
     """This rank's rows: batches rank, rank + world, ... of the rows cut into batches of ``batch``."""
     if world == 1:
         return input_ids
-    batches = list(torch.split(input_ids, batch))[rank::world]
+    batches = [input_ids[start : start + rows] for start, rows in batch_share(len(input_ids), batch, rank, world)]
     return torch.cat(batches) if batches else input_ids[:0]
 
 

@@ -78,6 +78,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def batch_share(rows: int, batch: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each batch of ``batch`` rows that ``rank`` runs: batches rank, rank + world, ... of the
+    rows cut in order. Whole batches, so every row meets the batch it meets in one process (a forward's bits
+    depend on its batch), and in batch order, the order in which one process adds their figures."""
+    return [(start, min(batch, rows - start)) for start in range(rank * batch, rows, world * batch)]
+
+
 def world_size_env() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))

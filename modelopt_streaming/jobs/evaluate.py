@@ -29,7 +29,7 @@ from modelopt_streaming.engine.model import family_of_config, text_config_dict
 from modelopt_streaming.engine.quantized import QuantizedCheckpoint, QuantizedLayerStream
 from modelopt_streaming.engine.runner import EngineOptions, LayerStream
 from modelopt_streaming.errors import UsageError
-from modelopt_streaming.jobs.distributed import rank_and_world
+from modelopt_streaming.jobs.distributed import batch_share, rank_and_world
 from modelopt_streaming.jobs.quantize import resolve_io_threads
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
 from modelopt_streaming.source.index import build_index
@@ -289,10 +289,8 @@ def _run(
     shape = (length, src.skeleton.config.hidden_size)
     batch, device = options.batch_size, options.device
     # (first row, local first row, rows) of each batch this rank runs; its stores hold only those rows.
-    starts = list(range(0, n, batch))[rank::world]
     mine, local = [], 0
-    for start in starts:
-        rows = min(batch, n - start)
+    for start, rows in batch_share(n, batch, rank, world):
         mine.append((start, local, rows))
         local += rows
 

@@ -130,10 +130,10 @@ class GptqUnits:
         self.solved: set[int] = set()
         self.restored: set[int] = set()  # written from the encodings an earlier run kept
         self.pending: dict[int, list[tuple[str, torch.Tensor]]] = {}  # written, shard not yet finished
-        # Weights whose GPTQ codes lost on the calibration inputs to their scales' own encoding or to round-to-
-        # nearest's, the one kept instead ("mse" or "rtn"), by module, or "<3-D experts tensor>[<expert>]".
+        # Weights where GPTQ with the settings was not the best on the calibration inputs, by module or
+        # "<3-D experts tensor>[<expert>]": the encoding kept instead ("gptq_rtn_scales", "gptq_natural_order", ...,
+        # "mse", "rtn"; ``_best``).
         self.lost: dict[str, str] = {}
-        self.scale_codec = select_codec(job.device, settings.scales)
         self.rtn_codec = select_codec(job.device, "rtn")
         self.mse_codec = select_codec(job.device, "mse")
 
@@ -269,7 +269,8 @@ class GptqUnits:
 
             def record(w, weight_scale_2, k=k, order=order):
                 h = next(order)
-                codec = self.mse_codec if h is _FEW_TOKENS else self.scale_codec
+                # job.codec: the settings' scales' own codec (jobs.quantize selects it for a gptq run).
+                codec = self.mse_codec if h is _FEW_TOKENS else job.codec
                 packed, block_scales = codec.quantize(w, weight_scale_2)
                 problems.append([k, w, h, weight_scale_2, packed, block_scales])
                 return packed, block_scales
@@ -322,36 +323,32 @@ class GptqUnits:
         the same in act order 51."""
         settings = self.settings
         _k, w, h, scale_2, base, block_scales = problems[j]
-        candidates = [("gptq", packed, block_scales), (settings.scales, base, block_scales)]
+        # Insertion order is the preference on a tie (``min`` keeps the first).
+        candidates = {"gptq": (packed, block_scales), settings.scales: (base, block_scales)}
         if settings.scales != "rtn":
-            candidates.append(("rtn", *self.rtn_codec.quantize(w, scale_2)))
-        errors = [gptq.output_error(w, nvfp4.dequantize(c, b, scale_2), h) for _, c, b in candidates]
-        best = min(range(len(candidates)), key=errors.__getitem__)
-        if best != 0:
-            scale_sets = {settings.scales: block_scales}
-            if settings.scales != "rtn":
-                scale_sets["rtn"] = candidates[2][2]
+            candidates["rtn"] = self.rtn_codec.quantize(w, scale_2)
+
+        def error(name: str) -> float:
+            codes, scales = candidates[name]
+            return gptq.output_error(w, nvfp4.dequantize(codes, scales, scale_2), h)
+
+        errors = {name: error(name) for name in candidates}
+        if min(errors, key=errors.get) != "gptq":
+            scale_sets = {settings.scales: block_scales, "rtn": candidates["rtn"][1]}
             for scales, act_order in itertools.product(scale_sets, (settings.act_order, not settings.act_order)):
                 if (scales, act_order) == (settings.scales, settings.act_order):
                     continue
-                (codes,) = gptq.gptq_quantize_many(
-                    w[None],
-                    h[None],
-                    scale_2.reshape(())[None],
-                    scale_sets[scales][None],
-                    damp=settings.damp,
-                    block_size=settings.block_size,
-                    act_order=act_order,
-                )
                 name = "gptq" + ("_rtn_scales" if scales != settings.scales else "")
-                name += ("_act_order" if act_order else "_natural_order") if act_order != settings.act_order else ""
-                candidates.append((name, codes, scale_sets[scales]))
-                errors.append(gptq.output_error(w, nvfp4.dequantize(codes, scale_sets[scales], scale_2), h))
-            best = min(range(len(candidates)), key=errors.__getitem__)
-        name, codes, scales = candidates[best]
-        if name != "gptq":
-            self.lost[self._weight_name(chunk[problems[j][0]][0], j, problems)] = name
-        return codes, scales
+                if act_order != settings.act_order:
+                    name += "_act_order" if act_order else "_natural_order"
+                candidates[name] = gptq.gptq_quantize(
+                    w, h, scale_2, scale_sets[scales], settings.damp, settings.block_size, act_order
+                )
+                errors[name] = error(name)
+        best = min(errors, key=errors.get)
+        if best != "gptq":
+            self.lost[self._weight_name(chunk[problems[j][0]][0], j, problems)] = best
+        return candidates[best]
 
     @staticmethod
     def _weight_name(unit: QuantizeUnit, j: int, problems: list) -> str:

@@ -42,9 +42,10 @@ from modelopt_streaming.sink.export import compact_exclusions
 from modelopt_streaming.sink.export.compressed_tensors_format import compressed_tensors_ignore
 from modelopt_streaming.sink.output_dir import OutputDirLock, OutputState, check_paths, quantize_fingerprint
 from modelopt_streaming.source.hub_cache import resolve_checkpoint_dir
-from modelopt_streaming.source.index import CheckpointIndex, TensorInfo, build_index
+from modelopt_streaming.source.index import CheckpointIndex, build_index
 from modelopt_streaming.source.quantized import reference_input_scales
 from modelopt_streaming.source.reader import TensorReader
+from modelopt_streaming.source.vendor import read_dtype
 
 # init_distributed is public here: quantize's WORLD_SIZE error tells callers to call it from this module.
 __all__ = ["init_distributed", "quantize", "quantize_gptq", "resolve_device", "resolve_io_threads"]
@@ -77,21 +78,21 @@ def resolve_io_threads(requested: int | None = None) -> int:
 
 
 def _check_gptq_sources(plan, root: Path, calib_dtype: str) -> None:
-    """GPTQ solves the weights the engine's forward holds as read (``LayerStream.live_views``); a weight stored in
-    another dtype than the one the model runs in (``--calib_dtype``) is cast on loading, so no solve would see it
-    and every unit would silently stay unsolved (found on a float32 SmolLM2 checkpoint run in bf16). Refused
-    before any work, naming the tensor and the remedy."""
-    wanted = {"bfloat16": "BF16", "float32": "F32"}[calib_dtype]
+    """GPTQ solves the weights the engine's forward holds as read (``LayerStream.live_views``: a parameter whose
+    dtype is the one its source is read in); a weight read in another dtype than the one the model runs in
+    (``--calib_dtype``) is cast on loading, so no solve would see it and every unit would silently stay unsolved
+    (found on a float32 SmolLM2 checkpoint run in bf16). Refused before any work, naming the tensor and the remedy."""
+    runs_in = getattr(torch, calib_dtype)
     for unit in plan.units:
         if not isinstance(unit, QuantizeUnit):
             continue
         for src in unit.sources:
-            stored = src.dtype if isinstance(src, TensorInfo) else "BF16"  # a vendor encoding is decoded to bf16
-            if stored != wanted:
-                fix = "pass --calib_dtype float32" if stored == "F32" else "convert the checkpoint first"
+            read_in = read_dtype(src)
+            if read_in != runs_in:
+                fix = "pass --calib_dtype float32" if read_in == torch.float32 else "convert the checkpoint first"
                 raise UsageError(
                     f"{root / src.file}, tensor {src.name!r}: --algorithm gptq solves the weights the model runs "
-                    f"with, in --calib_dtype {calib_dtype} ({wanted}), and this one is stored as {stored}: {fix}"
+                    f"with, in --calib_dtype {calib_dtype}, and this one is read as {str(read_in)[6:]}: {fix}"
                 )
 
 

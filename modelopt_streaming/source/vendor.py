@@ -17,7 +17,7 @@ import torch
 
 from modelopt_streaming.errors import CheckpointError
 from modelopt_streaming.formats.nvfp4 import unpack_e2m1
-from modelopt_streaming.source.index import FLOAT_DTYPES, CheckpointIndex, TensorInfo
+from modelopt_streaming.source.index import DTYPES, FLOAT_DTYPES, CheckpointIndex, TensorInfo
 from modelopt_streaming.source.reader import TensorReader
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "decode",
     "decode_fp8_block",
     "decode_int4_pack",
+    "read_dtype",
     "decode_mxfp4",
     "decoded_weights",
     "read_source",
@@ -304,6 +305,11 @@ def decode(weight: DecodedWeight, parts: Sequence[torch.Tensor], *, pin_memory: 
 
 
 # -- reading: the reader's bytes, decoded ------------------------------------------------------------------------
+
+
+def read_dtype(source: TensorInfo | DecodedWeight) -> torch.dtype:
+    """The dtype ``read_source`` gives a source tensor in: its stored one, bf16 for a DecodedWeight."""
+    return torch.bfloat16 if isinstance(source, DecodedWeight) else DTYPES[source.dtype][0]
 
 
 def read_source(

@@ -51,6 +51,28 @@ def test_calibrated_output_equals_modelopt(tmp_path, arch):
     assert record["calibration"]["data"]["sha256"] == summary.calibration["data"]["sha256"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_float32_calibration_equals_modelopt_on_the_float32_model(tmp_path, arch):
+    """``calib_dtype="float32"``: a float32 checkpoint run as stored gives ModelOpt's input scales of the same
+    model loaded in float32, bit for bit (and not the bf16 run's)."""
+    from safetensors.torch import load_file
+
+    src = make_source(tmp_path / "src", arch)
+    for shard in src.glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    rows = token_rows(256, rows=3)
+    save_file({"input_ids": rows}, tmp_path / "rows.safetensors")
+    ref = modelopt_calibrated_export(src, tmp_path / "modelopt", rows, kv=False, dtype=torch.float32)
+    common = dict(calib_data=tmp_path / "rows.safetensors", scale_math="cpu", device="cpu", progress="none")
+    ours = load_dir(modelopt_streaming.quantize(src, tmp_path / "f32", calib_dtype="float32", **common).output_dir)
+    bf16 = load_dir(modelopt_streaming.quantize(src, tmp_path / "bf16", **common).output_dir)
+    scales = [n for n in ref if n.endswith("input_scale")]
+    assert len(scales) >= 8
+    for name in scales:
+        assert torch.equal(ref[name], ours[name]), name
+    assert any(not torch.equal(ref[n], bf16[n]) for n in scales)
+
+
 def test_the_command_line_calibrates_and_reports(tmp_path):
     src = make_source(tmp_path / "src", "qwen3_moe")
     save_file({"input_ids": token_rows(256, rows=2)}, tmp_path / "rows.safetensors")

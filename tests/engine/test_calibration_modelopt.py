@@ -15,12 +15,12 @@ from modelopt_streaming.source.index import build_index
 from modelopt_streaming.source.reader import TensorReader
 
 
-def modelopt_calibrated_export(src, out, rows: torch.Tensor, kv: bool = True):
+def modelopt_calibrated_export(src, out, rows: torch.Tensor, kv: bool = True, dtype: torch.dtype = torch.bfloat16):
     import modelopt.torch.quantization as mtq
     import transformers as tf
     from modelopt.torch.export import export_hf_checkpoint
 
-    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     kv_cfg = list(mtq.FP8_KV_CFG["quant_cfg"]) if kv else []
     config = {**mtq.NVFP4_DEFAULT_CFG, "quant_cfg": list(mtq.NVFP4_DEFAULT_CFG["quant_cfg"]) + kv_cfg}
 

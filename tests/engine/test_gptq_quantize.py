@@ -323,10 +323,12 @@ def test_gptq_of_a_float32_checkpoint_runs_it_in_float32(tmp_path):
 
     src = _float32_source(tmp_path)
     common = dict(calib_data=tmp_path / "rows.safetensors", device="cpu", progress="none")
-    with pytest.raises(UsageError, match=r"safetensors, tensor '.*\.weight': --algorithm gptq .* stored as F32: pass"):
+    with pytest.raises(
+        UsageError, match=r"safetensors, tensor '.*\.weight': --algorithm gptq .* read as float32: pass"
+    ):
         quantize_gptq(src, tmp_path / "out", **common)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(UsageError, match=r"stored as BF16: convert"):
+    with pytest.raises(UsageError, match=r"read as bfloat16: convert"):
         quantize_gptq(make_source(tmp_path / "bf16", "llama"), tmp_path / "out", calib_dtype="float32", **common)
     summary = quantize_gptq(src, tmp_path / "gptq", gptq=GptqSettings(scales="rtn"), calib_dtype="float32", **common)
     report = summary.calibration["weights"]

@@ -176,3 +176,14 @@ def test_world_size_without_a_process_group_is_refused(src, tmp_path):
     r = subprocess.run([sys.executable, "-m", "modelopt_streaming", *args], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "WORLD_SIZE=2" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_batch_share_gives_each_rank_whole_batches_in_turn():
+    """The split calibration and evaluate use under torchrun, against shares worked out by hand: 5 rows in batches
+    of 2 are [0, 1], [2, 3], [4]; batch k goes to rank k % world."""
+    from modelopt_streaming.jobs.distributed import batch_share
+
+    assert [batch_share(5, 2, r, 1) for r in range(1)] == [[(0, 2), (2, 2), (4, 1)]]
+    assert [batch_share(5, 2, r, 2) for r in range(2)] == [[(0, 2), (4, 1)], [(2, 2)]]
+    assert [batch_share(5, 2, r, 4) for r in range(4)] == [[(0, 2)], [(2, 2)], [(4, 1)], []]
+    assert [batch_share(6, 3, r, 2) for r in range(2)] == [[(0, 3)], [(3, 3)]]
